@@ -144,8 +144,12 @@ def compress_blocks(
     start: int = 0,
     resume_inputs: BlockInputs | None = None,
     progress: Callable[[int, int, str], None] = lambda i, n, msg: None,
+    keep: bool = False,
 ) -> None:
-    """Run the layer-wise sweep. ``model`` is ``source.skeleton()`` (meta parameters)."""
+    """Run the layer-wise sweep. ``model`` is ``source.skeleton()`` (meta parameters).
+
+    ``keep=True`` leaves the compressed blocks in ``model`` instead of freeing them (for tests and
+    small models that are evaluated in memory)."""
     model_type = source.config.model_type
     blocks_path, blocks = find_blocks(model, model_type, getattr(source.config, "num_hidden_layers", None))
     plan = plan_targets(model, blocks_path, blocks, passes)
@@ -179,14 +183,17 @@ def compress_blocks(
                 inputs.hidden = [
                     _first_tensor(block(h, *a, **k)).detach().float() for h, (a, k) in zip(inputs.hidden, inputs.kwargs[i])
                 ]
+        finish_block(block)
         sink(BlockResult(i, prefix, block, layers, time.time() - t0), inputs)
-        release(block)
+        if not keep:
+            release(block)
         progress(i + 1, n, "done")
 
 
 @torch.no_grad()
 def _compress_block(block, prefix, plan, inputs: BlockInputs | None, i: int, needed: set, model_type: str) -> list[LayerReport]:
     reports: list[LayerReport] = []
+    final: dict[str, nn.Module] = {}  # compressed modules, put in place once the block is done
     for group in linear_groups(block, model_type):
         targeted = [n for n in group if prefix + n in plan]
         if not targeted:
@@ -203,32 +210,49 @@ def _compress_block(block, prefix, plan, inputs: BlockInputs | None, i: int, nee
                 new, info = p.apply(full, mod, stats[name])
                 infos.update(info)
                 names.append(p.name)
-                if new is not mod:
-                    _set_module(block, name, new)
-                    mod = new
+                mod = new
+            Wq = mod.dequantize() if hasattr(mod, "dequantize") else mod.weight.detach().float()
             err = None
             if "hessian" in stats[name]:
-                Wq = mod.dequantize() if hasattr(mod, "dequantize") else mod.weight.detach().float()
                 H = stats[name]["hessian"]["H"]
                 D = Wq - W0
                 err = float(torch.sum((D @ H) * D) / torch.sum((W0 @ H) * W0).clamp_min(1e-30))
             reports.append(LayerReport(full, names, err, infos))
+            final[name] = mod
+            # Until the block is finished, later groups and the propagation see the compressed
+            # weight through a plain Linear: dequantizing once, not on every batch.
+            orig = get_module(block, name)
+            orig.weight.data = Wq.to(orig.weight.dtype)
             stats[name] = {}  # free the Hessian now
+    block._compress_final = final
     return reports
+
+
+def finish_block(block: nn.Module) -> None:
+    """Swap the compressed modules (packed QuantLinears) into the block for export."""
+    for name, mod in getattr(block, "_compress_final", {}).items():
+        _set_module(block, name, mod)
+    block.__dict__.pop("_compress_final", None)
 
 
 def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set) -> dict[str, dict]:
     """Run the block on every calibration batch, hooks accumulating statistics for ``names``.
     The forward of a batch ends as soon as every Linear of the group has seen its input."""
     stats = {n: {s: STATS[s][0](get_module(block, n).in_features) for s in needed} for n in names}
-    seen: set[str] = set()
+    alias: dict[str, str] = {}  # Linears that read the very same input tensor share statistics
+    seen: dict[str, torch.Tensor] = {}
     handles = []
 
     def hook_for(name):
         def hook(mod, args):
-            for s in needed:
-                STATS[s][1](stats[name][s], args[0])
-            seen.add(name)
+            x = args[0]
+            twin = next((n for n, t in seen.items() if t is x), None)
+            if twin is not None:
+                alias[name] = twin
+            elif name not in alias:
+                for s in needed:
+                    STATS[s][1](stats[name][s], x)
+            seen[name] = x
             if len(seen) == len(names):
                 raise _Stop
 
@@ -246,6 +270,8 @@ def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set) 
     finally:
         for hd in handles:
             hd.remove()
+    for n, twin in alias.items():
+        stats[n] = stats[twin]
     return stats
 
 

@@ -100,15 +100,14 @@ def fit_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, tor
         return scale, zero
     if scheme.observer != "mse":
         raise ValueError(f"unknown observer {scheme.observer!r}; use 'minmax' or 'mse'")
-    best = torch.full_like(scale, float("inf"))
-    for i in range(int(scheme.mse_maxshrink * scheme.mse_grid)):
-        p = 1 - i / scheme.mse_grid
-        s, z = _minmax_params(p * xmin, p * xmax, scheme)
-        err = (fake_quantize(w, s[:, None], z[:, None], scheme.maxq) - w).abs_().pow_(scheme.mse_norm).sum(1)
-        better = err < best
-        best = torch.where(better, err, best)
-        scale = torch.where(better, s, scale)
-        zero = torch.where(better, z, zero)
+    # all candidate ranges at once: p ∈ {1, 1 - 1/grid, ...} -> (P, rows) scales and zeros
+    steps = int(scheme.mse_maxshrink * scheme.mse_grid)
+    p = 1 - torch.arange(steps, dtype=torch.float32)[:, None] / scheme.mse_grid  # (P, 1)
+    s, z = _minmax_params(p * xmin, p * xmax, scheme)  # (P, rows)
+    err = (fake_quantize(w, s[..., None], z[..., None], scheme.maxq) - w).abs_().pow_(scheme.mse_norm).sum(-1)  # (P, rows)
+    best = err.argmin(0, keepdim=True)  # the first (widest) range wins ties, as the sequential search
+    scale = s.gather(0, best)[0]
+    zero = z.gather(0, best)[0]
     return scale, zero
 
 
