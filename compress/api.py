@@ -94,6 +94,7 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
         "model": {"path": str(source.path), "model_type": source.config.model_type, "size_bytes": source.disk_bytes()},
         "layers": [asdict(r) for r in exporter.layers],
         "time": {"compress_s": round(compress_s, 1), "block_s": exporter.block_seconds},
+        "compress_peak_rss_mb": peak_rss_mb(),  # before evaluation loads whole models
     }
     out = exporter.finalize(model, blocks_path, dump_recipe(recipe), report)
     del model

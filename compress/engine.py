@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from compress.errors import UsageError
-from compress.families import find_blocks, get_module, linear_groups
+from compress.families import find_blocks, get_module, linear_groups, replay_points
 from compress.modelio import ModelSource, materialize, release
 from compress.passes import STATS, Pass
 
@@ -80,6 +80,32 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.
     hidden = [h for (i, h, _, _) in records if i == 0]
     kwargs = [[(a, k) for (j, _, a, k) in records if j == i] for i in range(n)]
     return BlockInputs(hidden=[h.detach().float() for h in hidden], kwargs=kwargs)
+
+
+class _Replay(nn.Module):
+    """Stands in for a submodule whose output no longer changes during a block's calibration (all
+    its Linears are compressed): computes it once per calibration batch, then replays it."""
+
+    def __init__(self, inner: nn.Module, cursor: list[int]):
+        super().__init__()
+        self.inner, self.cursor, self.cache = inner, cursor, {}
+
+    def forward(self, *args, **kwargs):
+        b = self.cursor[0]
+        if b not in self.cache:
+            self.cache[b] = self.inner(*args, **kwargs)
+        return self.cache[b]
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and the peak RSS
+    creeps up block after block from fragmentation)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _first_tensor(out):
@@ -177,30 +203,32 @@ def compress_blocks(
         prefix = f"{blocks_path}.{i}."
         materialize(block, prefix, source)
         progress(i, n, "calibrating")
-        layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type)
+        cursor = [0]  # the calibration batch being run (read by _Replay)
+        layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type, cursor)
         if inputs is not None:
             with torch.no_grad():
-                inputs.hidden = [
-                    _first_tensor(block(h, *a, **k)).detach().float() for h, (a, k) in zip(inputs.hidden, inputs.kwargs[i])
-                ]
+                for b, (a, k) in enumerate(inputs.kwargs[i]):
+                    cursor[0] = b
+                    # in place: batch b's input is freed as soon as its output exists
+                    inputs.hidden[b] = _first_tensor(block(inputs.hidden[b], *a, **k)).detach().float()
         finish_block(block)
         sink(BlockResult(i, prefix, block, layers, time.time() - t0), inputs)
         if not keep:
             release(block)
+        _trim_heap()
         progress(i + 1, n, "done")
 
 
 @torch.no_grad()
-def _compress_block(block, prefix, plan, inputs: BlockInputs | None, i: int, needed: set, model_type: str) -> list[LayerReport]:
+def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type: str, cursor: list[int]) -> list[LayerReport]:
     reports: list[LayerReport] = []
     final: dict[str, nn.Module] = {}  # compressed modules, put in place once the block is done
-    for group in linear_groups(block, model_type):
+    replays = replay_points(block, model_type)
+    for gi, group in enumerate(linear_groups(block, model_type)):
         targeted = [n for n in group if prefix + n in plan]
-        if not targeted:
-            continue
         stats: dict[str, dict] = {n: {} for n in targeted}
-        if inputs is not None:
-            stats = _observe(block, targeted, inputs, i, needed | {"hessian"})
+        if targeted and inputs is not None:
+            stats = _observe(block, targeted, inputs, i, needed | {"hessian"}, cursor)
         for name in targeted:
             full = prefix + name
             mod = get_module(block, name)
@@ -224,18 +252,23 @@ def _compress_block(block, prefix, plan, inputs: BlockInputs | None, i: int, nee
             orig = get_module(block, name)
             orig.weight.data = Wq.to(orig.weight.dtype)
             stats[name] = {}  # free the Hessian now
+        for path in replays.get(gi, []):
+            _set_module(block, path, _Replay(get_module(block, path), cursor))
     block._compress_final = final
     return reports
 
 
 def finish_block(block: nn.Module) -> None:
-    """Swap the compressed modules (packed QuantLinears) into the block for export."""
+    """Unwrap replayed submodules; swap the compressed modules (packed QuantLinears) in for export."""
+    for name, mod in list(block.named_modules()):
+        if isinstance(mod, _Replay):
+            _set_module(block, name, mod.inner)
     for name, mod in getattr(block, "_compress_final", {}).items():
         _set_module(block, name, mod)
     block.__dict__.pop("_compress_final", None)
 
 
-def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set) -> dict[str, dict]:
+def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, cursor: list[int]) -> dict[str, dict]:
     """Run the block on every calibration batch, hooks accumulating statistics for ``names``.
     The forward of a batch ends as soon as every Linear of the group has seen its input."""
     stats = {n: {s: STATS[s][0](get_module(block, n).in_features) for s in needed} for n in names}
@@ -261,7 +294,8 @@ def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set) 
     for n in names:
         handles.append(get_module(block, n).register_forward_pre_hook(hook_for(n)))
     try:
-        for h, (a, k) in zip(inputs.hidden, inputs.kwargs[i]):
+        for b, (h, (a, k)) in enumerate(zip(inputs.hidden, inputs.kwargs[i])):
+            cursor[0] = b
             seen.clear()
             try:
                 block(h, *a, **k)

@@ -25,6 +25,9 @@ from compress.errors import UsageError
 class Family:
     blocks: str  # dotted path of the decoder-block ModuleList
     sequence: tuple[tuple[str, ...], ...] = field(default_factory=tuple)  # Linear groups, in order
+    # (submodule, group index): once that group is compressed, the submodule's output is final
+    # and the engine computes it once per calibration batch instead of once per later pass
+    replay: tuple[tuple[str, int], ...] = ()
 
 
 _LLAMA = Family(
@@ -35,6 +38,7 @@ _LLAMA = Family(
         ("mlp.gate_proj", "mlp.up_proj"),
         ("mlp.down_proj",),
     ),
+    replay=(("self_attn", 1),),
 )
 
 FAMILIES: dict[str, Family] = {
@@ -48,6 +52,7 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family(
         blocks="model.layers",
         sequence=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+        replay=(("self_attn", 1),),
     ),
     "opt": Family(
         blocks="model.decoder.layers",
@@ -57,6 +62,7 @@ FAMILIES: dict[str, Family] = {
             ("fc1",),
             ("fc2",),
         ),
+        replay=(("self_attn", 1),),
     ),
 }
 
@@ -103,3 +109,15 @@ def linear_groups(block: nn.Module, model_type: str) -> list[list[str]]:
         if set(listed) == set(linears):
             return [list(g) for g in fam.sequence]
     return [linears]  # generic: one group, calibrated on the block's original inputs
+
+
+def replay_points(block: nn.Module, model_type: str) -> dict[int, list[str]]:
+    """{group index: submodules whose outputs are final once that group is compressed}; only
+    when the family's groups were recognised in this block (see ``linear_groups``)."""
+    fam = FAMILIES.get(model_type)
+    if fam is None or linear_groups(block, model_type) == [[n for n, m in block.named_modules() if isinstance(m, nn.Linear)]]:
+        return {}
+    out: dict[int, list[str]] = {}
+    for path, g in fam.replay:
+        out.setdefault(g, []).append(path)
+    return out

@@ -50,6 +50,7 @@ def load_source(source: ModelSource, dtype: torch.dtype = torch.float32) -> nn.M
                 has_g_idx=source.has(name + ".weight_g_idx"),
                 bias=old.bias is not None,
                 scale_dtype=source.read([name + ".weight_scale"])[name + ".weight_scale"].dtype,
+                dense=g.get("dense", True),  # 3/5/6/7-bit layout of the writing library version
             )
             tensors = source.read([name + "." + k for k in new.state_dict()])
             new.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in tensors.items()})

@@ -164,6 +164,7 @@ class RTNPass(_QuantPass):
 
 class GPTQConfig(QuantConfig):
     act_order: bool = False  # visit columns by decreasing activation energy; exports g_idx
+    static_groups: bool = False  # fit all group scales up front: act_order without g_idx
     block_size: int = Field(128, ge=1)  # columns per lazy-update block
     damp: float = Field(0.01, gt=0)  # λ = damp · mean(diag H); raised ×10 if H is not PD
 
@@ -187,6 +188,7 @@ class GPTQPass(_QuantPass):
             blocksize=c.block_size,
             damp=c.damp,
             act_order=c.act_order,
+            static_groups=c.static_groups,
             name=full_name,
         )
         return self._module(module, res), {"damp": res.info["damp"]}

@@ -45,7 +45,7 @@ class PerplexityConfig(_Strict):
     data: str = "builtin:pydoc"  # its evaluation split; any text file is used whole
     seq_len: int = Field(512, ge=8)
     max_windows: int | None = Field(None, ge=1)  # cap for quick runs; None = the whole text
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(1, ge=1)  # windows per forward; logits are (batch, seq_len, vocab) floats
 
 
 class EvalConfig(_Strict):

@@ -12,6 +12,9 @@ Options beyond the paper's core loop:
   runtime gathers scales through it).
 * A group's scale and zero point are fitted when the loop reaches its first column, on the
   weights as they are *then* (already carrying the error of earlier columns).
+* ``static_groups``: instead, fit every group's scale and zero point up front on the original
+  weights, groups being consecutive columns. Combined with ``act_order`` this keeps the column
+  visiting order but needs no ``g_idx`` (plain grouping: every runtime serves it).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def gptq_quantize(
     blocksize: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    static_groups: bool = False,
     name: str = "",
 ) -> QuantResult:
     """Quantize ``W`` (out, in) given ``H`` (in, in) = Σ xxᵀ over calibration inputs."""
@@ -48,27 +52,31 @@ def gptq_quantize(
     scale = torch.zeros(out_f, G)
     zero = torch.zeros(out_f, G)
     codes = torch.zeros(out_f, in_f)  # in visiting order
+    if static_groups:  # natural groups, fitted once on the original weights
+        Wn = W[:, torch.argsort(perm)]  # (out, in) in original column order
+        for g in range(G):
+            scale[:, g], zero[:, g] = fit_qparams(Wn[:, g * gw : (g + 1) * gw], scheme)
+    group_of = (perm // gw) if static_groups else (torch.arange(in_f) // gw)  # visiting position -> group
 
     def step(j: int, w: torch.Tensor, current) -> torch.Tensor:
-        # j is a position in visiting order; with act_order, groups follow that order too
-        g = j // gw
-        if j % gw == 0:
+        # j is a position in visiting order; with act_order (not static), groups follow that order
+        g = int(group_of[j])
+        if not static_groups and j % gw == 0:
             scale[:, g], zero[:, g] = fit_qparams(current(j, j + gw), scheme)
         s, z = scale[:, g], zero[:, g]
         codes[:, j] = quantize_codes(w, s, z, scheme.maxq)
         return (codes[:, j] - z) * s
 
     _, losses = blockwise_solve(W, U, step, blocksize)
-    g_of_pos = torch.arange(in_f) // gw  # (in,) group of each visiting position
     invperm = torch.argsort(perm)
     q = codes[:, invperm]
-    g_idx = g_of_pos[invperm].to(torch.int32)
+    g_idx = group_of[invperm].to(torch.int32)  # natural order: arange(in) // gw unless act-order groups
     return QuantResult(
         q=q.to(torch.int32),
         scale=scale,
         zero=zero.to(torch.int32),
         g_idx=g_idx,
         scheme=scheme,
-        act_order=act_order,
+        act_order=act_order and not static_groups,  # only then is g_idx needed
         info={"damp": damp_used, "loss": float(losses.sum())},
     )

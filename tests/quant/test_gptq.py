@@ -81,3 +81,18 @@ def test_dead_inputs_and_singular_hessian_escalate_damping():
     assert res.info["damp"] > 0
     assert torch.isfinite(res.dequantize()).all()
     assert (res.dequantize()[:, 5] == 0).all()
+
+
+def test_static_groups_keep_natural_grouping_and_beat_rtn():
+    X = _calib(2048, 64, seed=5)
+    W = torch.randn(16, 64)
+    scheme = QuantScheme(bits=4, group_size=16)
+    res = gptq_quantize(W, X.T @ X, scheme, act_order=True, static_groups=True)
+    assert not res.act_order  # no g_idx to export
+    assert torch.equal(res.g_idx, torch.arange(64, dtype=torch.int32) // 16)
+    # the static scales are exactly those fitted on the original weights
+    for g in range(4):
+        s, _ = fit_qparams(W[:, g * 16 : (g + 1) * 16], scheme)
+        assert torch.equal(res.scale[:, g], s)
+    rtn = rtn_quantize(W, scheme).dequantize()
+    assert _out_err(X, W, res.dequantize()) < 0.8 * _out_err(X, W, rtn)
