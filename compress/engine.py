@@ -132,7 +132,8 @@ class BlockResult:
 def plan_targets(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, passes: list[Pass]) -> dict[str, list[Pass]]:
     """Which passes apply to each Linear (full names), checked before any work is done."""
     plan: dict[str, list[Pass]] = {}
-    problems: dict[str, list[str]] = {}
+    # (pass, reason) -> in_features -> {layer name within a block: blocks}
+    problems: dict[tuple[str, str], dict[int, dict[str, list[int]]]] = {}
     for i, block in enumerate(blocks):
         for name, mod in block.named_modules():
             full = f"{blocks_path}.{i}.{name}"
@@ -142,17 +143,22 @@ def plan_targets(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, pass
             for p in ps:
                 reason = p.check(full, mod)
                 if reason:
-                    problems.setdefault(reason.split(" in_features")[0] + f" [{p.name}]", []).append(f"{full} (in_features {mod.in_features})")
+                    by_in = problems.setdefault((p.name, reason.split(" in_features")[0]), {})
+                    by_in.setdefault(mod.in_features, {}).setdefault(name, []).append(i)
             if ps:
                 plan[full] = ps
     if problems:
         lines = []
-        for reason, layers in problems.items():
-            ins = sorted({int(s.rsplit(" ", 1)[1].rstrip(")")) for s in layers})
-            ok = [g for g in (256, 128, 64, 32, 16) if all(k % g == 0 for k in ins)]
-            shown = ", ".join(layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
+        for (pname, reason), by_in in problems.items():
+            parts = []
+            for k, layers in sorted(by_in.items()):
+                idx = sorted({b for bs in layers.values() for b in bs})
+                span = f"block {idx[0]}" if len(idx) == 1 else f"blocks {idx[0]}-{idx[-1]}"
+                parts.append(f"in_features {k} of {', '.join(layers)} ({span} of {blocks_path})")
+            ok = [g for g in (256, 128, 64, 32, 16) if all(k % g == 0 for k in by_in)]
             lines.append(
-                f"{reason} of {shown}; use group_size {' or '.join(map(str, ok[:3])) or '-1'}, or list those layers under `ignore`"
+                f"{pname}: {reason} {' and '.join(parts)}; use group_size {', '.join(map(str, ok[:3])) or '-1'} "
+                "or -1, or list those layers under `ignore`"
             )
         raise UsageError("; ".join(lines))
     if passes and not plan:

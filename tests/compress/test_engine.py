@@ -140,7 +140,7 @@ def test_group_size_error_lists_layers_and_sizes(tmp_path):
     with pytest.raises(UsageError) as e:
         run(_recipe(path, tmp_path / "out", group_size=48))
     msg = str(e.value)
-    assert "group_size 48 does not divide" in msg and "model.layers.0.mlp.down_proj" in msg and "use group_size 64" in msg
+    assert "group_size 48 does not divide" in msg and "in_features 128 of mlp.down_proj (blocks 0-1 of model.layers)" in msg and "use group_size 64, 32, 16" in msg
 
 
 def test_ignore_by_regex_leaves_layers_unquantized(tmp_path):
