@@ -63,6 +63,9 @@ def _fail(e: BaseException) -> None:
 
     if _state["debug"]:
         raise e
+    if isinstance(e, KeyboardInterrupt):
+        err.print("interrupted: finished blocks are kept beside the export path; rerun the same command with --resume to continue")
+        raise typer.Exit(130)
     if isinstance(e, CompressError):
         err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code)
@@ -145,7 +148,7 @@ def run_cmd(
         _run_recipe(rec, resume, as_json, quiet, dry_run)
     except typer.Exit:
         raise
-    except Exception as e:
+    except (Exception, KeyboardInterrupt) as e:
         _fail(e)
 
 
@@ -157,7 +160,8 @@ def quantize_cmd(
     bits: Annotated[int, typer.Option("--bits", help="Weight bits, 2-8 (vLLM serves 4 and 8).")] = 4,
     group_size: Annotated[int, typer.Option("--group-size", help="Columns per scale; -1 per channel.")] = 128,
     asymmetric: Annotated[bool, typer.Option("--asym/--sym", help="Asymmetric (zero points) or symmetric.")] = False,
-    act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: columns by activation order (exports g_idx).")] = False,
+    act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ: visit columns by activation order.")] = True,
+    g_idx: Annotated[bool, typer.Option("--g-idx", help="GPTQ act-order with groups in visiting order, exported as g_idx (default: static groups, no g_idx).")] = False,
     samples: Annotated[int, typer.Option("--samples", help="Calibration samples.")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sample.")] = 512,
     data: Annotated[str, typer.Option("--data", help="Calibration data: builtin:pydoc, a .txt/.jsonl/.parquet file, or a hub dataset.")] = "builtin:pydoc",
@@ -180,8 +184,9 @@ def quantize_cmd(
             opts["ignore"] = ["lm_head", *ignore]
         if method == "gptq":
             opts["act_order"] = act_order
-        elif act_order:
-            raise _usage("--act-order applies to --method gptq only")
+            opts["static_groups"] = not g_idx
+        elif g_idx:
+            raise _usage("--g-idx applies to --method gptq only")
         raw = {
             "model": model,
             "seed": seed or 0,
@@ -194,7 +199,7 @@ def quantize_cmd(
         _run_recipe(load_recipe(raw, list(set_ or [])), resume, as_json, quiet, dry_run)
     except typer.Exit:
         raise
-    except Exception as e:
+    except (Exception, KeyboardInterrupt) as e:
         _fail(e)
 
 
@@ -235,7 +240,7 @@ def eval_cmd(
         Console().print(t)
     except typer.Exit:
         raise
-    except Exception as e:
+    except (Exception, KeyboardInterrupt) as e:
         _fail(e)
 
 
@@ -260,7 +265,7 @@ def inspect_cmd(ckpt: Annotated[str, typer.Argument(help="A checkpoint folder.")
             out.print(f"  left unquantized: {', '.join(info['ignore'][:8])}{' ...' if len(info['ignore']) > 8 else ''}")
     except typer.Exit:
         raise
-    except Exception as e:
+    except (Exception, KeyboardInterrupt) as e:
         _fail(e)
 
 
@@ -273,7 +278,7 @@ def demo_model_cmd(quiet: QuietOpt = False):
         print(demo_model_path(log=(lambda m: None) if quiet else (lambda m: err.print(f"[dim]{m}[/dim]"))))
     except typer.Exit:
         raise
-    except Exception as e:
+    except (Exception, KeyboardInterrupt) as e:
         _fail(e)
 
 

@@ -86,6 +86,7 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
         start=start,
         resume_inputs=cached,
         progress=lambda i, n, msg: hooks.progress("compress", i, n),
+        sequential=cal.sequential,
     )
     compress_s = time.time() - t0 + sum(exporter.block_seconds[:start])
     report = {

@@ -177,8 +177,12 @@ def compress_blocks(
     resume_inputs: BlockInputs | None = None,
     progress: Callable[[int, int, str], None] = lambda i, n, msg: None,
     keep: bool = False,
+    sequential: bool = True,
 ) -> None:
     """Run the layer-wise sweep. ``model`` is ``source.skeleton()`` (meta parameters).
+
+    ``sequential=False`` calibrates all Linears of a block at once on the block's input (the
+    compressed groups do not feed the later ones: one forward pass fewer per group).
 
     ``keep=True`` leaves the compressed blocks in ``model`` instead of freeing them (for tests and
     small models that are evaluated in memory)."""
@@ -210,7 +214,7 @@ def compress_blocks(
         materialize(block, prefix, source)
         progress(i, n, "calibrating")
         cursor = [0]  # the calibration batch being run (read by _Replay)
-        layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type, cursor)
+        layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type if sequential else "", cursor)
         if inputs is not None:
             with torch.no_grad():
                 for b, (a, k) in enumerate(inputs.kwargs[i]):

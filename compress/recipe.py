@@ -39,6 +39,7 @@ class CalibrationConfig(_Strict):
     sampling: Literal["even", "random"] = "even"  # even: evenly spaced windows (seed-free)
     text_field: str = "text"  # the field/column holding text in .jsonl/.parquet/hub data
     batch_size: int = Field(8, ge=1)  # samples per forward pass of a block
+    sequential: bool = True  # calibrate q/k/v, o, gate/up, down in turn on compressed inputs
 
 
 class PerplexityConfig(_Strict):

@@ -1,0 +1,65 @@
+"""Benchmark: quantize the demo model with several schemes; print perplexity, time and memory.
+
+The protocol of the foundation issue: SmolLM2-135M-Instruct, builtin:pydoc, 128 calibration
+samples × 512 tokens, perplexity on the builtin evaluation split with 512-token windows. Each
+configuration runs in its own process (`compress run`), so its peak RSS is its own.
+
+    python eval/bench_demo.py                    # every configuration below
+    python eval/bench_demo.py gptq-w4g64 rtn-w4g64
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CONFIGS = {
+    # name: --set overrides of the default recipe (GPTQ W4 g64 symmetric, act-order with static
+    # groups, on the demo model)
+    "gptq-w4g64": [],
+    "gptq-w4g64-noact": ["passes.0.gptq.act_order=false"],
+    "gptq-w4g64-gidx": ["passes.0.gptq.static_groups=false"],
+    "rtn-w4g64": ["passes=[{rtn: {bits: 4, group_size: 64}}]"],
+    "rtn-w4g64-minmax": ["passes=[{rtn: {bits: 4, group_size: 64, observer: minmax}}]"],
+    "gptq-w4g64-asym": ["passes.0.gptq.symmetric=false"],
+    "gptq-w4g64-asym-noact": ["passes.0.gptq.symmetric=false", "passes.0.gptq.act_order=false"],
+    "gptq-w3g64": ["passes.0.gptq.bits=3"],
+    "gptq-w3g64-noact": ["passes.0.gptq.bits=3", "passes.0.gptq.act_order=false"],
+    "gptq-w8-channel": ["passes.0.gptq.bits=8", "passes.0.gptq.group_size=-1"],
+    "gptq-w8-channel-noact": ["passes.0.gptq.bits=8", "passes.0.gptq.group_size=-1", "passes.0.gptq.act_order=false"],
+}
+
+
+def run(name: str, overrides: list[str], workdir: Path, baseline: bool) -> dict:
+    cmd = [sys.executable, "-m", "compress.cli", "run", "--json", "--quiet", "--overwrite", "-o", str(workdir / name)]
+    for o in overrides + ([] if baseline else ["eval.baseline=false"]):
+        cmd += ["--set", o]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"name": name, "error": r.stderr.strip()[-500:]}
+    rep = json.loads(r.stdout)
+    ev = rep.get("eval", {})
+    return {
+        "name": name,
+        "ppl": round(ev["model"]["perplexity"], 3),
+        "baseline_ppl": round(ev["baseline"]["perplexity"], 3) if "baseline" in ev else None,
+        "compress_s": rep["time"]["compress_s"],
+        "total_s": rep["time"]["total_s"],
+        "compress_peak_rss_gb": round(rep["compress_peak_rss_mb"] / 1e3, 2),
+        "peak_rss_gb": round(rep["peak_rss_mb"] / 1e3, 2),
+        "bits_per_param": rep["export"]["bits_per_parameter"],
+        "size_mb": round(rep["export"]["size_bytes"] / 1e6, 1),
+    }
+
+
+def main():
+    names = sys.argv[1:] or list(CONFIGS)
+    work = Path("/tmp/bench-demo")
+    for i, name in enumerate(names):
+        print(json.dumps(run(name, CONFIGS[name], work, baseline=(i == 0))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
