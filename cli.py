@@ -23,6 +23,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines on stderr.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (overrides the recipe's).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing export folder.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last finished block.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and stop.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: --set passes.0.gptq.bits=3 (repeatable).")]
 
 _state = {"debug": False}
@@ -126,9 +129,9 @@ def run_cmd(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML; omitted: the embedded default (demo model, GPTQ W4 g64).")] = None,
     set_: SetOpt = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Export folder (export.path).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export folder.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last finished block.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and stop.")] = False,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    dry_run: DryRunOpt = False,
     seed: SeedOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -168,9 +171,9 @@ def quantize_cmd(
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Layers to leave alone (name, suffix or re:regex; repeatable).")] = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after perplexity.")] = False,
     set_: SetOpt = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export folder.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the recipe this builds and stop.")] = False,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    dry_run: DryRunOpt = False,
     seed: SeedOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,

@@ -196,13 +196,18 @@ def compress_blocks(
     if resume_inputs is not None:
         inputs = resume_inputs
     elif calib is not None:
-        # everything outside the blocks (embeddings, rotary, final norm) is small: load it once
-        outside = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(blocks_path + ".")]
-        skip = {n for n in outside if n.startswith("lm_head.")}  # the head is not needed to calibrate
-        materialize(model, "", source, skip=skip | {n for n in outside if n.startswith(blocks_path)})
+        # everything outside the blocks (embeddings, final norm) is loaded for the capture pass
+        # (the head is not needed to calibrate; the rest is freed again right after)
+        outside = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(blocks_path + ".") and not n.startswith("lm_head.")]
+        blocks_params = {n for n, _ in model.named_parameters() if n.startswith(blocks_path + ".")}
+        materialize(model, "", source, skip=blocks_params | {n for n, _ in model.named_parameters() if n.startswith("lm_head.")})
         batches = list(torch.split(calib, batch_size))
         with torch.no_grad():
             inputs = capture_inputs(model, blocks, batches)
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in outside:
+            set_module_tensor_to_device(model, name, "meta")
     else:
         inputs = None
 
