@@ -70,30 +70,34 @@ def blockwise_solve(W: torch.Tensor, U: torch.Tensor, step: ColumnStep, blocksiz
     """Run the OBS column loop over ``W`` (out, in) with the factor ``U`` (in, in).
 
     Returns ``(Ŵ, losses)``: the fixed weights (out, in) and each column's contribution to the
-    output error, ``(w_j − ŵ_j)² / U_jj²`` summed over rows, halved (in,)."""
-    W = W.clone()
-    out_f, in_f = W.shape
-    fixed = torch.zeros_like(W)
+    output error, ``(w_j − ŵ_j)² / U_jj²`` summed over rows, halved (in,).
+
+    The loop works on ``Wᵀ`` (in, out) so that a column of ``W`` is a contiguous row in memory:
+    on a CPU, walking a column of a row-major matrix misses the cache at every element."""
+    Wt = W.T.contiguous()  # (in, out): row j is column j of W
+    in_f = Wt.shape[0]
+    fixed = torch.zeros_like(Wt)
     losses = torch.zeros(in_f, dtype=W.dtype, device=W.device)
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)
-        W1 = W[:, i1:i2].clone()  # (out, b): updated eagerly inside the block
+        W1 = Wt[i1:i2].clone()  # (b, out): updated eagerly inside the block
         E1 = torch.zeros_like(W1)  # scaled errors of the block's columns
         U1 = U[i1:i2, i1:i2]
 
         def current(a: int, b: int) -> torch.Tensor:
-            # columns < i2 live in W1 (eager updates); the rest in W (deferred updates applied)
-            inside = W1[:, max(a, i1) - i1 : min(b, i2) - i1]
-            return inside if b <= i2 else torch.cat([inside, W[:, i2:b]], dim=1)
+            # columns < i2 live in W1 (eager updates); the rest in Wt (deferred updates applied)
+            inside = W1[max(a, i1) - i1 : min(b, i2) - i1]
+            rows = inside if b <= i2 else torch.cat([inside, Wt[i2:b]], dim=0)
+            return rows.T  # (out, b - a), as W's columns
 
         for i in range(i2 - i1):
-            w = W1[:, i]
+            w = W1[i]
             d = U1[i, i]
             q = step(i1 + i, w, current)
-            fixed[:, i1 + i] = q
-            losses[i1 + i] = ((w - q) ** 2).sum() / d**2 / 2
+            fixed[i1 + i] = q
             err = (w - q) / d  # (out,)
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # the deferred rank-b update of the remaining columns
-    return fixed, losses
+            losses[i1 + i] = (err**2).sum() / 2
+            W1[i:] -= U1[i, i:, None] * err[None, :]
+            E1[i] = err
+        Wt[i2:] -= U[i1:i2, i2:].T @ E1  # the deferred rank-b update of the remaining columns
+    return fixed.T, losses

@@ -49,32 +49,33 @@ def gptq_quantize(
 
     gw = scheme.group_width(in_f)
     G = scheme.groups(in_f)
-    scale = torch.zeros(out_f, G)
-    zero = torch.zeros(out_f, G)
-    codes = torch.zeros(out_f, in_f)  # in visiting order
+    # kept transposed, (G, out) and (in, out), so the per-column reads and writes are contiguous
+    scale = torch.zeros(G, out_f)
+    zero = torch.zeros(G, out_f)
+    codes = torch.zeros(in_f, out_f)  # row j: the codes of the column visited j-th
     if static_groups:  # natural groups, fitted once on the original weights
         Wn = W[:, torch.argsort(perm)]  # (out, in) in original column order
         for g in range(G):
-            scale[:, g], zero[:, g] = fit_qparams(Wn[:, g * gw : (g + 1) * gw], scheme)
+            scale[g], zero[g] = fit_qparams(Wn[:, g * gw : (g + 1) * gw], scheme)
     group_of = (perm // gw) if static_groups else (torch.arange(in_f) // gw)  # visiting position -> group
 
     def step(j: int, w: torch.Tensor, current) -> torch.Tensor:
         # j is a position in visiting order; with act_order (not static), groups follow that order
         g = int(group_of[j])
         if not static_groups and j % gw == 0:
-            scale[:, g], zero[:, g] = fit_qparams(current(j, j + gw), scheme)
-        s, z = scale[:, g], zero[:, g]
-        codes[:, j] = quantize_codes(w, s, z, scheme.maxq)
-        return (codes[:, j] - z) * s
+            scale[g], zero[g] = fit_qparams(current(j, j + gw), scheme)
+        s, z = scale[g], zero[g]
+        codes[j] = quantize_codes(w, s, z, scheme.maxq)
+        return (codes[j] - z) * s
 
     _, losses = blockwise_solve(W, U, step, blocksize)
     invperm = torch.argsort(perm)
-    q = codes[:, invperm]
+    q = codes.T[:, invperm]
     g_idx = group_of[invperm].to(torch.int32)  # natural order: arange(in) // gw unless act-order groups
     return QuantResult(
         q=q.to(torch.int32),
-        scale=scale,
-        zero=zero.to(torch.int32),
+        scale=scale.T.contiguous(),
+        zero=zero.T.contiguous().to(torch.int32),
         g_idx=g_idx,
         scheme=scheme,
         act_order=act_order and not static_groups,  # only then is g_idx needed

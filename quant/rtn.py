@@ -100,15 +100,25 @@ def fit_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, tor
         return scale, zero
     if scheme.observer != "mse":
         raise ValueError(f"unknown observer {scheme.observer!r}; use 'minmax' or 'mse'")
-    # all candidate ranges at once: p ∈ {1, 1 - 1/grid, ...} -> (P, rows) scales and zeros
+    # Coarse to fine: every `coarse`-th ratio of the grid first, then the fine grid around each
+    # row's best coarse ratio (≈ 1/3 of the evaluations of the full grid, same resolution).
     steps = int(scheme.mse_maxshrink * scheme.mse_grid)
-    p = 1 - torch.arange(steps, dtype=torch.float32)[:, None] / scheme.mse_grid  # (P, 1)
+    coarse = 4
+    p = 1 - torch.arange(0, steps, coarse, dtype=torch.float32)[:, None] / scheme.mse_grid  # (P, 1)
+    best_p = _best_ratio(w, xmin, xmax, p, scheme)  # (rows,)
+    fine = torch.arange(coarse - 1, -coarse, -1, dtype=torch.float32)[:, None] / scheme.mse_grid  # (2c-1, 1), widest first
+    p = (best_p[None, :] + fine).clamp(1 - (steps - 1) / scheme.mse_grid, 1.0)  # (2c-1, rows)
+    best_p = _best_ratio(w, xmin, xmax, p, scheme)
+    scale, zero = _minmax_params(best_p * xmin, best_p * xmax, scheme)
+    return scale, zero
+
+
+def _best_ratio(w, xmin, xmax, p: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Per row of ``w`` (rows, k), the ratio among ``p`` ((P, 1) or (P, rows)) whose shrunken
+    range quantizes the row with the least ``Σ|w - ŵ|^norm``; the first (widest) wins ties."""
     s, z = _minmax_params(p * xmin, p * xmax, scheme)  # (P, rows)
     err = (fake_quantize(w, s[..., None], z[..., None], scheme.maxq) - w).abs_().pow_(scheme.mse_norm).sum(-1)  # (P, rows)
-    best = err.argmin(0, keepdim=True)  # the first (widest) range wins ties, as the sequential search
-    scale = s.gather(0, best)[0]
-    zero = z.gather(0, best)[0]
-    return scale, zero
+    return p.expand_as(err).gather(0, err.argmin(0, keepdim=True))[0]
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
