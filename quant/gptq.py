@@ -40,12 +40,13 @@ def gptq_quantize(
     out_f, in_f = W.shape
     if not check_group_size(in_f, scheme.group_size):
         raise ValueError(f"{name}: group_size {scheme.group_size} does not divide in_features {in_f}")
-    W, H = prepare_hessian(W, H)
+    W, H = prepare_hessian(W, H)  # copies: the caller's H is left as it was
     perm = torch.arange(in_f)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-    U, damp_used = inverse_cholesky(H, damp, name)
+        W, H = W[:, perm], H[perm[:, None], perm[None, :]]  # one gather: no second (in, in) copy
+    U, damp_used = inverse_cholesky(H, damp, name)  # damps H in place
+    del H
 
     gw = scheme.group_width(in_f)
     G = scheme.groups(in_f)
