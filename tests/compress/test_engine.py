@@ -12,7 +12,7 @@ from compress.export import Exporter
 from compress.families import find_blocks
 from compress.loading import load
 from compress.modelio import ModelSource, materialize
-from compress.passes import Context, GPTQConfig, GPTQPass
+from compress.passes import Context, GPTQPass
 from compress.recipe import load_recipe
 from conftest import save_tiny
 
@@ -120,9 +120,18 @@ def test_resume_after_interruption_gives_identical_checkpoint(tmp_path, monkeypa
     assert not out.exists()  # nothing half-written where the result belongs
     assert (tmp_path / ".out.partial" / "progress.json").exists()
     monkeypatch.setattr(Exporter, "write_block", real)
+    import compress.engine
+
     calls = []
-    monkeypatch.setattr("compress.modelio.materialize", lambda *a, **k: calls.append(a[1]))
+    real_materialize = compress.engine.materialize
+
+    def recording(module, prefix, *a, **k):
+        calls.append(prefix)
+        return real_materialize(module, prefix, *a, **k)
+
+    monkeypatch.setattr(compress.engine, "materialize", recording)
     run(_recipe(path, out), resume=True)
+    assert calls == ["model.layers.1."]  # block 0 was not recomputed, nor the capture pass
     for shard in sorted(full.glob("model-*.safetensors")):
         a, b = load_file(shard), load_file(out / shard.name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -4,7 +4,6 @@ The interoperability checks run compressed-tensors' own code (pack/unpack helper
 pack-quantized decompressor, the pydantic config models) against ours.
 """
 
-import io
 
 import pytest
 import torch
