@@ -1,7 +1,7 @@
 """`compress`: the command line. Wiring only: build a recipe, call the library, print.
 
 Exit codes (stable): 0 ok; 1 internal error; 2 bad usage or recipe; 3 input missing or
-unreadable; 4 a quality gate failed.
+unreadable; 4 a quality gate failed; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -16,7 +16,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help=(
+        "Compress Hugging Face LLM checkpoints layer by layer (GPTQ, RTN), evaluate them against the "
+        "original, and export compressed-tensors checkpoints that vLLM and transformers load.\n\n"
+        "Exit codes: 0 ok; 1 internal error; 2 bad usage or recipe; 3 input missing or unreadable; "
+        "4 a quality gate failed; 130 interrupted (rerun with --resume)."
+    ),
+)
 err = Console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (and nothing else there).")]

@@ -80,3 +80,14 @@ def test_demo_model_end_to_end(tmp_path):
     ev = rep["eval"]
     assert ev["baseline"]["perplexity"] < ev["model"]["perplexity"] < 1.5 * ev["baseline"]["perplexity"]
     assert rep["export"]["quantized_layers"] == 210 and rep["export"]["bits_per_parameter"] < 8
+
+
+def test_installed_cli_is_the_root_cli_py():
+    """compress/cli.py is a symlink to the design card's root cli.py: they must never diverge."""
+    from pathlib import Path
+
+    import compress.cli
+
+    root = Path(__file__).resolve().parents[1] / "cli.py"
+    if root.exists():
+        assert Path(compress.cli.__file__).read_text() == root.read_text()
