@@ -3,8 +3,8 @@
 Builds two llama-shaped checkpoints with random weights and the same widths (hidden 2048,
 intermediate 5632, 32 heads / 4 KV heads, the demo model's tokenizer and vocabulary), one with 22
 layers (≈1.1B parameters) and one with 44 (≈2.1B), written shard by shard so the builder itself
-never holds a whole model. Then compresses each with GPTQ W4 g128 (16 × 256 calibration, no
-evaluation) in a fresh process and prints, per model, the size on disk, the peak RSS, and the
+never holds a whole model. Then compresses each with GPTQ W4 g128 symmetric without act-order
+(16 × 256 calibration, no evaluation) in a fresh process and prints, per model, the size on disk, the peak RSS, and the
 ratios the foundation issue asks for.
 
     python eval/bench_memory.py [--workdir /tmp/bench-mem] [--layers 22 44]
@@ -94,7 +94,7 @@ def main():
         disk = sum(f.stat().st_size for f in model.glob("*.safetensors"))
         cmd = [
             sys.executable, "-m", "compress.cli", "quantize", str(model), "-o", str(work / f"out-{n}l"), "--overwrite",
-            "--method", "gptq", "--bits", "4", "--group-size", "128", "--samples", str(args.samples),
+            "--method", "gptq", "--bits", "4", "--group-size", "128", "--no-act-order", "--samples", str(args.samples),
             "--seq-len", str(args.seq_len), "--no-eval", "--json", "--quiet",
         ]
         r = subprocess.run(cmd, capture_output=True, text=True)
