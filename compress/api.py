@@ -69,7 +69,8 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
         calib = calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, recipe.seed)
 
     exporter = Exporter(
-        Path(recipe.export.path), source, recipe.fingerprint(), len(blocks), dtype, overwrite=recipe.export.overwrite, resume=resume
+        Path(recipe.export.path), source, recipe.fingerprint(), blocks_path, len(blocks), dtype,
+        overwrite=recipe.export.overwrite, resume=resume,
     )
     start, cached = exporter.begin()
     if start:
@@ -96,7 +97,7 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
         "time": {"compress_s": round(compress_s, 1), "block_s": exporter.block_seconds},
         "compress_peak_rss_mb": peak_rss_mb(),  # before evaluation loads whole models
     }
-    out = exporter.finalize(model, blocks_path, dump_recipe(recipe), report)
+    out = exporter.finalize(model, dump_recipe(recipe), report)
     del model
     report["export"] = inspect_checkpoint(out)
 

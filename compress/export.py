@@ -3,8 +3,10 @@
 Layout of the output folder (what vLLM and transformers read unchanged):
 
     config.json                      the model config + ``quantization_config`` (compressed-tensors)
-    model-00001-of-0000N.safetensors everything outside the decoder blocks (embeddings, norm, head)
-    model-0000k-of-0000N.safetensors decoder block k-2 (packed weights, scales, zero points, g_idx)
+    model-0000k-of-0000N.safetensors for k <= m: everything outside the decoder blocks (embeddings,
+                                     norm, head), in shards of at most 256 MB
+    model-0000k-of-0000N.safetensors for k > m: decoder block k-m-1 (packed weights, scales, zero
+                                     points, g_idx)
     model.safetensors.index.json     tensor -> shard
     tokenizer files, generation_config.json
     recipe.yaml                      the resolved recipe that produced it
@@ -49,6 +51,20 @@ def shard_name(k: int, total: int) -> str:
     return f"model-{k:05d}-of-{total:05d}.safetensors"
 
 
+def _size_groups(source: ModelSource, names: list[str], limit: int = 256 * 2**20) -> list[list[str]]:
+    """Consecutive groups of tensors of at most ``limit`` bytes each (a larger tensor alone)."""
+    sizes = source.nbytes(names)
+    groups: list[list[str]] = []
+    total = limit
+    for n in names:
+        if total + sizes[n] > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(n)
+        total += sizes[n]
+    return groups
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -64,11 +80,17 @@ def _atomic_write(path: Path, text: str) -> None:
 class Exporter:
     """Receives finished blocks from the engine (``write_block``) and assembles the checkpoint."""
 
-    def __init__(self, target: Path, source: ModelSource, fingerprint: str, n_blocks: int, dtype: torch.dtype, *, overwrite=False, resume=False):
+    def __init__(
+        self, target: Path, source: ModelSource, fingerprint: str, blocks_path: str, n_blocks: int, dtype: torch.dtype,
+        *, overwrite=False, resume=False,
+    ):
         self.target = Path(target)
         self.work = self.target.parent / f".{self.target.name}.partial"
         self.source, self.fingerprint, self.n_blocks, self.dtype = source, fingerprint, n_blocks, dtype
-        self.total = n_blocks + 1
+        # Tensors outside the blocks are copied at the end, a bounded shard at a time: holding
+        # them all (two 200 MB embeddings in a 2B model) would set the run's peak memory.
+        self.outside = _size_groups(source, [n for n in source.weight_map if not n.startswith(blocks_path + ".")])
+        self.total = len(self.outside) + n_blocks
         self.weight_map: dict[str, str] = {}
         self.layers: list[LayerReport] = []
         self.block_seconds: list[float] = []
@@ -109,7 +131,7 @@ class Exporter:
         for name, mod in res.module.named_modules():
             if isinstance(mod, QuantLinear):
                 self.quantized[res.prefix + name] = mod.spec()
-        fname = shard_name(res.index + 2, self.total)
+        fname = shard_name(len(self.outside) + res.index + 1, self.total)
         save_file(tensors, self.work / fname, metadata={"format": "pt"})
         self.weight_map.update({k: fname for k in tensors})
         self.layers.extend(res.layers)
@@ -128,12 +150,12 @@ class Exporter:
 
     # ---------------------------------------------------------------- finalize
 
-    def finalize(self, model: nn.Module, blocks_path: str, recipe_yaml: str, report: dict) -> Path:
+    def finalize(self, model: nn.Module, recipe_yaml: str, report: dict) -> Path:
         src = self.source
-        outside = [n for n in src.weight_map if not n.startswith(blocks_path + ".")]
-        fname = shard_name(1, self.total)
-        save_file({k: v.contiguous() for k, v in src.read(outside).items()}, self.work / fname, metadata={"format": "pt"})
-        self.weight_map.update({k: fname for k in outside})
+        for k, names in enumerate(self.outside, 1):
+            fname = shard_name(k, self.total)
+            save_file({n: t.contiguous() for n, t in src.read(names).items()}, self.work / fname, metadata={"format": "pt"})
+            self.weight_map.update({n: fname for n in names})
 
         total_size = sum((self.work / f).stat().st_size for f in set(self.weight_map.values()))
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(self.weight_map.items()))}

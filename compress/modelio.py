@@ -136,6 +136,9 @@ def resolve_model(ref: str | os.PathLike, log=print) -> Path:
         ) from e
 
 
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
 class ModelSource:
     """A checkpoint folder read lazily: config, tokenizer, and tensors by name on demand."""
 
@@ -193,6 +196,24 @@ class ModelSource:
             with safe_open(f, "pt") as h:
                 for n in ns:
                     out[n] = h.get_tensor(n)
+        return out
+
+    def nbytes(self, names: list[str]) -> dict[str, int]:
+        """Size of each tensor in bytes, from the safetensors headers (no data read)."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.weight_map[n], []).append(n)
+        out = {}
+        for f, ns in by_file.items():
+            with safe_open(f, "pt") as h:
+                for n in ns:
+                    sl = h.get_slice(n)
+                    numel = 1
+                    for d in sl.get_shape():
+                        numel *= d
+                    out[n] = numel * _DTYPE_BYTES.get(sl.get_dtype(), 4)
         return out
 
     def disk_bytes(self) -> int:

@@ -48,7 +48,7 @@ def _in_memory_compressed(model_path, recipe, tmp):
     ids = tokenize(load_texts(cal.data), src.tokenizer)
     calib = calibration_windows(ids, cal.samples, cal.seq_len)
     passes = [GPTQPass(c, Context(dtype=torch.bfloat16)) for _, c in recipe.pass_configs()]
-    exp = Exporter(tmp, src, recipe.fingerprint(), len(blocks), torch.bfloat16)
+    exp = Exporter(tmp, src, recipe.fingerprint(), blocks_path, len(blocks), torch.bfloat16)
     exp.begin()
     compress_blocks(src, model, passes, calib, cal.batch_size, sink=exp.write_block, keep=True)
     skip = {n for n, _ in model.named_parameters() if n.startswith("lm_head.")} if src.config.tie_word_embeddings else set()
