@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from dataclasses import asdict
@@ -143,32 +144,14 @@ def inspect_checkpoint(path) -> dict:
     """Layers, schemes, bits per parameter and size on disk of a checkpoint folder."""
     from compress.formats import read_quantization_config
     from compress.loading import quantized_layer_names
-    from safetensors import safe_open
-
     source = ModelSource(resolve_model(path))
     size = source.disk_bytes()
-    n_params, bits = 0, 0
     quantized = set(quantized_layer_names(source))
-    files: dict = {}
-    for name, f in source.weight_map.items():
-        files.setdefault(f, []).append(name)
-    for f, names in files.items():
-        with safe_open(f, "pt") as h:
-            for n in names:
-                sl = h.get_slice(n)
-                numel = 1
-                for d in sl.get_shape():
-                    numel *= d
-                dt = sl.get_dtype()
-                width = {"BF16": 16, "F16": 16, "F32": 32, "I32": 32, "I64": 64, "I8": 8, "U8": 8}.get(dt, 32)
-                bits += numel * width
-                layer, _, field = n.rpartition(".")
-                if layer in quantized:
-                    if field == "weight_shape":
-                        shape = h.get_tensor(n).tolist()
-                        n_params += shape[0] * shape[1]
-                elif not n.endswith(".weight_shape"):
-                    n_params += numel
+    info = source.tensor_info(list(source.weight_map))
+    shapes = source.read([f"{q}.weight_shape" for q in quantized])
+    bits = 8 * sum(nbytes for _, nbytes in info.values())
+    n_params = sum(math.prod(shapes[q + ".weight_shape"].tolist()) for q in quantized)  # original weights
+    n_params += sum(math.prod(shape) for n, (shape, _) in info.items() if n.rpartition(".")[0] not in quantized)
     out = {
         "path": str(source.path),
         "model_type": source.config.model_type,

@@ -53,7 +53,7 @@ def shard_name(k: int, total: int) -> str:
 
 def _size_groups(source: ModelSource, names: list[str], limit: int = 256 * 2**20) -> list[list[str]]:
     """Consecutive groups of tensors of at most ``limit`` bytes each (a larger tensor alone)."""
-    sizes = source.nbytes(names)
+    sizes = {n: nbytes for n, (_, nbytes) in source.tensor_info(names).items()}
     groups: list[list[str]] = []
     total = limit
     for n in names:

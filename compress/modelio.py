@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -198,8 +199,8 @@ class ModelSource:
                     out[n] = h.get_tensor(n)
         return out
 
-    def nbytes(self, names: list[str]) -> dict[str, int]:
-        """Size of each tensor in bytes, from the safetensors headers (no data read)."""
+    def tensor_info(self, names: list[str]) -> dict[str, tuple[tuple[int, ...], int]]:
+        """Shape and size in bytes of each tensor, from the safetensors headers (no data read)."""
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
@@ -210,10 +211,8 @@ class ModelSource:
             with safe_open(f, "pt") as h:
                 for n in ns:
                     sl = h.get_slice(n)
-                    numel = 1
-                    for d in sl.get_shape():
-                        numel *= d
-                    out[n] = numel * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+                    shape = tuple(sl.get_shape())
+                    out[n] = (shape, math.prod(shape) * _DTYPE_BYTES.get(sl.get_dtype(), 4))
         return out
 
     def disk_bytes(self) -> int:
