@@ -27,6 +27,7 @@ from torch import nn
 
 from compress.errors import UsageError
 from compress.families import find_blocks, get_module, linear_groups, replay_points
+from compress.formats import replace_linear
 from compress.modelio import ModelSource, materialize, release
 from compress.passes import STATS, Pass
 
@@ -268,7 +269,7 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
             orig.weight.data = Wq.to(orig.weight.dtype)
             stats[name] = {}  # free the Hessian now
         for path in replays.get(gi, []):
-            _set_module(block, path, _Replay(get_module(block, path), cursor))
+            replace_linear(block, path, _Replay(get_module(block, path), cursor))
     block._compress_final = final
     return reports
 
@@ -277,9 +278,9 @@ def finish_block(block: nn.Module) -> None:
     """Unwrap replayed submodules; swap the compressed modules (packed QuantLinears) in for export."""
     for name, mod in list(block.named_modules()):
         if isinstance(mod, _Replay):
-            _set_module(block, name, mod.inner)
+            replace_linear(block, name, mod.inner)
     for name, mod in getattr(block, "_compress_final", {}).items():
-        _set_module(block, name, mod)
+        replace_linear(block, name, mod)
     block.__dict__.pop("_compress_final", None)
 
 
@@ -322,8 +323,3 @@ def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, 
     for n, twin in alias.items():
         stats[n] = stats[twin]
     return stats
-
-
-def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent, _, child = dotted.rpartition(".")
-    setattr(get_module(root, parent) if parent else root, child, new)

@@ -358,7 +358,7 @@ def read_quantization_config(cfg: dict) -> dict[str, dict]:
 
 
 def replace_linear(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """Set the submodule at dotted ``name`` (e.g. ``model.layers.0.mlp.up_proj``) to ``module``;
+    """Set any submodule at dotted ``name`` (e.g. ``model.layers.0.mlp.up_proj``) to ``module``;
     returns the module it replaced."""
     parent, _, child = name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model

@@ -11,7 +11,7 @@ from torch import nn
 
 from compress.errors import InputError
 from compress.families import get_module
-from compress.formats import QuantLinear, read_quantization_config
+from compress.formats import QuantLinear, read_quantization_config, replace_linear
 from compress.modelio import ModelSource, materialize, resolve_model
 
 
@@ -56,8 +56,7 @@ def load_source(source: ModelSource, dtype: torch.dtype = torch.float32) -> nn.M
             new.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in tensors.items()})
             if new.bias is not None:
                 new.bias.data = new.bias.data.to(dtype)
-            parent, _, child = name.rpartition(".")
-            setattr(get_module(model, parent), child, new)
+            replace_linear(model, name, new)
     skip = set()
     if getattr(source.config, "tie_word_embeddings", False):
         skip = {n for n, _ in model.named_parameters() if n.startswith("lm_head.")}
