@@ -1,0 +1,70 @@
+"""The torch reference kernels: the CPU path, and the oracle every fast kernel is tested against.
+
+Weight-only (W4A16 / W8A16, any 2..8 bits): ``QuantLinear.dequantize`` (float32, exact:
+small integers times a bf16/fp16 scale), cast to the activation dtype, ``F.linear``. This is
+exactly what ``QuantLinear.forward`` computed before the kernels existed, so the formats tests
+and every exported checkpoint keep their numbers bit for bit on the CPU.
+
+W8A8 (SmoothQuant exports): dynamic symmetric per-token quantization of the activations,
+
+    xs[t] = max_k |x[t, k]| / 127            float32 (tokens, 1)
+    xq[t, k] = round_half_even(x[t, k] / xs[t]) clamped to [-127, 127]    int8 (tokens, K)
+
+(an all-zero row gets xs = 0 and xq = 0), an exact int32 GEMM ``acc = xq @ wqᵀ`` and the epilogue
+``y = (acc · xs) · ws (+ bias)`` in float32, cast to x's dtype. Every backend uses these exact
+formulas and this order of operations, so their results agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def wna16_linear(x: torch.Tensor, qlinear) -> torch.Tensor:
+    """x (..., K) float -> (..., N) in x.dtype, through the dequantized weight."""
+    w = qlinear.dequantize().to(x.dtype)  # (N, K)
+    return F.linear(x, w, None if qlinear.bias is None else qlinear.bias.to(x.dtype))
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) float -> (xq int8 (tokens, K), xs float32 (tokens, 1)), tokens = x.numel() // K."""
+    x2 = x.reshape(-1, x.shape[-1]).float()  # (T, K)
+    xs = x2.abs().amax(dim=1, keepdim=True) / 127  # (T, 1); 0 for an all-zero row
+    safe = torch.where(xs > 0, xs, torch.ones_like(xs))  # 0 / 1 = 0 keeps a zero row zero, no NaN
+    # torch.round rounds half to even; the Triton kernel does the same (see triton_kernels)
+    xq = torch.round(x2 / safe).clamp_(-127, 127).to(torch.int8)
+    return xq, xs
+
+
+def _int_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # torch._int_mm (int8 x int8 -> int32): any shape on the CPU; on CUDA it needs more than 16
+    # rows and K, N multiples of 8 (cuBLASLt's int8 GEMM).
+    if a.device.type == "cpu":
+        return True
+    M, K = a.shape
+    return a.device.type == "cuda" and M > 16 and K % 8 == 0 and b.shape[0] % 8 == 0
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ bᵀ``: a int8 (M, K), b int8 (N, K) -> int32 (M, N)."""
+    if _int_mm_ok(a, b):
+        return torch._int_mm(a.contiguous(), b.t())
+    # Exact fallback: every product is an integer below 2^14 and |sum| < K · 2^14 < 2^53 for any
+    # real K, so float64 holds each partial sum exactly, whatever the summation order.
+    return (a.double() @ b.double().t()).to(torch.int32)
+
+
+def int8_epilogue(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor, bias, dtype) -> torch.Tensor:
+    """acc int32 (T, N), xs float32 (T, 1), ws (N, 1) -> (acc · xs) · ws (+ bias), in ``dtype``."""
+    y = acc.float() * xs * ws.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias=None) -> torch.Tensor:
+    """x (..., K) float; weight int8 (N, K); weight_scale (N, 1) -> (..., N) in x.dtype."""
+    xq, xs = quantize_per_token(x)
+    y = int8_epilogue(int8_matmul(xq, weight), xs, weight_scale, bias, x.dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
