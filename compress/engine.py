@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from compress.errors import UsageError
-from compress.families import find_blocks, get_module, linear_groups, replay_points
+from compress.families import find_blocks, get_module, linear_groups, replay_points, smooth_points
 from compress.formats import replace_linear
 from compress.modelio import ModelSource, materialize, release
 from compress.passes import STATS, Pass
@@ -189,10 +189,15 @@ def compress_blocks(
     small models that are evaluated in memory)."""
     model_type = source.config.model_type
     blocks_path, blocks = find_blocks(model, model_type, getattr(source.config, "num_hidden_layers", None))
+    link_passes(passes)
     plan = plan_targets(model, blocks_path, blocks, passes)
     needed = {s for p in passes for s in p.stats}
-    if needed and calib is None:
-        raise UsageError(f"passes {', '.join(p.name for p in passes if p.stats)} need calibration data; set calibration.samples > 0")
+    smoothers = [p for p in passes if p.smooths]
+    if (needed or smoothers) and calib is None:
+        names = ", ".join(p.name for p in passes if p.stats or p.smooths)
+        raise UsageError(f"passes {names} need calibration data; set calibration.samples > 0")
+    if smoothers:
+        smooth_points(blocks[0], model_type)  # an unknown family fails now, not at block 0's end
 
     if resume_inputs is not None:
         inputs = resume_inputs
@@ -220,7 +225,10 @@ def compress_blocks(
         materialize(block, prefix, source)
         progress(i, n, "calibrating")
         cursor = [0]  # the calibration batch being run (read by _Replay)
+        notes = _smooth_block(block, prefix, plan, smoothers, inputs, i, model_type, cursor) if smoothers else {}
         layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type if sequential else "", cursor)
+        for rep in layers:
+            rep.info.update(notes.get(rep.name, {}))
         if inputs is not None:
             with torch.no_grad():
                 for b, (a, k) in enumerate(inputs.kwargs[i]):
@@ -233,6 +241,63 @@ def compress_blocks(
             release(block)
         _trim_heap()
         progress(i + 1, n, "done")
+
+
+def link_passes(passes: list[Pass]) -> None:
+    """A smoothing pass that can quantize (awq) leaves quantization to a later rtn/gptq pass."""
+    for k, p in enumerate(passes):
+        if p.smooths and hasattr(p, "defer"):
+            p.defer = any(q.quantizes for q in passes[k + 1 :] if not q.smooths)
+
+
+class BlockProbe:
+    """Lets a smoothing pass run parts of the block on the calibration inputs."""
+
+    def __init__(self, block: nn.Module, inputs: BlockInputs, i: int, cursor: list[int]):
+        self.block, self.inputs, self.i, self.cursor = block, inputs, i, cursor
+
+    @torch.no_grad()
+    def module_inputs(self, path: str, samples: int) -> list[tuple[tuple, dict]]:
+        """The (args, kwargs) submodule ``path`` receives on about ``samples`` calibration
+        windows (whole batches, evenly spread over the calibration set)."""
+        hidden = self.inputs.hidden
+        per = hidden[0].shape[0]
+        k = min(len(hidden), max(1, -(-samples // per)))
+        picks = sorted({round(j * (len(hidden) - 1) / max(k - 1, 1)) for j in range(k)})
+        captured: list = []
+
+        def hook(mod, args, kwargs):
+            captured.append((args, kwargs))
+            raise _Stop
+
+        h = get_module(self.block, path).register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for b in picks:
+                self.cursor[0] = b
+                a, kw = self.inputs.kwargs[self.i][b]
+                try:
+                    self.block(hidden[b], *a, **kw)
+                except _Stop:
+                    pass
+        finally:
+            h.remove()
+        return captured
+
+
+@torch.no_grad()
+def _smooth_block(block, prefix, plan, smoothers: list[Pass], inputs, i: int, model_type: str, cursor) -> dict[str, dict]:
+    """The smoothing stage: each smoothing pass, in recipe order, observes the (already smoothed)
+    block and folds its scales. Returns per-Linear notes for the report."""
+    points, plus_one = smooth_points(block, model_type)
+    notes: dict[str, dict] = {}
+    for p in smoothers:
+        names = {n for pt in points for n in pt.linears}
+        names |= {n for n, m in block.named_modules() if p in plan.get(prefix + n, ())}
+        stats = _observe(block, sorted(names), inputs, i, set(p.smooth_stats), cursor)
+        for k, v in p.smooth(block, prefix, points, plus_one, stats, BlockProbe(block, inputs, i, cursor)).items():
+            notes.setdefault(k, {}).update(v)
+        del stats
+    return notes
 
 
 @torch.no_grad()
@@ -264,9 +329,14 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
             reports.append(LayerReport(full, names, err, infos))
             final[name] = mod
             # Until the block is finished, later groups and the propagation see the compressed
-            # weight through a plain Linear: dequantizing once, not on every batch.
-            orig = get_module(block, name)
-            orig.weight.data = Wq.to(orig.weight.dtype)
+            # weight through a plain Linear: dequantizing once, not on every batch. A layer that
+            # also quantizes its input (W8A8) is put in place at once: its rounding of the
+            # activations is part of what the later groups are calibrated on.
+            if getattr(mod, "quantizes_activations", False):
+                replace_linear(block, name, mod)
+            else:
+                orig = get_module(block, name)
+                orig.weight.data = Wq.to(orig.weight.dtype)
             stats[name] = {}  # free the Hessian now
         for path in replays.get(gi, []):
             replace_linear(block, path, _Replay(get_module(block, path), cursor))

@@ -31,7 +31,7 @@ from torch import nn
 
 from compress.engine import BlockInputs, BlockResult, LayerReport
 from compress.errors import InputError, UsageError
-from compress.formats import QuantLinear, quantization_config
+from compress.formats import Int8Linear, QuantLinear, quantization_config
 from compress.modelio import ModelSource
 
 TOKENIZER_FILES = (
@@ -129,7 +129,7 @@ class Exporter:
                 t = t.to(self.dtype)  # norms and unquantized weights go back to the storage dtype
             tensors[res.prefix + name] = t.contiguous()
         for name, mod in res.module.named_modules():
-            if isinstance(mod, QuantLinear):
+            if isinstance(mod, (QuantLinear, Int8Linear)):
                 self.quantized[res.prefix + name] = mod.spec()
         fname = shard_name(len(self.outside) + res.index + 1, self.total)
         save_file(tensors, self.work / fname, metadata={"format": "pt"})
@@ -185,14 +185,15 @@ class Exporter:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in self.quantized]
         groups: dict[tuple, list[str]] = {}
         for name, spec in self.quantized.items():
-            key = (spec["bits"], spec["group_size"], spec["symmetric"], spec["act_order"])
+            key = (spec["bits"], spec["group_size"], spec["symmetric"], spec["act_order"], bool(spec.get("activations")))
             groups.setdefault(key, []).append(name)
         ignore = sorted(n for n in linears if n not in self.quantized)
         single = len(groups) == 1
         return quantization_config(
             [
-                {"targets": ["Linear"] if single else sorted(names), "bits": b, "group_size": g, "symmetric": s, "act_order": a}
-                for (b, g, s, a), names in groups.items()
+                {"targets": ["Linear"] if single else sorted(names), "bits": b, "group_size": g, "symmetric": s, "act_order": a,
+                 "activations": {"bits": 8, "dynamic": True} if w8a8 else None}
+                for (b, g, s, a, w8a8), names in groups.items()
             ],
             ignore=ignore,
         )

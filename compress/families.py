@@ -14,11 +14,23 @@ that says what is missing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 from compress.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Smooth:
+    """One place where a per-channel scale can be folded (AWQ, SmoothQuant): ``prev`` (a norm
+    or a Linear) produces the input of ``linears``; dividing ``prev``'s output channels by ``s``
+    and multiplying the Linears' input columns by ``s`` leaves the block's function unchanged.
+    ``inspect`` is the submodule whose output AWQ measures (it reads the Linears' input)."""
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str
 
 
 @dataclass(frozen=True)
@@ -28,6 +40,21 @@ class Family:
     # (submodule, group index): once that group is compressed, the submodule's output is final
     # and the engine computes it once per calibration batch instead of once per later pass
     replay: tuple[tuple[str, int], ...] = ()
+    # scale-folding points, in forward order; Linear→Linear points apply only where the shapes
+    # match (v→o needs as many KV heads as query heads) and the op between is linear or ReLU
+    smooth: tuple[Smooth, ...] = ()
+    # Gemma's RMSNorm multiplies by (1 + weight): folding 1/s there sets weight' = (1+weight)/s - 1
+    norm_plus_one: bool = False
+
+
+def _llama_smooth(mlp_norm: str) -> tuple[Smooth, ...]:
+    return (
+        Smooth("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        Smooth("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+        Smooth(mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        # down reads act(gate)·up, linear in up's output channels
+        Smooth("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+    )
 
 
 _LLAMA = Family(
@@ -39,20 +66,29 @@ _LLAMA = Family(
         ("mlp.down_proj",),
     ),
     replay=(("self_attn", 1),),
+    smooth=_llama_smooth("post_attention_layernorm"),
 )
+# gemma2/3 normalise the attention output with post_attention_layernorm; the MLP reads
+# pre_feedforward_layernorm
+_GEMMA2 = replace(_LLAMA, smooth=_llama_smooth("pre_feedforward_layernorm"), norm_plus_one=True)
 
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
-    "gemma": _LLAMA,
-    "gemma2": _LLAMA,
-    "gemma3_text": _LLAMA,
+    "gemma": replace(_LLAMA, norm_plus_one=True),
+    "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA2,
     "phi3": Family(
         blocks="model.layers",
         sequence=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
         replay=(("self_attn", 1),),
+        # fused qkv and gate_up: only the norms fold (v→o and up→down would need half a Linear)
+        smooth=(
+            Smooth("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+            Smooth("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+        ),
     ),
     "opt": Family(
         blocks="model.decoder.layers",
@@ -63,6 +99,12 @@ FAMILIES: dict[str, Family] = {
             ("fc2",),
         ),
         replay=(("self_attn", 1),),
+        smooth=(
+            Smooth("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+            Smooth("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
+            Smooth("final_layer_norm", ("fc1",), "fc1"),
+            Smooth("fc1", ("fc2",), "fc2"),  # ReLU between: relu(x/s) = relu(x)/s for s > 0
+        ),
     ),
 }
 
@@ -121,3 +163,27 @@ def replay_points(block: nn.Module, model_type: str) -> dict[int, list[str]]:
     for path, g in fam.replay:
         out.setdefault(g, []).append(path)
     return out
+
+
+def smooth_points(block: nn.Module, model_type: str) -> tuple[list[Smooth], bool]:
+    """The family's scale-folding points that exist in this block with matching shapes, and
+    whether its norms multiply by (1 + weight). Unknown families get a clear error."""
+    fam = FAMILIES.get(model_type)
+    if fam is None or not fam.smooth:
+        raise UsageError(
+            f"architecture {model_type!r}: no scale-folding points are known for it (awq, smoothquant need "
+            f"them: which norm or Linear feeds which Linears); supported: "
+            f"{', '.join(sorted(k for k, f in FAMILIES.items() if f.smooth))}; add `smooth` to its entry in compress/families.py"
+        )
+    out = []
+    for sm in fam.smooth:
+        try:
+            prev = get_module(block, sm.prev)
+            lins = [get_module(block, n) for n in sm.linears]
+        except AttributeError:
+            continue
+        width = prev.out_features if isinstance(prev, nn.Linear) else getattr(prev, "weight", None)
+        width = width if isinstance(width, int) else (None if width is None else width.shape[0])
+        if width is not None and all(isinstance(l, nn.Linear) and l.in_features == width for l in lins):
+            out.append(sm)
+    return out, fam.norm_plus_one

@@ -134,11 +134,14 @@ class QuantLinear(nn.Module):
       weight_shape       int64        (2,)                      [out, in]
       bias               bias_dtype   (out,)                    frozen Parameter, when bias=True
 
-    ``forward`` is the torch reference path: dequantize to float32, cast to the input's dtype,
-    ``F.linear``. It is the oracle every fast kernel is tested against; ``kernel`` names the path.
+    ``forward`` dispatches through ``compress.kernels.wna16_linear``: on the CPU the torch reference
+    path (dequantize to float32, cast to the input's dtype, ``F.linear``; the oracle every fast
+    kernel is tested against), on a GPU Triton or CUDA. ``backend`` forces one (None: automatic,
+    or $COMPRESS_KERNEL); ``kernel`` names the backend that ran last.
     """
 
     kernel = "torch"
+    backend: str | None = None
 
     def __init__(
         self,
@@ -220,8 +223,10 @@ class QuantLinear(nn.Module):
         return (v - z[:, g]) * s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        # torch (CPU, the reference: dequantize then F.linear), triton or cuda; see compress.kernels
+        from compress.kernels import wna16_linear
+
+        return wna16_linear(x, self)
 
     def spec(self) -> dict:
         """The scheme as ``quantization_config`` groups describe it."""
@@ -243,8 +248,80 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}, kernel={self.kernel}")
 
 
+class Int8Linear(nn.Module):
+    """A W8A8 Linear as compressed-tensors ``int-quantized`` stores it: int8 weights with one
+    scale per output channel; the input is quantized per token at run time (dynamic, symmetric).
+
+    Buffers (the state_dict *is* the export):
+      weight        int8         (out, in)   signed codes in [-128, 127]
+      weight_scale  scale_dtype  (out, 1)    Ŵ = weight · weight_scale
+      bias          bias_dtype   (out,)      frozen Parameter, when bias=True
+
+    ``forward``: x_q, s_x = per-token int8 of x; y = (x_q @ weightᵀ as int32) · s_x · s_w (+ bias),
+    through ``compress.kernels.int8_linear`` (exact int32 accumulation on every backend).
+    """
+
+    kernel = "torch"
+    quantizes_activations = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 scale_dtype: torch.dtype = torch.bfloat16, bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = 8, -1, True
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=scale_dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_result(cls, result, bias: torch.Tensor | None = None, bias_dtype: torch.dtype | None = None) -> "Int8Linear":
+        """From an 8-bit, per-channel, symmetric ``QuantResult`` (zeros all 128)."""
+        s = result.scheme
+        if (s.bits, s.group_size, s.symmetric) != (8, -1, True):
+            raise ValueError(f"W8A8 needs an 8-bit per-channel symmetric weight, got bits={s.bits} group_size={s.group_size} symmetric={s.symmetric}")
+        out_f, in_f = result.q.shape
+        if bias_dtype is None:
+            bias_dtype = bias.dtype if bias is not None else torch.float32
+        m = cls(in_f, out_f, bias=bias is not None, scale_dtype=s.scale_dtype, bias_dtype=bias_dtype)
+        m.weight.copy_((result.q - result.zero).to(torch.int8))
+        m.weight_scale.copy_(result.scale.reshape(out_f, 1).to(s.scale_dtype))
+        if bias is not None:
+            m.bias.data.copy_(bias)
+        return m
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 (out, in): the weight the int8 codes stand for."""
+        return self.weight.float() * self.weight_scale.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from compress.kernels import int8_linear
+
+        return int8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def spec(self) -> dict:
+        return {"bits": 8, "group_size": -1, "symmetric": True, "act_order": False, "activations": {"bits": 8, "dynamic": True}}
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 + self.weight_scale.element_size() * 8 / self.in_features
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, W8A8 int8 per-channel weights, "
+                f"dynamic per-token int8 activations, bias={self.bias is not None}, kernel={self.kernel}")
+
+
+def _activation_args() -> dict:
+    """compressed-tensors QuantizationArgs of dynamic per-token symmetric int8 activations."""
+    return {
+        "num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
+        "block_structure": None, "dynamic": True, "actorder": None, "observer": None, "observer_kwargs": {},
+    }
+
+
 def quantization_config(groups: list[dict], ignore: list[str]) -> dict:
-    """The ``quantization_config`` of config.json for weight-only pack-quantized layers.
+    """The ``quantization_config`` of config.json: weight-only ``pack-quantized`` groups, and
+    ``int-quantized`` W8A8 groups (a group with ``activations``: int8 weights per channel, int8
+    activations per token, dynamic).
 
     Each group: ``targets`` (module class names or ``re:`` patterns), ``bits``, ``group_size``
     (-1 = per output channel), ``symmetric``, ``act_order``: False, True / "group" (columns carry
@@ -260,6 +337,9 @@ def quantization_config(groups: list[dict], ignore: list[str]) -> dict:
         if act not in (False, None, True, "group", "weight"):
             raise ValueError(f"group {i}: act_order must be a bool, 'group' or 'weight', got {act!r}")
         channel = gs == -1
+        w8a8 = bool(g.get("activations"))
+        if w8a8 and (bits, gs, bool(g["symmetric"])) != (8, -1, True):
+            raise ValueError(f"group {i}: W8A8 needs 8-bit per-channel symmetric weights")
         cfg_groups[f"group_{i}"] = {
             "targets": list(g["targets"]),
             "weights": {
@@ -274,13 +354,14 @@ def quantization_config(groups: list[dict], ignore: list[str]) -> dict:
                 "observer_kwargs": {},
                 "block_structure": None,
             },
-            "input_activations": None,
+            "input_activations": _activation_args() if w8a8 else None,
             "output_activations": None,
-            "format": "pack-quantized",
+            "format": "int-quantized" if w8a8 else "pack-quantized",
         }
+    formats = {g["format"] for g in cfg_groups.values()}
     return {
         "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": cfg_groups,
         "ignore": list(ignore),
@@ -320,11 +401,17 @@ def read_quantization_config(cfg: dict) -> dict[str, dict]:
     for name, g in (cfg.get("config_groups") or {}).items():
         at = f"config_groups.{name}"
         fmt = g.get("format") or cfg.get("format")
-        if fmt != "pack-quantized":
-            raise bad(f"{at}.format", fmt, "'pack-quantized'")
-        for field in ("input_activations", "output_activations"):
-            if g.get(field):
-                raise bad(f"{at}.{field}", g[field], "null (weight-only quantization)")
+        if fmt not in ("pack-quantized", "int-quantized"):
+            raise bad(f"{at}.format", fmt, "'pack-quantized' or 'int-quantized'")
+        if g.get("output_activations"):
+            raise bad(f"{at}.output_activations", g["output_activations"], "null")
+        act = g.get("input_activations")
+        if fmt == "int-quantized":
+            want = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+            if not act or any(act.get(k, want[k] if k == "type" else None) != v for k, v in want.items()):
+                raise bad(f"{at}.input_activations", act, "dynamic per-token symmetric int8 (W8A8)")
+        elif act:
+            raise bad(f"{at}.input_activations", act, "null (pack-quantized is weight-only)")
         w = g.get("weights")
         if not w:
             raise bad(f"{at}.weights", w, "a weight scheme")
@@ -353,7 +440,10 @@ def read_quantization_config(cfg: dict) -> dict[str, dict]:
             "symmetric": bool(w.get("symmetric", True)),
             "act_order": actorder in (True, "group", "dynamic"),  # only these store weight_g_idx
             "dense": dense or bits in (2, 4, 8),  # the layouts agree where bits divide 32
+            "format": fmt,
         }
+        if fmt == "int-quantized" and (bits, out[name]["group_size"], out[name]["symmetric"]) != (8, -1, True):
+            raise bad(f"{at}.weights", w, "8-bit per-channel symmetric weights (W8A8)")
     return out
 
 

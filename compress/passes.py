@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from compress.errors import UsageError
@@ -34,7 +34,33 @@ def hessian_accumulate(state: dict, x: torch.Tensor) -> None:
     state["n"] += x.shape[0]
 
 
-STATS = {"hessian": (hessian_init, hessian_accumulate)}
+def absmean_init(in_features: int) -> dict:
+    """Σ|x| per input channel (in,) and the token count: mean|x| for AWQ."""
+    return {"sum": torch.zeros(in_features), "n": 0}
+
+
+def absmean_accumulate(state: dict, x: torch.Tensor) -> None:
+    x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+    state["sum"] += x.abs().sum(dim=0)
+    state["n"] += x.shape[0]
+
+
+def absmax_init(in_features: int) -> dict:
+    """max|x| per input channel (in,): SmoothQuant's activation range."""
+    return {"max": torch.zeros(in_features)}
+
+
+def absmax_accumulate(state: dict, x: torch.Tensor) -> None:
+    from compress.quant.smoothquant import absmax_accumulate as acc
+
+    state["max"] = acc(state["max"], x)
+
+
+STATS = {
+    "hessian": (hessian_init, hessian_accumulate),
+    "absmean": (absmean_init, absmean_accumulate),
+    "absmax": (absmax_init, absmax_accumulate),
+}
 
 # ---------------------------------------------------------------- protocol and registry
 
@@ -50,8 +76,12 @@ class Pass:
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
     scope: ClassVar[Literal["block", "model"]] = "block"
-    stats: ClassVar[tuple[str, ...]] = ()
+    stats: ClassVar[tuple[str, ...]] = ()  # statistics per Linear group, for ``apply``
     quantizes: ClassVar[bool] = False  # replaces Linears with packed QuantLinears
+    # smoothing passes (awq, smoothquant) also transform the whole block before any Linear is
+    # quantized: ``smooth(block, prefix, points, plus_one, stats, probe)`` with ``smooth_stats``
+    smooths: ClassVar[bool] = False
+    smooth_stats: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: BaseModel, ctx: Context | None = None):
         self.config = config
@@ -107,6 +137,17 @@ def available_passes() -> list[str]:
 # ---------------------------------------------------------------- quantization passes
 
 
+class ActivationConfig(BaseModel):
+    """Activation quantization (W8A8): int8, symmetric, one scale per token computed at run time.
+    Only this scheme exists: it is what the int8 kernels and vLLM's int-quantized path serve."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: Literal[8] = 8
+    dynamic: Literal[True] = True  # per-token scales at run time (no calibrated static scale)
+    symmetric: Literal[True] = True
+
+
 class QuantConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -117,12 +158,24 @@ class QuantConfig(BaseModel):
     targets: list[str] = Field(default_factory=lambda: ["Linear"])  # class, name suffix, or re:regex
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
 
+    # W8A8: also quantize the Linear's input per token at run time (int8 × int8 → int32 GEMM);
+    # needs bits 8, group_size -1, symmetric (the compressed-tensors int-quantized scheme)
+    activations: ActivationConfig | None = None
+
     @field_validator("group_size")
     @classmethod
     def _group(cls, v):
         if v != -1 and v < 1:
             raise ValueError("must be -1 (per channel) or a positive divisor of in_features")
         return v
+
+    @model_validator(mode="after")
+    def _w8a8(self):
+        if self.activations is not None:
+            bad = [f"{k} is {getattr(self, k)}" for k, want in (("bits", 8), ("group_size", -1), ("symmetric", True)) if getattr(self, k) != want]
+            if bad:
+                raise ValueError(f"activations (W8A8) needs bits 8, group_size -1 and symmetric true; here {', '.join(bad)}")
+        return self
 
     def scheme(self, dtype: torch.dtype):
         from compress.quant.rtn import QuantScheme
@@ -142,9 +195,11 @@ class _QuantPass(Pass):
         return None
 
     def _module(self, module: nn.Linear, result) -> nn.Module:
-        from compress.formats import QuantLinear
+        from compress.formats import Int8Linear, QuantLinear
 
         bias = None if module.bias is None else module.bias.detach()
+        if getattr(self.config, "activations", None) is not None:
+            return Int8Linear.from_result(result, bias=bias, bias_dtype=self.ctx.dtype)
         return QuantLinear.from_result(result, bias=bias, bias_dtype=self.ctx.dtype)
 
 
@@ -198,3 +253,7 @@ class GPTQPass(_QuantPass):
             name=full_name,
         )
         return self._module(module, res), {"damp": res.info["damp"]}
+
+
+# the scale-folding passes live beside their module plumbing; importing registers them
+import compress.smoothing  # noqa: E402,F401

@@ -6,6 +6,7 @@ configuration runs in its own process (`compress run`), so its peak RSS is its o
 
     python eval/bench_demo.py                    # every configuration below
     python eval/bench_demo.py gptq-w4g64 rtn-w4g64
+    python eval/bench_demo.py --no-baseline awq-w4g64-asym   # without evaluating the original
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+_W4A = "{bits: 4, group_size: 64, symmetric: false}"
+_W8A8 = "{bits: 8, group_size: -1, symmetric: true, activations: {bits: 8, dynamic: true}}"
 
 CONFIGS = {
     # name: --set overrides of the default recipe (GPTQ W4 g64 symmetric, act-order with static
@@ -29,6 +33,19 @@ CONFIGS = {
     "gptq-w3g64-noact": ["passes.0.gptq.bits=3", "passes.0.gptq.act_order=false"],
     "gptq-w8-channel": ["passes.0.gptq.bits=8", "passes.0.gptq.group_size=-1"],
     "gptq-w8-channel-noact": ["passes.0.gptq.bits=8", "passes.0.gptq.group_size=-1", "passes.0.gptq.act_order=false"],
+    # issue 4: activation-aware scaling (W4 g64 asymmetric, the peer's AWQ scheme) and W8A8
+    "rtn-w4g64-asym": ["passes=[{rtn: {bits: 4, group_size: 64, symmetric: false}}]"],
+    "awq-w4g64-asym": [f"passes=[{{awq: {_W4A}}}]"],
+    "awq-layer-w4g64-asym": [f"passes=[{{awq: {{{_W4A[1:-1]}, objective: layer}}}}]"],
+    "awq-noclip-w4g64-asym": [f"passes=[{{awq: {{{_W4A[1:-1]}, clip: false}}}}]"],
+    "awq-gptq-w4g64-asym": [f"passes=[{{awq: {_W4A}}}, {{gptq: {_W4A}}}]"],
+    "awq-noclip-gptq-w4g64-asym": [f"passes=[{{awq: {{{_W4A[1:-1]}, clip: false}}}}, {{gptq: {_W4A}}}]"],
+    "w8a8": [f"passes=[{{rtn: {_W8A8}}}]"],
+    "gptq-w8a8": [f"passes=[{{gptq: {_W8A8}}}]"],
+    "sq05-w8a8": [f"passes=[{{smoothquant: {{alpha: 0.5}}}}, {{rtn: {_W8A8}}}]"],
+    "sq08-w8a8": [f"passes=[{{smoothquant: {{alpha: 0.8}}}}, {{rtn: {_W8A8}}}]"],
+    "sq05-gptq-w8a8": [f"passes=[{{smoothquant: {{alpha: 0.5}}}}, {{gptq: {_W8A8}}}]"],
+    "sq08-gptq-w8a8": [f"passes=[{{smoothquant: {{alpha: 0.8}}}}, {{gptq: {_W8A8}}}]"],
 }
 
 
@@ -55,10 +72,12 @@ def run(name: str, overrides: list[str], workdir: Path, baseline: bool) -> dict:
 
 
 def main():
-    names = sys.argv[1:] or list(CONFIGS)
+    args = sys.argv[1:]
+    baseline = "--no-baseline" not in args
+    names = [a for a in args if not a.startswith("--")] or list(CONFIGS)
     work = Path("/tmp/bench-demo")
     for i, name in enumerate(names):
-        print(json.dumps(run(name, CONFIGS[name], work, baseline=(i == 0))), flush=True)
+        print(json.dumps(run(name, CONFIGS[name], work, baseline=baseline and i == 0)), flush=True)
 
 
 if __name__ == "__main__":
