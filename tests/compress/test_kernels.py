@@ -328,12 +328,12 @@ def test_generate_same_tokens_through_dispatcher(tmp_path):
     model = _tiny_compressed(tmp_path)
     qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(qls) == 14
-    ids = torch.tensor([[5, 17, 99, 3, 250, 41]], device=DEV)
+    ids = torch.tensor([[5, 17, 99, 3, 250]], device=DEV)
 
     def run(backend):
         for m in qls:
             m.backend = backend
-        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
         assert {m.kernel for m in qls} == {backend}
         return out
 
