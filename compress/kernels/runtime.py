@@ -1,0 +1,51 @@
+"""Serve a (compressed) checkpoint: greedy decoding through HF ``generate()`` with a chosen kernel."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from compress.errors import UsageError
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+def generate(model_ref, prompt: str, max_new_tokens: int = 32, kernel: str | None = None, dtype: str | None = None,
+             device: str | None = None, log=print) -> dict:
+    """Load ``model_ref`` (compressed layers stay packed), decode greedily after ``prompt``.
+
+    dtype: the compute dtype (default bf16 on a GPU, float32 on the CPU, whose bf16 matmuls are
+    slow); device: 'cpu', 'cuda', ... (default: cuda when available). Returns the text, the token
+    counts, tokens/s of the decode and the kernel each quantized layer ran.
+    """
+    from compress.loading import load
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    dt = DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    model = load(model_ref, dtype=dt, log=log, kernel=kernel).to(dev)
+    tok = model.compress_source.tokenizer
+    ids = tok(prompt, return_tensors="pt").input_ids.to(dev)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id if tok.eos_token_id is not None else 0)
+    with torch.no_grad():
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        dt_s = time.perf_counter() - t
+    new = out[0, ids.shape[1]:]
+    kernels = {}
+    for name, m in model.named_modules():
+        if hasattr(m, "weight_scale") and hasattr(m, "kernel"):
+            kernels[m.kernel] = kernels.get(m.kernel, 0) + 1
+    return {
+        "model": str(model_ref), "prompt": prompt, "text": tok.decode(new, skip_special_tokens=True),
+        "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()), "seconds": dt_s,
+        "tokens_per_s": new.numel() / dt_s if dt_s > 0 else None, "device": str(dev), "dtype": str(dt).removeprefix("torch."),
+        "kernels": kernels,  # backend -> number of quantized layers that ran it last
+    }
