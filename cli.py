@@ -295,6 +295,78 @@ def demo_model_cmd(quiet: QuietOpt = False):
         _fail(e)
 
 
+KernelOpt = Annotated[Optional[str], typer.Option("--kernel", help="Kernel backend: torch, triton or cuda (default: the fastest for the device, or $COMPRESS_KERNEL).")]
+
+
+@app.command("generate")
+def generate_cmd(
+    model: Annotated[str, typer.Argument(help="A checkpoint folder (compressed or not), .gguf, hub id, or 'demo'.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate (greedy).")] = 32,
+    kernel: KernelOpt = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="bfloat16, float16 or float32 (default: bf16 on a GPU, fp32 on the CPU).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Greedy decoding with HF generate() on a loaded model; compressed layers run the chosen kernel."""
+    try:
+        from compress.kernels.runtime import generate
+
+        res = generate(model, prompt, max_new_tokens, kernel=kernel, dtype=dtype, device=device,
+                       log=(lambda m: None) if quiet else (lambda m: err.print(f"[dim]{m}[/dim]")))
+        if as_json:
+            print(json.dumps(res))
+            return
+        print(res["text"])
+        if not quiet:
+            ran = ", ".join(f"{k} ({n} layers)" for k, n in res["kernels"].items()) or "no quantized layers"
+            err.print(f"[dim]{res['new_tokens']} tokens in {res['seconds']:.2f} s ({res['tokens_per_s']:.1f} tokens/s) on {res['device']}, {res['dtype']}; kernels: {ran}[/dim]")
+    except typer.Exit:
+        raise
+    except (Exception, KeyboardInterrupt) as e:
+        _fail(e)
+
+
+@app.command("bench")
+def bench_cmd(
+    cpu: Annotated[bool, typer.Option("--cpu", help="Smoke run on the CPU (tiny shapes, tiny random model).")] = False,
+    shapes: Annotated[Optional[list[str]], typer.Option("--shape", help="in x out, e.g. 4096x14336 (repeatable; default: the issue's four).")] = None,
+    ms: Annotated[Optional[list[int]], typer.Option("--m", help="Tokens per call (repeatable; default 1 4 16 64 256 1024).")] = None,
+    schemes: Annotated[Optional[list[str]], typer.Option("--scheme", help="w4a16, w8a16, w8a8 (repeatable; default all).")] = None,
+    kernel: Annotated[Optional[list[str]], typer.Option("--kernel", help="Backends to time: torch, triton, cuda (repeatable; default all available).")] = None,
+    model: Annotated[str, typer.Option("--model", help="Model for end-to-end greedy decoding tokens/s.")] = "demo",
+    decode_tokens: Annotated[Optional[int], typer.Option("--decode-tokens", help="Tokens to decode end to end.")] = None,
+    no_decode: Annotated[bool, typer.Option("--no-decode", help="Skip the end-to-end decoding.")] = False,
+    reps: Annotated[Optional[int], typer.Option("--reps", help="Timed repetitions per point (median).")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Kernel benchmark: time, bandwidth vs device copy, speedup over bf16 F.linear; decode tokens/s."""
+    try:
+        import torch
+
+        from compress.eval import bench_kernels
+
+        bad = sorted(set(schemes or ()) - set(bench_kernels.SCHEMES))
+        if bad:
+            raise _usage(f"unknown --scheme {', '.join(bad)}; use {', '.join(bench_kernels.SCHEMES)}")
+        if not cpu and not torch.cuda.is_available():
+            raise _usage("compress bench measures GPU kernels and this machine has no CUDA GPU; add --cpu for a smoke run on tiny shapes")
+        if kernel:
+            from compress.kernels import requested_backend
+
+            kernel = [requested_backend(k) or "torch" for k in kernel]
+        log = (lambda m: None) if quiet else (lambda m: err.print(m, highlight=False))
+        res = bench_kernels.run(cpu, shapes, ms, tuple(schemes or bench_kernels.SCHEMES), kernel, reps, model, decode_tokens, not no_decode, log=log)
+        if as_json:
+            print(json.dumps(res))
+    except typer.Exit:
+        raise
+    except (Exception, KeyboardInterrupt) as e:
+        _fail(e)
+
+
 def main():
     app()
 

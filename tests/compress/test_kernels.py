@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 
 import importlib.util  # noqa: E402
 import itertools  # noqa: E402
+import json  # noqa: E402
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402
@@ -349,3 +350,28 @@ def test_generate_same_tokens_through_dispatcher(tmp_path):
             m.backend = "triton"
         b = model(ids).logits
     assert rel_err(b, a) < 1e-5
+
+
+def test_cli_generate_on_compressed_checkpoint(tmp_path):
+    """`compress generate --kernel`: a compressed checkpoint on disk, decoded greedily, same text per backend."""
+    from typer.testing import CliRunner
+
+    from compress.api import run
+    from compress.cli import app
+    from compress.recipe import load_recipe
+    from conftest import save_tiny
+
+    src = save_tiny(tmp_path / "llama", "llama")
+    out = tmp_path / "w4"
+    run(load_recipe({"model": str(src), "calibration": {"samples": 0}, "passes": [{"rtn": {"bits": 4, "group_size": 16}}],
+                     "eval": {"perplexity": None, "baseline": False}, "export": {"path": str(out)}}))
+    r = CliRunner()
+    res = {}
+    for k in (["torch"] + (["triton"] if HAS_TRITON and not _interpreted_already() else [])):
+        got = r.invoke(app, ["generate", str(out), "-p", "def f(x): return", "-n", "3", "--kernel", k, "--device", DEV.type, "--json"])
+        assert got.exit_code == 0, got.output
+        res[k] = json.loads(got.stdout.strip().splitlines()[-1])
+        assert res[k]["new_tokens"] == 3 and res[k]["kernels"] == {k: 14}
+    assert len({v["text"] for v in res.values()}) == 1
+    bad = r.invoke(app, ["generate", str(out), "-p", "x", "--kernel", "cuda" if DEV.type == "cpu" else "marlin"])
+    assert bad.exit_code == 2 and "kernel backend" in bad.output
