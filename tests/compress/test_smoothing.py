@@ -240,3 +240,22 @@ def test_int8_linear_is_exact_integer_arithmetic():
     xq = torch.clamp(torch.round(x / xs), -128, 127)
     ref = (xq.double() @ m.weight.double().T) * xs.double() * m.weight_scale.double().T + m.bias.double()
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_transformers_loads_awq_and_w8a8_exports(tmp_path):
+    """transformers + compressed-tensors read both exports: AWQ (pack-quantized, folded norms)
+    gives our logits; W8A8 (int-quantized) gives them up to the activation rounding, which
+    transformers' CPU path does its own way."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny(tmp_path / "m", "llama")
+    w8a8 = {"bits": 8, "group_size": -1, "symmetric": True, "activations": {"bits": 8, "dynamic": True}}
+    x = torch.randint(0, 300, (2, 16))
+    for passes, atol in (([{"awq": {"bits": 4, "group_size": 16, "symmetric": False}}], 1e-4),
+                         ([{"smoothquant": {"alpha": 0.5}}, {"rtn": w8a8}], 3e-2)):
+        out = tmp_path / next(iter(passes[0]))
+        run(load_recipe({"model": str(path), "calibration": {"samples": 8, "seq_len": 64, "batch_size": 4}, "passes": passes,
+                         "eval": {"perplexity": None}, "export": {"path": str(out)}}))
+        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(hf(input_ids=x).logits, load(out)(input_ids=x).logits, rtol=0, atol=atol)
