@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # The Triton kernel tests (tests/compress/test_kernels.py) run on the CPU under Triton's
+    # interpreter, which must be on before anything imports triton (compressed-tensors does):
+    # triton.language's own helpers are built interpreted or compiled at that first import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 VOCAB = 320
 

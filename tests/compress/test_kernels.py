@@ -11,8 +11,9 @@ import sys
 import torch
 
 if not torch.cuda.is_available():
-    # Triton decides to interpret when its kernels are decorated, i.e. when
-    # compress.kernels.triton_kernels is first imported: set the variable before that import.
+    # Triton decides to interpret when a function is decorated: triton.language's helpers when
+    # triton is first imported, our kernels when compress.kernels.triton_kernels is. tests/conftest.py
+    # sets this before any test module imports triton; here for running this file on its own.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
@@ -29,8 +30,23 @@ from compress.formats import QuantLinear, pack_int32  # noqa: E402
 from compress.kernels import reference  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _interpreted_already():
+    """True when Triton cannot interpret here: on the CPU, triton (its language helpers) or our
+    kernels were imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first)."""
+    if DEV.type != "cpu" or "triton" not in sys.modules:
+        return False
+    import triton.language as tl
+
+    mod = sys.modules.get("compress.kernels.triton_kernels")
+    kernels_ = [tl.zeros] + ([mod._wna16_kernel] if mod is not None else [])
+    return any(type(f).__name__ != "InterpretedFunction" for f in kernels_)
+
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None and (DEV.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed, or no CUDA GPU and TRITON_INTERPRET is not 1")
+needs_triton = pytest.mark.skipif(not HAS_TRITON or _interpreted_already(),
+                                  reason="triton is not installed, or no CUDA GPU and it cannot interpret (TRITON_INTERPRET=1 not set before triton was imported)")
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 # bf16 keeps 8 significant bits: one rounding of the output is a relative error <= 2^-9 per element
@@ -40,11 +56,6 @@ TOL = {torch.bfloat16: 8e-3, torch.float16: 1.5e-3, torch.float32: 1e-5}
 @pytest.fixture(autouse=True)
 def _no_env_backend(monkeypatch):
     monkeypatch.delenv(kernels.ENV, raising=False)
-
-
-def _interpreted_already():
-    mod = sys.modules.get("compress.kernels.triton_kernels")
-    return mod is not None and DEV.type == "cpu" and type(mod._wna16_kernel).__name__ != "InterpretedFunction"
 
 
 def rel_err(a, b):
@@ -176,8 +187,6 @@ def test_backend_precedence_argument_module_env(monkeypatch):
 
 @needs_triton
 def test_kernel_weights_follow_in_place_loads():
-    if _interpreted_already():
-        pytest.skip("triton_kernels was imported compiled before TRITON_INTERPRET was set")
     a, b = random_qlinear(24, 64, seed=1), random_qlinear(24, 64, seed=2)
     x = torch.randn(3, 64, dtype=torch.float16, device=DEV)
     kernels.wna16_linear(x, a, backend="triton")
@@ -196,8 +205,6 @@ GROUPS = [-1, 32, 24, "g_idx"]
 @needs_triton
 @pytest.mark.parametrize("dtype,bits,symmetric,group", list(itertools.product([torch.bfloat16, torch.float16], [4, 8], [True, False], GROUPS)))
 def test_triton_wna16_matches_oracle(dtype, bits, symmetric, group):
-    if _interpreted_already():
-        pytest.skip("triton_kernels was imported compiled before TRITON_INTERPRET was set")
     act = group == "g_idx"
     m = random_qlinear(40 if bits == 4 else 56, 192, bits, 32 if act else group, symmetric, g_idx=act, bias=not symmetric,
                        scale_dtype=torch.float16 if dtype == torch.float16 and bits == 8 else torch.bfloat16, seed=bits)
@@ -366,8 +373,6 @@ def _tiny_compressed(tmp_path):
 
 @needs_triton
 def test_generate_same_tokens_through_dispatcher(tmp_path):
-    if _interpreted_already():
-        pytest.skip("triton_kernels was imported compiled before TRITON_INTERPRET was set")
     model = _tiny_compressed(tmp_path)
     qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(qls) == 14
