@@ -49,17 +49,79 @@ class PerplexityConfig(_Strict):
     batch_size: int = Field(1, ge=1)  # windows per forward; logits are (batch, seq_len, vocab) floats
 
 
+def _fraction(v):
+    """``5%`` -> 0.05; numbers stay as they are."""
+    if isinstance(v, str):
+        t = v.strip()
+        try:
+            return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+        except ValueError:
+            raise ValueError(f"{v!r} is not a number or a percentage (e.g. 0.05 or 5%)") from None
+    return v
+
+
+class GatesConfig(_Strict):
+    """Quality gates: each compares a metric of the model with the baseline's, same protocol.
+
+    Values are fractions or percentages (``5%`` = 0.05). A gate that matches no evaluated metric
+    fails (so a typo never passes silently)."""
+
+    # relative increase allowed on every perplexity metric (perplexity, */word_perplexity,
+    # */byte_perplexity): model / baseline - 1 <= this
+    max_ppl_increase: float | None = Field(None, ge=0)
+    # model / baseline for higher-is-better metrics, baseline / model for lower-is-better ones;
+    # one number for every metric, or per metric name: {acc: 0.97, perplexity: 0.95}
+    min_recovery: float | dict[str, float] | None = None
+    # absolute drop allowed (in the worse direction), per metric name: {acc: 0.02}, or one
+    # number for every higher-is-better metric
+    max_drop: float | dict[str, float] | None = None
+
+    @field_validator("max_ppl_increase", mode="before")
+    @classmethod
+    def _pct(cls, v, info):
+        return _fraction(v)
+
+    @field_validator("min_recovery", "max_drop", mode="before")
+    @classmethod
+    def _pct_map(cls, v, info):
+        if isinstance(v, dict):
+            return {str(k): _fraction(x) for k, x in v.items()}
+        return _fraction(v)
+
+    @field_validator("min_recovery", "max_drop")
+    @classmethod
+    def _ranges(cls, v, info):
+        items = v.items() if isinstance(v, dict) else [("", v)] if v is not None else []
+        for k, x in items:
+            where = f" for {k!r}" if k else ""
+            if info.field_name == "min_recovery" and not 0 < x <= 1:
+                raise ValueError(f"{x}{where}: a recovery ratio is between 0 and 1 (e.g. 0.97 or 97%)")
+            if info.field_name == "max_drop" and x < 0:
+                raise ValueError(f"{x}{where}: an allowed drop is >= 0 (e.g. 0.02 or 2%)")
+        return v
+
+    def active(self) -> bool:
+        return any(v is not None for v in (self.max_ppl_increase, self.min_recovery, self.max_drop))
+
+
 class EvalConfig(_Strict):
     perplexity: PerplexityConfig | None = Field(default_factory=PerplexityConfig)  # null: skip
     baseline: bool = True  # also evaluate the uncompressed model, same data and protocol
-    tasks: list[str] = Field(default_factory=list)  # lm-eval tasks (not yet supported here)
-    gates: dict[str, Any] = Field(default_factory=dict)  # quality gates (not yet supported here)
+    # lm-eval tasks: names lm-eval knows (its own, or the shipped offline ones: pydoc_ppl,
+    # pydoc_lastword), task YAML files, or folders of them
+    tasks: list[str] = Field(default_factory=list)
+    num_fewshot: int | None = Field(None, ge=0)  # None: each task's own default (0 for ours)
+    limit: int | None = Field(None, ge=1)  # at most this many examples per task; None = all
+    batch_size: int = Field(1, ge=1)  # lm-eval wrapper batch size (requests per forward)
+    max_length: int | None = Field(None, ge=16)  # context cap for lm-eval; None = the model's
+    cache: bool = True  # reuse results of an unchanged model, task and settings (cache dir)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
 
-    @field_validator("tasks", "gates")
+    @field_validator("tasks", mode="before")
     @classmethod
-    def _not_yet(cls, v, info):
-        if v:
-            raise ValueError(f"eval.{info.field_name} is not supported by this version yet; leave it empty")
+    def _split(cls, v):
+        if isinstance(v, str):  # `--set eval.tasks=a,b`
+            return [t.strip() for t in v.split(",") if t.strip()]
         return v
 
 

@@ -1,0 +1,110 @@
+"""Reports: one versioned JSON shape (``eval/report.schema.json``) and its Markdown summary.
+
+The JSON is what ``--json`` prints and what every export holds as ``report.json``; the Markdown
+(``report.md`` in every export, ``--markdown FILE`` on the commands) is written for CI job
+summaries: the before/after table, the gates, sizes and bits per parameter, the layers with the
+highest error, time and peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPORT_SCHEMA = "compress.report/2"
+SCHEMA_FILE = Path(__file__).with_name("report.schema.json")
+
+
+def json_schema() -> dict:
+    return json.loads(SCHEMA_FILE.read_text())
+
+
+def validate(report: dict) -> None:
+    """Raise ``jsonschema.ValidationError`` where ``report`` does not follow the schema."""
+    import jsonschema
+
+    jsonschema.validate(report, json_schema())
+
+
+def _num(v, digits: int = 5) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def _mb(n) -> str:
+    return "–" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def to_markdown(report: dict, worst: int = 10) -> str:
+    ev = report.get("eval") or {}
+    kind = report.get("kind", "run")
+    lines: list[str] = []
+    if kind == "run":
+        title = f"compress run: {report['model']['path']} → {report['export']['path']}"
+    elif kind == "compare":
+        title = f"compress compare: {ev['baseline']['ref']} vs {ev['model']['ref']}"
+    else:
+        title = f"compress eval: {ev['model']['ref']}" + (f" (baseline {ev['baseline']['ref']})" if "baseline" in ev else "")
+    lines += [f"## {title}", ""]
+    if ev.get("gates"):
+        failed = [g for g in ev["gates"] if not g["passed"]]
+        lines += [f"**Gates: {'FAILED' if failed else 'passed'}** ({len(ev['gates']) - len(failed)} of {len(ev['gates'])} passed)", ""]
+
+    base_name = "baseline" if kind != "run" else "original"
+    if ev.get("metrics"):
+        has_base = any(m.get("baseline") is not None for m in ev["metrics"])
+        head = ["metric", base_name, "compressed" if kind == "run" else "model"] if has_base else ["metric", "value"]
+        if has_base:
+            head += ["change", "recovery"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for m in ev["metrics"]:
+            arrow = "↑" if m["higher_is_better"] else "↓"
+            val = _num(m["model"]) + (f" ± {_num(m['stderr'])}" if m.get("stderr") else "")
+            if has_base:
+                rel = m.get("rel_change")
+                change = "–" if m.get("change") is None else f"{m['change']:+.4g}" + (f" ({rel:+.2%})" if rel is not None else "")
+                lines.append(f"| {m['name']} {arrow} | {_num(m.get('baseline'))} | {val} | {change} | {_num(m.get('recovery'))} |")
+            else:
+                lines.append(f"| {m['name']} {arrow} | {val} |")
+        lines.append("")
+    if ev.get("gates"):
+        lines += ["| gate | metric | limit | value | result |", "|---|---|---|---|---|"]
+        for g in ev["gates"]:
+            lines.append(f"| {g['gate']} | {g['metric']} | {_num(g['limit'])} | {_num(g['value'])} | {'pass' if g['passed'] else '**FAIL**'} |")
+        lines.append("")
+
+    rows = []
+    if kind == "run":
+        rows.append((base_name, report["model"]["path"], report["model"].get("size_bytes"), None))
+        ex = report["export"]
+        rows.append(("compressed", ex["path"], ex.get("size_bytes"), ex.get("bits_per_parameter")))
+    else:
+        for label in ("baseline", "model"):
+            c = (report.get("checkpoints") or {}).get(label)
+            if c:
+                rows.append((label, c["path"], c.get("size_bytes"), c.get("bits_per_parameter")))
+    if rows:
+        lines += ["| checkpoint | path | size on disk | bits/param |", "|---|---|---|---|"]
+        for label, path, size, bpp in rows:
+            lines.append(f"| {label} | `{path}` | {_mb(size)} | {_num(bpp, 3)} |")
+        lines.append("")
+
+    errs = sorted((l for l in report.get("layers", []) if l.get("rel_output_error") is not None), key=lambda l: -l["rel_output_error"])
+    if errs:
+        lines += [f"Highest relative output error (worst {min(worst, len(errs))} of {len(errs)} layers):", "",
+                  "| layer | rel. output error |", "|---|---|"]
+        lines += [f"| {l['name']} | {l['rel_output_error']:.4f} |" for l in errs[:worst]]
+        lines.append("")
+
+    tm = report.get("time", {})
+    parts = [f"{k.removesuffix('_s')} {tm[k]:.0f} s" for k in ("compress_s", "eval_s", "total_s") if k in tm]
+    if report.get("peak_rss_mb") is not None:
+        parts.append(f"peak RSS {report['peak_rss_mb']:.0f} MB")
+    cached = [f"{label}: {', '.join(ev[label]['cached'])}" for label in ("baseline", "model") if ev.get(label, {}).get("cached")]
+    if cached:
+        parts.append("from the evaluation cache: " + "; ".join(cached))
+    if parts:
+        lines += ["Time: " + ", ".join(parts) + ".", ""]
+    lines.append(f"<sub>{report.get('schema', REPORT_SCHEMA)}</sub>")
+    return "\n".join(lines) + "\n"
