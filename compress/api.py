@@ -23,9 +23,8 @@ from compress.export import Exporter
 from compress.families import find_blocks
 from compress.modelio import ModelSource, resolve_model
 from compress.passes import Context, get_pass
+from compress.eval.report import REPORT_SCHEMA  # one schema for every report: eval/report.schema.json
 from compress.recipe import Recipe, dump_recipe
-
-REPORT_SCHEMA = "compress.report/1"
 
 
 def peak_rss_mb() -> float:
@@ -58,6 +57,7 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
     if not recipe.passes:
         raise UsageError("passes: the recipe has no passes; add e.g. `- gptq: {bits: 4, group_size: 64}`")
     source = ModelSource(resolve_model(recipe.model, log=hooks.log))
+    _check_eval_config(recipe.eval, recipe.eval.baseline)  # before minutes of compression, not after
     dtype = _storage_dtype(source.config)
     passes = [get_pass(name)(cfg, Context(dtype=dtype)) for name, cfg in recipe.pass_configs()]
     model = source.skeleton()
@@ -92,6 +92,7 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
     compress_s = time.time() - t0 + sum(exporter.block_seconds[:start])
     report = {
         "schema": REPORT_SCHEMA,
+        "kind": "run",
         "recipe": recipe.resolved(),
         "model": {"path": str(source.path), "model_type": source.config.model_type, "size_bytes": source.disk_bytes()},
         "layers": [asdict(r) for r in exporter.layers],
@@ -102,42 +103,162 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
     del model
     report["export"] = inspect_checkpoint(out)
 
-    if recipe.eval.perplexity is not None:
+    if recipe.eval.perplexity is not None or recipe.eval.tasks:
         t1 = time.time()
-        report["eval"] = evaluate(out, source.path if recipe.eval.baseline else None, recipe.eval.perplexity, hooks=hooks)
+        report["eval"] = evaluate(out, source.path if recipe.eval.baseline else None, recipe.eval, seed=recipe.seed, hooks=hooks)
         report["time"]["eval_s"] = round(time.time() - t1, 1)
     report["time"]["total_s"] = round(time.time() - t_start, 1)
     report["peak_rss_mb"] = peak_rss_mb()
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "report.json")
+    write_reports(report, out)
+    check_gates(report)
     return report
 
 
-def evaluate(model_ref, baseline_ref=None, ppl_cfg=None, *, hooks: Hooks | None = None) -> dict:
-    """Perplexity of a model (and of a baseline, same windows) -> {"compressed"/"model", "baseline"}."""
+def write_reports(report: dict, folder: Path) -> None:
+    """``report.json`` and ``report.md`` into ``folder``, each written atomically."""
+    from compress.eval.report import to_markdown
+
+    for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", to_markdown(report))):
+        tmp = folder / f"{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(folder / name)
+
+
+def check_gates(report: dict) -> None:
+    """Raise ``GateError`` (exit 4) naming every failing gate; the report rides on it as ``.report``."""
+    from compress.errors import GateError
+    from compress.eval.gates import failure_message
+
+    ev = report.get("eval") or {}
+    if ev.get("passed") is False:
+        e = GateError(failure_message(ev["gates"]))
+        e.report = report
+        raise e
+
+
+def _check_eval_config(cfg, has_baseline: bool) -> None:
+    from compress.eval.harness import resolve_tasks
+
+    if cfg.gates.active() and not has_baseline:
+        raise UsageError(
+            "eval.gates: gates compare the model with a baseline evaluated in the same run, and there is none; "
+            "set eval.baseline: true (run) or pass --baseline MODEL (eval), or remove the gates"
+        )
+    if cfg.gates.active() and cfg.perplexity is None and not cfg.tasks:
+        raise UsageError("eval.gates: nothing is evaluated (eval.perplexity is null and eval.tasks is empty), so no gate can be checked")
+    resolve_tasks(cfg.tasks)  # task files exist and name their tasks
+
+
+def _data_identity(ref: str) -> str:
+    p = Path(ref).expanduser()
+    if p.is_file():
+        st = p.stat()
+        return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return ref
+
+
+def _evaluate_one(ref, source: ModelSource, cfg, tasks, seed: int, label: str, hooks: Hooks) -> dict:
+    """Every metric of one model, from the cache where the model, task and settings are unchanged."""
+    from compress.eval import cache
+    from compress.eval.harness import run_tasks
     from compress.eval.perplexity import perplexity
     from compress.loading import load_source
-    from compress.recipe import PerplexityConfig
+
+    t0 = time.time()
+    fp = cache.model_fingerprint(source.path)
+    keys: dict[str, str] = {}
+    if cfg.perplexity is not None:
+        keys["perplexity"] = cache.cache_key(fp, "perplexity", {**cfg.perplexity.model_dump(mode="json"), "data": _data_identity(cfg.perplexity.data)})
+    task_settings = {"num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "batch_size": cfg.batch_size, "max_length": cfg.max_length, "seed": seed}
+    for t in tasks:
+        keys[t.name] = cache.cache_key(fp, t.name, {**task_settings, "task": t.digest})
+    found = {name: cache.get(k) for name, k in keys.items()} if cfg.cache else {}
+    found = {name: v for name, v in found.items() if v is not None}
+    out: dict = {"ref": str(ref), "path": str(source.path), "fingerprint": fp, "cached": sorted(found)}
+    todo_tasks = [t for t in tasks if t.name not in found]
+    model = None
+    if "perplexity" in keys and "perplexity" not in found or todo_tasks:
+        model = load_source(source)
+    if "perplexity" in keys:
+        if "perplexity" in found:
+            res = found["perplexity"]
+            hooks.log(f"perplexity of {source.path}: cached")
+        else:
+            pc = cfg.perplexity
+            windows = eval_windows(tokenize(load_texts(pc.data, "eval"), source.tokenizer), pc.seq_len, pc.max_windows)
+            hooks.log(f"perplexity of {source.path} on {len(windows)} windows of {pc.seq_len} tokens")
+            res = perplexity(model, windows, pc.batch_size, lambda d, n: hooks.progress(f"eval {label}", d, n))
+            cache.put(keys["perplexity"], res)
+        out.update(res)
+    if tasks:
+        results: dict = {}
+        for t in tasks:  # one lm-eval run per task reference: a group's subtasks are cached with it
+            if t.name in found:
+                hooks.log(f"{t.name} on {source.path}: cached")
+                res = found[t.name]
+            else:
+                hooks.log(f"lm-eval task {t.name} on {source.path}")
+                res = run_tasks(model, source.tokenizer, [t], num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                                batch_size=cfg.batch_size, max_length=cfg.max_length, seed=seed, quiet=getattr(hooks, "quiet", False))
+                cache.put(keys[t.name], res)
+            results.update(res)
+        out["tasks"] = results
+    del model
+    out["seconds"] = round(time.time() - t0, 2)
+    return out
+
+
+def evaluate(model_ref, baseline_ref=None, cfg=None, *, seed: int = 0, hooks: Hooks | None = None) -> dict:
+    """Evaluate a model, and a baseline with the same protocol; compare; check the gates.
+
+    ``cfg`` is an ``EvalConfig`` (a ``PerplexityConfig`` alone means perplexity only). Returns the
+    report's ``eval`` section: {"settings", "model", "baseline"?, "metrics", "gates", "passed"}.
+    Gates are checked but not raised here (``check_gates`` does that once the report is saved)."""
+    from compress.eval.gates import check_gates as gate_rows, compare_metrics
+    from compress.eval.harness import resolve_tasks
+    from compress.recipe import EvalConfig, PerplexityConfig
 
     hooks = hooks or Hooks()
-    ppl_cfg = ppl_cfg or PerplexityConfig()
-    source = ModelSource(resolve_model(model_ref, log=hooks.log))
-    ids = tokenize(load_texts(ppl_cfg.data, "eval"), source.tokenizer)
-    windows = eval_windows(ids, ppl_cfg.seq_len, ppl_cfg.max_windows)
-    result: dict = {"data": ppl_cfg.data, "seq_len": ppl_cfg.seq_len}
-    for key, ref in (("baseline", baseline_ref), ("model", model_ref)):
-        if ref is None:
-            continue
-        src = source if ref is model_ref else ModelSource(resolve_model(ref, log=hooks.log))
-        model = load_source(src)
-        hooks.log(f"perplexity of {src.path} on {len(windows)} windows of {ppl_cfg.seq_len} tokens")
-        result[key] = perplexity(model, windows, ppl_cfg.batch_size, lambda d, n: hooks.progress(f"eval {key}", d, n))
-        del model
-    if "baseline" in result:
-        b, m = result["baseline"]["perplexity"], result["model"]["perplexity"]
-        result["ppl_increase"] = round(m / b - 1, 5)
+    if cfg is None:
+        cfg = EvalConfig()
+    elif isinstance(cfg, PerplexityConfig):
+        cfg = EvalConfig(perplexity=cfg)
+    _check_eval_config(cfg, baseline_ref is not None)
+    if cfg.perplexity is None and not cfg.tasks:
+        raise UsageError("nothing to evaluate: perplexity is off and no task is given (use --tasks or --task-file)")
+    tasks = resolve_tasks(cfg.tasks)
+    torch.manual_seed(seed)
+    result: dict = {"settings": {**cfg.model_dump(mode="json"), "seed": seed}}
+    sources = {"model": ModelSource(resolve_model(model_ref, log=hooks.log))}
+    if baseline_ref is not None:
+        sources["baseline"] = ModelSource(resolve_model(baseline_ref, log=hooks.log))
+    for label in ("baseline", "model"):  # the baseline first: it is the one most often cached
+        if label in sources:
+            ref = baseline_ref if label == "baseline" else model_ref
+            result[label] = _evaluate_one(ref, sources[label], cfg, tasks, seed, label, hooks)
+    result["metrics"] = compare_metrics(result["model"], result.get("baseline"))
+    if "baseline" in result and "perplexity" in result["model"]:
+        result["ppl_increase"] = round(result["model"]["perplexity"] / result["baseline"]["perplexity"] - 1, 5)
+    result["gates"] = gate_rows(result["metrics"], cfg.gates) if cfg.gates.active() else []
+    result["passed"] = all(g["passed"] for g in result["gates"])
     return result
+
+
+def eval_report(model_ref, baseline_ref=None, cfg=None, *, seed: int = 0, kind: str = "eval", hooks: Hooks | None = None) -> dict:
+    """A whole report (schema compress.report/2) for ``compress eval`` / ``compress compare``:
+    the evaluation plus size and bits per parameter of each checkpoint, time and peak memory."""
+    t0 = time.time()
+    ev = evaluate(model_ref, baseline_ref, cfg, seed=seed, hooks=hooks)
+    report = {"schema": REPORT_SCHEMA, "kind": kind, "eval": ev, "checkpoints": {}}
+    for label in ("baseline", "model"):
+        if label in ev:
+            try:
+                report["checkpoints"][label] = inspect_checkpoint(ev[label]["path"])
+            except Exception:  # a format inspect does not read (e.g. .bin weights): sizes are optional
+                pass
+    report["time"] = {"eval_s": round(time.time() - t0, 1), "total_s": round(time.time() - t0, 1)}
+    report["peak_rss_mb"] = peak_rss_mb()
+    return report
 
 
 def inspect_checkpoint(path) -> dict:
