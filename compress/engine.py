@@ -225,8 +225,8 @@ def compress_blocks(
         materialize(block, prefix, source)
         progress(i, n, "calibrating")
         cursor = [0]  # the calibration batch being run (read by _Replay)
-        notes = _smooth_block(block, prefix, plan, smoothers, inputs, i, model_type, cursor) if smoothers else {}
-        layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type if sequential else "", cursor)
+        notes, known = _smooth_block(block, prefix, plan, smoothers, inputs, i, model_type, cursor) if smoothers else ({}, {})
+        layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type if sequential else "", cursor, known)
         for rep in layers:
             rep.info.update(notes.get(rep.name, {}))
         if inputs is not None:
@@ -285,23 +285,25 @@ class BlockProbe:
 
 
 @torch.no_grad()
-def _smooth_block(block, prefix, plan, smoothers: list[Pass], inputs, i: int, model_type: str, cursor) -> dict[str, dict]:
+def _smooth_block(block, prefix, plan, smoothers: list[Pass], inputs, i: int, model_type: str, cursor):
     """The smoothing stage: each smoothing pass, in recipe order, observes the (already smoothed)
-    block and folds its scales. Returns per-Linear notes for the report."""
+    block and folds its scales. Returns per-Linear notes for the report, and the last pass's
+    Hessians (of the smoothed block's inputs; a pass that folds scales updates them), which the
+    group loop reuses where no later pass needs fresh statistics."""
     points, plus_one = smooth_points(block, model_type)
     notes: dict[str, dict] = {}
+    stats: dict[str, dict] = {}
     for p in smoothers:
         names = {n for pt in points for n in pt.linears}
         names |= {n for n, m in block.named_modules() if p in plan.get(prefix + n, ())}
         stats = _observe(block, sorted(names), inputs, i, set(p.smooth_stats), cursor)
         for k, v in p.smooth(block, prefix, points, plus_one, stats, BlockProbe(block, inputs, i, cursor)).items():
             notes.setdefault(k, {}).update(v)
-        del stats
-    return notes
+    return notes, {n: {"hessian": st["hessian"]} for n, st in stats.items() if "hessian" in st}
 
 
 @torch.no_grad()
-def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type: str, cursor: list[int]) -> list[LayerReport]:
+def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type: str, cursor: list[int], known=None) -> list[LayerReport]:
     reports: list[LayerReport] = []
     final: dict[str, nn.Module] = {}  # compressed modules, put in place once the block is done
     replays = replay_points(block, model_type)
@@ -309,7 +311,12 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
         targeted = [n for n in group if prefix + n in plan]
         stats: dict[str, dict] = {n: {} for n in targeted}
         if targeted and inputs is not None:
-            stats = _observe(block, targeted, inputs, i, needed | {"hessian"}, cursor)
+            if not needed and known and all(n in known for n in targeted):
+                # only the report's error needs H here (rtn, or awq quantizing itself): the
+                # smoothing stage's Hessians save a calibration forward per group
+                stats = {n: known[n] for n in targeted}
+            else:
+                stats = _observe(block, targeted, inputs, i, needed | {"hessian"}, cursor)
         for name in targeted:
             full = prefix + name
             mod = get_module(block, name)

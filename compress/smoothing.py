@@ -77,10 +77,11 @@ class AWQConfig(QuantConfig):
     observer: Literal["minmax", "mse"] = "minmax"
     grid: int = Field(20, ge=1)  # exponents r = 0, 1/grid, ..., (grid-1)/grid
     duo_scaling: bool = True  # s = mean|x|^r / mean|w|^(1-r); false: s = mean|x|^r
-    # what the search measures: "output" the real output of the module the Linears feed (the
-    # attention, the MLP), on `search_samples` calibration windows; "layer" the Linears' own
-    # output error on every calibration token, exactly, through H = XᵀX (much cheaper)
-    objective: Literal["output", "layer"] = "output"
+    # what the search measures: "layer" the Linears' own output error on every calibration token,
+    # exactly, through H = XᵀX (a grid point costs one (out, in) × (in, in) product); "output"
+    # the real output of the module the Linears feed (the attention, the MLP), on
+    # `search_samples` calibration windows (a grid point costs a forward of that module)
+    objective: Literal["output", "layer"] = "layer"
     search_samples: int = Field(32, ge=1)  # windows the "output" objective runs (evenly spread)
     clip: bool = True  # search a clipped weight range per group (the reference's auto_clip)
     clip_grid: int = Field(20, ge=1)
@@ -133,6 +134,8 @@ class AWQPass(_SmoothPass, _QuantPass):
             for n in point.linears:
                 hess[n] = Hs
                 info[prefix + n] = {"awq_ratio": res["ratio"]}
+        for n, H in hess.items():  # the engine reuses them (they are XᵀX of the smoothed block)
+            stats[n]["hessian"]["H"] = H
         if c.clip:
             for n, H in hess.items():
                 full = prefix + n
