@@ -21,7 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help=(
-        "Compress Hugging Face LLM checkpoints layer by layer (GPTQ, RTN), evaluate them against the "
+        "Compress Hugging Face LLM checkpoints layer by layer (GPTQ, AWQ, SmoothQuant W8A8, RTN), evaluate them against the "
         "original, and export compressed-tensors checkpoints that vLLM and transformers load.\n\n"
         "Exit codes: 0 ok; 1 internal error; 2 bad usage or recipe; 3 input missing or unreadable; "
         "4 a quality gate failed; 130 interrupted (rerun with --resume)."
@@ -37,6 +37,16 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an exis
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last finished block.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and stop.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: --set passes.0.gptq.bits=3 (repeatable).")]
+# evaluation and gates (issue 3)
+TasksOpt = Annotated[Optional[str], typer.Option("--tasks", help="lm-eval tasks, comma-separated: lm-eval's own (where their data is reachable) or the offline pydoc_ppl, pydoc_lastword.")]
+TaskFileOpt = Annotated[Optional[list[str]], typer.Option("--task-file", help="An lm-eval task YAML, or a folder of them (repeatable).")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="At most this many examples per lm-eval task.")]
+FewshotOpt = Annotated[Optional[int], typer.Option("--num-fewshot", help="Few-shot examples per lm-eval prompt (default: the task's own).")]
+MaxPplOpt = Annotated[Optional[str], typer.Option("--max-ppl-increase", help="Gate: fail (exit 4) when a perplexity rises more than this over the baseline, e.g. 5%.")]
+MinRecoveryOpt = Annotated[Optional[list[str]], typer.Option("--min-recovery", help="Gate: every metric keeps at least this share of the baseline's (0.97), or METRIC=0.97 (repeatable).")]
+MaxDropOpt = Annotated[Optional[list[str]], typer.Option("--max-drop", help="Gate: METRIC=DROP, the largest absolute drop allowed, e.g. acc=0.02 (repeatable).")]
+MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Also write the Markdown summary (for CI job summaries) to this file.")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Evaluate again even where a cached result exists.")]
 
 _state = {"debug": False}
 
@@ -86,7 +96,76 @@ def _fail(e: BaseException) -> None:
     raise typer.Exit(1)
 
 
-def _run_recipe(recipe, resume: bool, as_json: bool, quiet: bool, dry_run: bool) -> None:
+def _gate_settings(max_ppl: str | None, min_recovery: list[str] | str | None, max_drop: list[str] | None) -> dict:
+    """The gate options as the recipe's eval.gates mapping (validated with the recipe)."""
+    gates: dict = {}
+    if max_ppl is not None:
+        gates["max_ppl_increase"] = max_ppl
+    for opt, vals in (("min_recovery", min_recovery), ("max_drop", max_drop)):
+        for v in [vals] if isinstance(vals, str) else vals or []:
+            if "=" in v:
+                metric, _, val = v.partition("=")
+                if not isinstance(gates.get(opt, {}), dict):
+                    raise _usage(f"--{opt.replace('_', '-')}: give either one number or METRIC=VALUE pairs, not both")
+                gates.setdefault(opt, {})[metric.strip()] = val.strip()
+            else:
+                if opt in gates:
+                    raise _usage(f"--{opt.replace('_', '-')}: give either one number or METRIC=VALUE pairs, not both")
+                gates[opt] = v
+    return gates
+
+
+def _task_list(tasks: str | None, task_files: list[str] | None) -> list[str]:
+    return [t.strip() for t in (tasks or "").split(",") if t.strip()] + list(task_files or [])
+
+
+def _eval_overrides(tasks, task_files, limit, num_fewshot, gates: dict, no_cache: bool) -> list[str]:
+    """Evaluation options of run/quantize as --set overrides (so the saved recipe holds them)."""
+    out = []
+    names = _task_list(tasks, task_files)
+    if names:
+        out.append("eval.tasks=" + json.dumps(names))
+    if limit is not None:
+        out.append(f"eval.limit={limit}")
+    if num_fewshot is not None:
+        out.append(f"eval.num_fewshot={num_fewshot}")
+    if gates:
+        out.append("eval.gates=" + json.dumps(gates))
+    if no_cache:
+        out.append("eval.cache=false")
+    return out
+
+
+def _emit(report: dict, as_json: bool, markdown: Path | None) -> None:
+    """The report on stdout (JSON or tables) and, with --markdown, as Markdown in a file."""
+    if markdown is not None:
+        from compress.eval.report import to_markdown
+
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(to_markdown(report))
+    if as_json:
+        print(json.dumps(report))
+    else:
+        _print_report(report)
+
+
+def _with_gates(produce, as_json: bool, markdown: Path | None) -> None:
+    """Run ``produce()`` -> report; print it; a failed gate still prints and saves the report,
+    then exits 4 naming every failing gate on stderr."""
+    from compress.api import check_gates
+    from compress.errors import GateError
+
+    try:
+        report = produce()
+    except GateError as e:  # run/quantize: the report is saved in the export; show it too
+        if getattr(e, "report", None) is not None:
+            _emit(e.report, as_json, markdown)
+        raise
+    _emit(report, as_json, markdown)
+    check_gates(report)
+
+
+def _run_recipe(recipe, resume: bool, as_json: bool, quiet: bool, dry_run: bool, markdown: Path | None = None) -> None:
     from compress.api import run
     from compress.recipe import dump_recipe
 
@@ -96,34 +175,71 @@ def _run_recipe(recipe, resume: bool, as_json: bool, quiet: bool, dry_run: bool)
         else:
             print(dump_recipe(recipe), end="")
         return
-    with _RichHooks(quiet) as hooks:
-        report = run(recipe, resume=resume, hooks=hooks)
-    if as_json:
-        print(json.dumps(report))
-    else:
-        _print_report(report)
+
+    def produce():
+        with _RichHooks(quiet) as hooks:
+            return run(recipe, resume=resume, hooks=hooks)  # raises GateError after saving the report
+
+    _with_gates(produce, as_json, markdown)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.5g}" if isinstance(v, float) else str(v)
 
 
 def _print_report(report: dict) -> None:
+    """A report of any kind (run, eval, compare) as rich tables on stdout."""
     out = Console()
-    ev = report.get("eval", {})
-    t = Table(title=f"compress: {report['model']['path']}")
-    t.add_column("model")
-    t.add_column("perplexity", justify="right")
-    t.add_column("size on disk", justify="right")
-    t.add_column("bits/param", justify="right")
-    if "baseline" in ev:
-        t.add_row("original", f"{ev['baseline']['perplexity']:.3f}", f"{report['model']['size_bytes'] / 1e6:.1f} MB", "")
-    ex = report["export"]
-    t.add_row(
-        ex["path"], f"{ev['model']['perplexity']:.3f}" if "model" in ev else "-", f"{ex['size_bytes'] / 1e6:.1f} MB", f"{ex['bits_per_parameter']:.2f}"
-    )
-    out.print(t)
-    worst = sorted((l for l in report["layers"] if l["rel_output_error"] is not None), key=lambda l: -l["rel_output_error"])[:5]
+    ev = report.get("eval") or {}
+    kind = report.get("kind", "run")
+    if kind == "run":
+        title = f"compress: {report['model']['path']} -> {report['export']['path']}"
+        cols = ("original", "compressed")
+    else:
+        title = f"compress {kind}: {ev['model']['ref']}" + (f" vs baseline {ev['baseline']['ref']}" if "baseline" in ev else "")
+        cols = ("baseline", "model")
+    has_base = "baseline" in ev
+    if ev.get("metrics"):
+        t = Table(title=title)
+        t.add_column("metric")
+        if has_base:
+            t.add_column(cols[0], justify="right")
+        t.add_column(cols[1] if has_base else "value", justify="right")
+        if has_base:
+            t.add_column("change", justify="right")
+            t.add_column("recovery", justify="right")
+        for m in ev["metrics"]:
+            name = f"{m['name']} {'(higher is better)' if m['higher_is_better'] else '(lower is better)'}"
+            val = _fmt(m["model"]) + (f" ± {m['stderr']:.3g}" if m.get("stderr") else "")
+            if has_base:
+                rel = m.get("rel_change")
+                change = "-" if m.get("change") is None else f"{m['change']:+.4g}" + (f" ({rel:+.2%})" if rel is not None else "")
+                t.add_row(name, _fmt(m.get("baseline")), val, change, _fmt(m.get("recovery")))
+            else:
+                t.add_row(name, val)
+        out.print(t)
+    else:
+        out.print(title)
+    sizes = []
+    if kind == "run":
+        sizes.append((cols[0], report["model"].get("size_bytes"), None))
+        sizes.append((cols[1], report["export"]["size_bytes"], report["export"]["bits_per_parameter"]))
+    else:
+        for label in ("baseline", "model"):
+            c = (report.get("checkpoints") or {}).get(label)
+            if c:
+                sizes.append((label, c["size_bytes"], c["bits_per_parameter"]))
+    if sizes:
+        out.print("size on disk: " + ", ".join(f"{label} {size / 1e6:.1f} MB" + (f" ({bpp:.2f} bits/param)" if bpp else "") for label, size, bpp in sizes))
+    worst = sorted((l for l in report.get("layers", []) if l["rel_output_error"] is not None), key=lambda l: -l["rel_output_error"])[:5]
     if worst:
         out.print("highest relative output error: " + ", ".join(f"{l['name']} {l['rel_output_error']:.4f}" for l in worst))
-    tm = report["time"]
-    out.print(f"compression {tm['compress_s']:.0f} s, total {tm['total_s']:.0f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
+    for g in ev.get("gates", []):
+        out.print(("[green]pass[/green] " if g["passed"] else "[bold red]FAIL[/bold red] ") + g["message"], highlight=False)
+    tm = report.get("time", {})
+    parts = [f"{k.removesuffix('_s').replace('compress', 'compression')} {tm[k]:.0f} s" for k in ("compress_s", "eval_s", "total_s") if k in tm]
+    cached = sorted({c for label in ("baseline", "model") for c in ev.get(label, {}).get("cached", [])})
+    out.print(", ".join(parts) + f", peak RSS {report['peak_rss_mb']:.0f} MB" + (f"; cached: {', '.join(cached)}" if cached else ""))
 
 
 @app.callback()
@@ -143,10 +259,18 @@ def run_cmd(
     resume: ResumeOpt = False,
     dry_run: DryRunOpt = False,
     seed: SeedOpt = None,
+    tasks: TasksOpt = None,
+    task_file: TaskFileOpt = None,
+    limit: LimitOpt = None,
+    max_ppl_increase: MaxPplOpt = None,
+    min_recovery: MinRecoveryOpt = None,
+    max_drop: MaxDropOpt = None,
+    markdown: MarkdownOpt = None,
+    no_cache: NoCacheOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Run a recipe: compress, export, evaluate before vs after, print the report."""
+    """Run a recipe: compress, export, evaluate before vs after (gates: exit 4), print the report."""
     try:
         from compress.recipe import DEFAULT_RECIPE, load_recipe
 
@@ -157,8 +281,9 @@ def run_cmd(
             overrides.append("export.overwrite=true")
         if seed is not None:
             overrides.append(f"seed={seed}")
+        overrides += _eval_overrides(tasks, task_file, limit, None, _gate_settings(max_ppl_increase, min_recovery, max_drop), no_cache)
         rec = load_recipe(recipe if recipe is not None else DEFAULT_RECIPE, overrides)
-        _run_recipe(rec, resume, as_json, quiet, dry_run)
+        _run_recipe(rec, resume, as_json, quiet, dry_run, markdown)
     except typer.Exit:
         raise
     except (Exception, KeyboardInterrupt) as e:
@@ -169,7 +294,10 @@ def run_cmd(
 def quantize_cmd(
     model: Annotated[str, typer.Argument(help="A checkpoint folder, a .gguf file, a hub id, or 'demo'.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Export folder.")],
-    method: Annotated[str, typer.Option("--method", help="gptq or rtn.")] = "gptq",
+    method: Annotated[str, typer.Option("--method", help=(
+        "gptq, rtn, awq (AWQ scaling + clipping, then RTN), awq+gptq (AWQ scaling + clipping, then GPTQ), "
+        "smoothquant (SmoothQuant then GPTQ W8A8: int8 weights per channel, int8 activations per token; "
+        "--bits/--group-size/--asym do not apply) or w8a8 (GPTQ W8A8 without smoothing)."))] = "gptq",
     bits: Annotated[int, typer.Option("--bits", help="Weight bits, 2-8 (vLLM serves 4 and 8).")] = 4,
     group_size: Annotated[int, typer.Option("--group-size", help="Columns per scale; -1 per channel.")] = 128,
     asymmetric: Annotated[bool, typer.Option("--asym/--sym", help="Asymmetric (zero points) or symmetric.")] = False,
@@ -180,11 +308,20 @@ def quantize_cmd(
     data: Annotated[str, typer.Option("--data", help="Calibration data: builtin:pydoc, a .txt/.jsonl/.parquet file, or a hub dataset.")] = "builtin:pydoc",
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Layers to leave alone (name, suffix or re:regex; repeatable).")] = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after perplexity.")] = False,
+    alpha: Annotated[float, typer.Option("--alpha", help="SmoothQuant migration strength (0-1).")] = 0.5,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     dry_run: DryRunOpt = False,
     seed: SeedOpt = None,
+    tasks: TasksOpt = None,
+    task_file: TaskFileOpt = None,
+    limit: LimitOpt = None,
+    max_ppl_increase: MaxPplOpt = None,
+    min_recovery: MinRecoveryOpt = None,
+    max_drop: MaxDropOpt = None,
+    markdown: MarkdownOpt = None,
+    no_cache: NoCacheOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -192,24 +329,36 @@ def quantize_cmd(
     try:
         from compress.recipe import load_recipe
 
+        methods = ("gptq", "rtn", "awq", "awq+gptq", "smoothquant", "w8a8")
+        if method not in methods:
+            raise _usage(f"--method {method!r}: choose one of {', '.join(methods)}")
         opts = {"bits": bits, "group_size": group_size, "symmetric": not asymmetric}
+        if method in ("smoothquant", "w8a8"):
+            opts = {"bits": 8, "group_size": -1, "symmetric": True, "activations": {"bits": 8, "dynamic": True}}
         if ignore:
             opts["ignore"] = ["lm_head", *ignore]
-        if method == "gptq":
-            opts["act_order"] = act_order
-            opts["static_groups"] = not g_idx
-        elif g_idx:
-            raise _usage("--g-idx applies to --method gptq only")
+        gptq = {**opts, "act_order": act_order, "static_groups": not g_idx}
+        if g_idx and "gptq" not in method and method not in ("smoothquant", "w8a8"):
+            raise _usage("--g-idx applies to the GPTQ methods only")
+        passes = {
+            "gptq": [{"gptq": gptq}],
+            "rtn": [{"rtn": opts}],
+            "awq": [{"awq": opts}],
+            "awq+gptq": [{"awq": opts}, {"gptq": gptq}],
+            "smoothquant": [{"smoothquant": {"alpha": alpha, **({"ignore": opts["ignore"]} if ignore else {})}}, {"gptq": gptq}],
+            "w8a8": [{"gptq": gptq}],
+        }[method]
         raw = {
             "model": model,
             "seed": seed or 0,
             "calibration": {"data": data, "samples": samples, "seq_len": seq_len},
-            "passes": [{method: opts}],
+            "passes": passes,
             "export": {"path": output, "overwrite": overwrite},
         }
         if no_eval:
             raw["eval"] = {"perplexity": None}
-        _run_recipe(load_recipe(raw, list(set_ or [])), resume, as_json, quiet, dry_run)
+        evo = _eval_overrides(tasks, task_file, limit, None, _gate_settings(max_ppl_increase, min_recovery, max_drop), no_cache)
+        _run_recipe(load_recipe(raw, evo + list(set_ or [])), resume, as_json, quiet, dry_run, markdown)
     except typer.Exit:
         raise
     except (Exception, KeyboardInterrupt) as e:
@@ -222,35 +371,100 @@ def _usage(msg: str):
     return UsageError(msg)
 
 
+def _eval_config(data, seq_len, max_windows, perplexity, tasks, task_file, limit, num_fewshot, batch_size, gates, no_cache):
+    from compress.recipe import load_recipe
+
+    names = _task_list(tasks, task_file)
+    if perplexity is None:
+        perplexity = not names or data != "builtin:pydoc"  # with tasks only, perplexity on request
+    raw = {
+        "perplexity": {"data": data, "seq_len": seq_len, "max_windows": max_windows} if perplexity else None,
+        "tasks": names, "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "gates": gates, "cache": not no_cache,
+    }
+    return load_recipe({"eval": raw}).eval  # validated like a recipe: errors name eval.<field>
+
+
+DataOpt = Annotated[str, typer.Option("--data", help="Perplexity text: builtin:pydoc (its evaluation split) or any text file.")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per perplexity window.")]
+MaxWindowsOpt = Annotated[Optional[int], typer.Option("--max-windows", help="Perplexity on at most this many windows.")]
+PplOpt = Annotated[Optional[bool], typer.Option("--perplexity/--no-perplexity", help="Windowed perplexity (default: on, unless only --tasks/--task-file are given).")]
+EvalBatchOpt = Annotated[int, typer.Option("--batch-size", help="lm-eval requests per forward pass.")]
+
+
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="Checkpoint folder (compressed or not), .gguf, hub id, or 'demo'.")],
-    baseline: Annotated[Optional[str], typer.Option("--baseline", help="Also evaluate this model, same data and protocol.")] = None,
-    data: Annotated[str, typer.Option("--data", help="builtin:pydoc (its evaluation split) or any text file.")] = "builtin:pydoc",
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 512,
-    max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate at most this many windows.")] = None,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", help="Also evaluate this model, same data and protocol; gates compare with it.")] = None,
+    data: DataOpt = "builtin:pydoc",
+    seq_len: SeqLenOpt = 512,
+    max_windows: MaxWindowsOpt = None,
+    perplexity: PplOpt = None,
+    tasks: TasksOpt = None,
+    task_file: TaskFileOpt = None,
+    limit: LimitOpt = None,
+    num_fewshot: FewshotOpt = None,
+    batch_size: EvalBatchOpt = 1,
+    max_ppl_increase: MaxPplOpt = None,
+    min_recovery: MinRecoveryOpt = None,
+    max_drop: MaxDropOpt = None,
+    seed: SeedOpt = None,
+    markdown: MarkdownOpt = None,
+    no_cache: NoCacheOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Perplexity of a model on non-overlapping windows (and of --baseline)."""
+    """Evaluate a model (perplexity, lm-eval tasks) and --baseline with the same protocol; gates exit 4."""
     try:
-        from compress.api import evaluate
-        from compress.recipe import PerplexityConfig
+        from compress.api import eval_report
 
-        cfg = PerplexityConfig(data=data, seq_len=seq_len, max_windows=max_windows)
-        with _RichHooks(quiet) as hooks:
-            res = evaluate(model, baseline, cfg, hooks=hooks)
-        if as_json:
-            print(json.dumps(res))
-            return
-        t = Table(title=f"perplexity on {data} ({seq_len}-token windows)")
-        t.add_column("model")
-        t.add_column("perplexity", justify="right")
-        t.add_column("tokens", justify="right")
-        for key, ref in (("baseline", baseline), ("model", model)):
-            if key in res:
-                t.add_row(str(ref), f"{res[key]['perplexity']:.3f}", str(res[key]["tokens"]))
-        Console().print(t)
+        cfg = _eval_config(data, seq_len, max_windows, perplexity, tasks, task_file, limit, num_fewshot, batch_size,
+                           _gate_settings(max_ppl_increase, min_recovery, max_drop), no_cache)
+
+        def produce():
+            with _RichHooks(quiet) as hooks:
+                return eval_report(model, baseline, cfg, seed=seed or 0, hooks=hooks)
+
+        _with_gates(produce, as_json, markdown)
+    except typer.Exit:
+        raise
+    except (Exception, KeyboardInterrupt) as e:
+        _fail(e)
+
+
+@app.command("compare")
+def compare_cmd(
+    a: Annotated[str, typer.Argument(help="The reference checkpoint (the baseline), e.g. the original model.")],
+    b: Annotated[str, typer.Argument(help="The checkpoint compared with it, e.g. a compressed one.")],
+    data: DataOpt = "builtin:pydoc",
+    seq_len: SeqLenOpt = 512,
+    max_windows: MaxWindowsOpt = None,
+    perplexity: PplOpt = None,
+    tasks: TasksOpt = None,
+    task_file: TaskFileOpt = None,
+    limit: LimitOpt = None,
+    num_fewshot: FewshotOpt = None,
+    batch_size: EvalBatchOpt = 1,
+    max_ppl_increase: MaxPplOpt = None,
+    min_recovery: MinRecoveryOpt = None,
+    max_drop: MaxDropOpt = None,
+    seed: SeedOpt = None,
+    markdown: MarkdownOpt = None,
+    no_cache: NoCacheOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Two checkpoints side by side: the same metrics on both, sizes, bits per parameter (B against A)."""
+    try:
+        from compress.api import eval_report
+
+        cfg = _eval_config(data, seq_len, max_windows, perplexity, tasks, task_file, limit, num_fewshot, batch_size,
+                           _gate_settings(max_ppl_increase, min_recovery, max_drop), no_cache)
+
+        def produce():
+            with _RichHooks(quiet) as hooks:
+                return eval_report(b, a, cfg, seed=seed or 0, kind="compare", hooks=hooks)
+
+        _with_gates(produce, as_json, markdown)
     except typer.Exit:
         raise
     except (Exception, KeyboardInterrupt) as e:
