@@ -82,7 +82,9 @@ def _wna16_kernel(
     shifts = tl.arange(0, PER) * BITS  # (PER,)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_lo = pid_k * k_per_split  # a multiple of BK
-    for k0 in range(k_lo, k_lo + k_per_split, BK):
+    # stop at K: a tile starting past K would read the group k0 // gs = G, past its row's scales
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < K
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)

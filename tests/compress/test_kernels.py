@@ -229,8 +229,9 @@ def test_triton_wna16_split_k_and_shapes():
     want = oracle32(x, m)
     for split in (1, 2, 5, 64):  # 64 is clamped to the number of K tiles
         assert rel_err(T.wna16_gemm(x, kw, m.bias, split_k=split), want) < TOL[torch.bfloat16], split
-    x3 = torch.randn(2, 3, 160, dtype=torch.float16, device=DEV)
-    assert kernels.wna16_linear(x3, m, backend="triton").shape == (2, 3, 24)
+    x3 = torch.randn(2, 3, 160, dtype=torch.float16, device=DEV)  # 6 tokens: 3 slices of 64 columns, the last one short
+    y3 = kernels.wna16_linear(x3, m, backend="triton")
+    assert y3.shape == (2, 3, 24) and rel_err(y3, oracle32(x3, m)) < TOL[torch.float16]
     m2 = random_qlinear(8, 64, 2, 16, False, seed=4)
     x32 = torch.randn(4, 64, dtype=torch.float32, device=DEV)
     assert rel_err(kernels.wna16_linear(x32, m2, backend="triton"), oracle32(x32, m2)) < TOL[torch.float32]
