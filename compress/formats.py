@@ -294,9 +294,10 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.weight_scale.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from compress.kernels import int8_linear
+        import compress.kernels as kernels
 
-        return int8_linear(x, self.weight, self.weight_scale, self.bias)
+        # backend: set by compress.load(kernel=...), like QuantLinear's (None: automatic)
+        return kernels.int8_linear(x, self.weight, self.weight_scale, self.bias, backend=getattr(self, "backend", None))
 
     def spec(self) -> dict:
         return {"bits": 8, "group_size": -1, "symmetric": True, "act_order": False, "activations": {"bits": 8, "dynamic": True}}

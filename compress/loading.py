@@ -82,7 +82,7 @@ def load_source(source: ModelSource, dtype: torch.dtype = torch.float32) -> nn.M
 def load(ref, dtype: torch.dtype = torch.float32, log=print, kernel: str | None = None) -> nn.Module:
     """The model at ``ref`` in ``dtype`` compute; compressed layers stay packed.
 
-    ``kernel``: the backend of every QuantLinear, ``torch|triton|cuda`` (None or 'auto': the
+    ``kernel``: the backend of every QuantLinear and Int8Linear, ``torch|triton|cuda`` (None or 'auto': the
     fastest for the device, or $COMPRESS_KERNEL; see compress.kernels). An unknown name raises
     UsageError here; an unavailable one at the first forward, naming what is missing.
     """
@@ -92,7 +92,7 @@ def load(ref, dtype: torch.dtype = torch.float32, log=print, kernel: str | None 
     source = ModelSource(resolve_model(ref, log=log))
     model = load_source(source, dtype)
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, Int8Linear)):
             m.backend = backend
     model.compress_source = source
     return model

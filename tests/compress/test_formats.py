@@ -224,7 +224,8 @@ def test_quantization_config_validates_with_compressed_tensors():
         assert set(g["weights"]) <= set(WEIGHT_FIELDS)
         assert g["format"] == "pack-quantized"
     assert read_quantization_config(cfg) == {
-        f"group_{i}": {**{k: g[k] for k in ("targets", "bits", "group_size", "symmetric")}, "act_order": False, "dense": True}
+        f"group_{i}": {**{k: g[k] for k in ("targets", "bits", "group_size", "symmetric")}, "act_order": False, "dense": True,
+                       "format": "pack-quantized"}
         for i, g in enumerate(GROUPS)
     }
 
@@ -255,7 +256,9 @@ def test_read_quantization_config_picks_the_layout_from_the_version():
 @pytest.mark.parametrize(
     "path,value,field",
     [
-        (("format",), "int-quantized", "format"),
+        (("format",), "marlin-24", "format"),
+        # int-quantized (W8A8) groups must quantize their activations per token
+        (("format",), "int-quantized", "group_0.input_activations"),
         (("config_groups", "group_0", "format"), "float-quantized", "group_0.format"),
         (("config_groups", "group_0", "weights", "type"), "float", "weights.type"),
         (("config_groups", "group_0", "weights", "strategy"), "tensor", "weights.strategy"),
@@ -281,6 +284,23 @@ def test_read_quantization_config_names_the_unsupported_field(path, value, field
     with pytest.raises(ValueError, match=field.replace(".", r"\.")) as e:
         read_quantization_config(cfg)
     assert isinstance(e.value, FormatError)
+
+
+def test_w8a8_config_validates_with_compressed_tensors_and_reads_back():
+    from compressed_tensors import QuantizationConfig
+
+    w8a8 = {"targets": ["Linear"], "bits": 8, "group_size": -1, "symmetric": True, "activations": {"bits": 8, "dynamic": True}}
+    cfg = quantization_config([w8a8], ignore=["lm_head"])
+    assert cfg["format"] == "int-quantized"
+    parsed = QuantizationConfig.model_validate(cfg)
+    a = parsed.config_groups["group_0"].input_activations
+    assert (a.num_bits, a.strategy, a.dynamic, a.symmetric) == (8, "token", True, True)
+    assert read_quantization_config(cfg)["group_0"]["format"] == "int-quantized"
+    mixed = quantization_config([w8a8, {**GROUPS[0], "targets": ["re:.*down_proj"]}], ignore=[])
+    assert mixed["format"] == "mixed-precision"
+    assert {g["format"] for g in read_quantization_config(mixed).values()} == {"int-quantized", "pack-quantized"}
+    with pytest.raises(ValueError, match="W8A8 needs 8-bit per-channel symmetric"):
+        quantization_config([{**w8a8, "group_size": 64}], ignore=[])
 
 
 def test_replace_linear_sets_a_dotted_submodule():
