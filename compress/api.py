@@ -269,9 +269,11 @@ def inspect_checkpoint(path) -> dict:
     size = source.disk_bytes()
     quantized = set(quantized_layer_names(source))
     info = source.tensor_info(list(source.weight_map))
-    shapes = source.read([f"{q}.weight_shape" for q in quantized])
+    packed = [q for q in quantized if q + ".weight_shape" in source.weight_map]
+    shapes = source.read([f"{q}.weight_shape" for q in packed])
     bits = 8 * sum(nbytes for _, nbytes in info.values())
-    n_params = sum(math.prod(shapes[q + ".weight_shape"].tolist()) for q in quantized)  # original weights
+    n_params = sum(math.prod(shapes[q + ".weight_shape"].tolist()) for q in packed)  # original weights
+    n_params += sum(math.prod(info[q + ".weight"][0]) for q in quantized if q not in packed)  # int8 (W8A8) weights
     n_params += sum(math.prod(shape) for n, (shape, _) in info.items() if n.rpartition(".")[0] not in quantized)
     out = {
         "path": str(source.path),
