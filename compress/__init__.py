@@ -2,19 +2,24 @@
 
 __version__ = "0.1.0"
 
+# name -> (submodule, attribute), resolved on first use
+_LAZY = {
+    "run": ("api", "run"),
+    "evaluate": ("api", "evaluate"),
+    "inspect_checkpoint": ("api", "inspect_checkpoint"),
+    "load": ("loading", "load"),
+    "load_recipe": ("recipe", "load_recipe"),
+    "Recipe": ("recipe", "Recipe"),
+}
+
 
 def __getattr__(name):
-    # Lazy: `import compress` stays cheap (the CLI's --help does not import torch).
-    from compress import api, loading as _load, recipe
+    # Lazy: `import compress` stays cheap (the CLI's --help does not import torch). Only the
+    # names above resolve here: `from compress import api` must reach the import system (a
+    # submodule lookup that came back here would recurse forever).
+    if name not in _LAZY:
+        raise AttributeError(f"module 'compress' has no attribute {name!r}")
+    import importlib
 
-    table = {
-        "run": api.run,
-        "evaluate": api.evaluate,
-        "inspect_checkpoint": api.inspect_checkpoint,
-        "load": _load.load,
-        "load_recipe": recipe.load_recipe,
-        "Recipe": recipe.Recipe,
-    }
-    if name in table:
-        return table[name]
-    raise AttributeError(f"module 'compress' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    return getattr(importlib.import_module(f"compress.{module}"), attr)
