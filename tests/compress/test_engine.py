@@ -64,7 +64,7 @@ def test_compress_export_reload_all_families(family_model, tmp_path):
     report = run(rec)
     out = tmp_path / "out"
     assert (out / "config.json").exists() and (out / "recipe.yaml").exists()
-    assert json.loads((out / "report.json").read_text())["schema"] == "compress.report/1"
+    assert json.loads((out / "report.json").read_text())["schema"] == "compress.report/2"
     # every targeted Linear is reported with a finite, small output error
     assert len(report["layers"]) == 2 * (4 if fam == "opt" else 7) - (0 if fam != "opt" else -4)
     assert all(0 <= l["rel_output_error"] < 0.05 for l in report["layers"])
