@@ -36,7 +36,8 @@ CONFIGS = {
     # issue 4: activation-aware scaling (W4 g64 asymmetric, the peer's AWQ scheme) and W8A8
     "rtn-w4g64-asym": ["passes=[{rtn: {bits: 4, group_size: 64, symmetric: false}}]"],
     "awq-w4g64-asym": [f"passes=[{{awq: {_W4A}}}]"],
-    "awq-layer-w4g64-asym": [f"passes=[{{awq: {{{_W4A[1:-1]}, objective: layer}}}}]"],
+    "awq-layer-w4g64-asym": [f"passes=[{{awq: {{{_W4A[1:-1]}, objective: layer}}}}]"],  # = the default
+    "awq-output-w4g64-asym": [f"passes=[{{awq: {{{_W4A[1:-1]}, objective: output}}}}]"],
     "awq-noclip-w4g64-asym": [f"passes=[{{awq: {{{_W4A[1:-1]}, clip: false}}}}]"],
     "awq-gptq-w4g64-asym": [f"passes=[{{awq: {_W4A}}}, {{gptq: {_W4A}}}]"],
     "awq-noclip-gptq-w4g64-asym": [f"passes=[{{awq: {{{_W4A[1:-1]}, clip: false}}}}, {{gptq: {_W4A}}}]"],
