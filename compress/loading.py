@@ -47,23 +47,19 @@ def load_source(source: ModelSource, dtype: torch.dtype = torch.float32) -> nn.M
             scale_dtype = source.read([name + ".weight_scale"])[name + ".weight_scale"].dtype
             if g.get("format") == "int-quantized":
                 new = Int8Linear(old.in_features, old.out_features, bias=old.bias is not None, scale_dtype=scale_dtype)
-                tensors = source.read([name + "." + k for k in new.state_dict()])
-                new.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in tensors.items()})
-                if new.bias is not None:
-                    new.bias.data = new.bias.data.to(dtype)
-                replace_linear(model, name, new)
-                continue
-            new = QuantLinear(
-                old.in_features,
-                old.out_features,
-                bits=g["bits"],
-                group_size=g["group_size"],
-                symmetric=g["symmetric"],
-                has_g_idx=source.has(name + ".weight_g_idx"),
-                bias=old.bias is not None,
-                scale_dtype=scale_dtype,
-                dense=g.get("dense", True),  # 3/5/6/7-bit layout of the writing library version
-            )
+            else:
+                new = QuantLinear(
+                    old.in_features,
+                    old.out_features,
+                    bits=g["bits"],
+                    group_size=g["group_size"],
+                    symmetric=g["symmetric"],
+                    has_g_idx=source.has(name + ".weight_g_idx"),
+                    bias=old.bias is not None,
+                    scale_dtype=scale_dtype,
+                    dense=g.get("dense", True),  # 3/5/6/7-bit layout of the writing library version
+                )
+            # the module's state_dict names exactly the tensors the checkpoint stores for it
             tensors = source.read([name + "." + k for k in new.state_dict()])
             new.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in tensors.items()})
             if new.bias is not None:

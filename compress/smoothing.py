@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from compress.families import Smooth, get_module
-from compress.passes import Pass, QuantConfig, _QuantPass, register
+from compress.passes import Pass, QuantConfig, RTNPass, _QuantPass, register
 from compress.quant import awq as awq_alg
 from compress.quant.smoothquant import smooth_scales
 
@@ -150,10 +150,7 @@ class AWQPass(_SmoothPass, _QuantPass):
     def apply(self, full_name, module, stats):
         if self.defer:  # the following rtn/gptq pass quantizes the prepared weights
             return module, {}
-        from compress.quant.rtn import rtn_quantize
-
-        res = rtn_quantize(module.weight.detach().float(), self.config.scheme(self.ctx.dtype))
-        return self._module(module, res), {}
+        return RTNPass.apply(self, full_name, module, stats)  # min-max on the clipped weights
 
 
 def _output_loss(block, point: Smooth, lins: list[nn.Linear], weights, probe, samples: int):
