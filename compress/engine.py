@@ -307,7 +307,13 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
     reports: list[LayerReport] = []
     final: dict[str, nn.Module] = {}  # compressed modules, put in place once the block is done
     replays = replay_points(block, model_type)
-    for gi, group in enumerate(linear_groups(block, model_type)):
+    groups = linear_groups(block, model_type)
+    if inputs is not None and not needed and not known:
+        # No pass calibrates on statistics (rtn): the weights do not depend on what the later
+        # groups see, and the report's error needs only each Linear's input Hessian. One forward
+        # over the block observes every group at once instead of one forward per group.
+        known = _observe(block, [n for g in groups for n in g if prefix + n in plan], inputs, i, {"hessian"}, cursor)
+    for gi, group in enumerate(groups):
         targeted = [n for n in group if prefix + n in plan]
         stats: dict[str, dict] = {n: {} for n in targeted}
         if targeted and inputs is not None:
@@ -345,6 +351,8 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
                 orig = get_module(block, name)
                 orig.weight.data = Wq.to(orig.weight.dtype)
             stats[name] = {}  # free the Hessian now
+            if known:
+                known.pop(name, None)
         for path in replays.get(gi, []):
             replace_linear(block, path, _Replay(get_module(block, path), cursor))
     block._compress_final = final
