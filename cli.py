@@ -327,8 +327,6 @@ def quantize_cmd(
 ):
     """Quantize one model with one method (builds a recipe and runs it)."""
     try:
-        from compress.recipe import load_recipe
-
         methods = ("gptq", "rtn", "awq", "awq+gptq", "smoothquant", "w8a8")
         if method not in methods:
             raise _usage(f"--method {method!r}: choose one of {', '.join(methods)}")
@@ -348,17 +346,79 @@ def quantize_cmd(
             "smoothquant": [{"smoothquant": {"alpha": alpha, **({"ignore": opts["ignore"]} if ignore else {})}}, {"gptq": gptq}],
             "w8a8": [{"gptq": gptq}],
         }[method]
-        raw = {
-            "model": model,
-            "seed": seed or 0,
-            "calibration": {"data": data, "samples": samples, "seq_len": seq_len},
-            "passes": passes,
-            "export": {"path": output, "overwrite": overwrite},
-        }
-        if no_eval:
-            raw["eval"] = {"perplexity": None}
-        evo = _eval_overrides(tasks, task_file, limit, None, _gate_settings(max_ppl_increase, min_recovery, max_drop), no_cache)
-        _run_recipe(load_recipe(raw, evo + list(set_ or [])), resume, as_json, quiet, dry_run, markdown)
+        gates = _gate_settings(max_ppl_increase, min_recovery, max_drop)
+        _run_method(model, output, passes, data, samples, seq_len, seed, overwrite, no_eval, tasks, task_file, limit, gates,
+                    no_cache, set_, resume, as_json, quiet, dry_run, markdown)
+    except typer.Exit:
+        raise
+    except (Exception, KeyboardInterrupt) as e:
+        _fail(e)
+
+
+def _run_method(model, output, passes, data, samples, seq_len, seed, overwrite, no_eval, tasks, task_file, limit, gates,
+                no_cache, set_, resume, as_json, quiet, dry_run, markdown) -> None:
+    """The recipe a one-method command (quantize, prune) builds, with its --set overrides, run."""
+    from compress.recipe import load_recipe
+
+    raw = {
+        "model": model,
+        "seed": seed or 0,
+        "calibration": {"data": data, "samples": samples, "seq_len": seq_len},
+        "passes": passes,
+        "export": {"path": output, "overwrite": overwrite},
+    }
+    if no_eval:
+        raw["eval"] = {"perplexity": None}
+    evo = _eval_overrides(tasks, task_file, limit, None, gates, no_cache)
+    _run_recipe(load_recipe(raw, evo + list(set_ or [])), resume, as_json, quiet, dry_run, markdown)
+
+
+@app.command("prune")
+def prune_cmd(
+    model: Annotated[str, typer.Argument(help="A checkpoint folder, a .gguf file, a hub id, or 'demo'.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Export folder.")],
+    method: Annotated[str, typer.Option("--method", help=(
+        "sparsegpt (masked second-order reconstruction), wanda (|w|·‖x‖ scores, no update) or magnitude (|w|, no data)."))] = "sparsegpt",
+    sparsity: Annotated[float, typer.Option("--sparsity", help="Fraction of each targeted Linear's weights set to zero, in [0, 1); an N:M pattern implies 1 - N/M.")] = 0.5,
+    pattern: Annotated[str, typer.Option("--pattern", help="unstructured (per output row) or N:M, e.g. 2:4 (N kept of every M inputs; sparse tensor cores run 2:4).")] = "unstructured",
+    allocation: Annotated[str, typer.Option("--allocation", help="uniform (every layer the same) or owl (blocks with more activation outliers keep more; unstructured only).")] = "uniform",
+    owl_lambda: Annotated[float, typer.Option("--owl-lambda", help="OWL: block sparsities span sparsity ± this.")] = 0.08,
+    owl_m: Annotated[float, typer.Option("--owl-m", help="OWL: an outlier is a score above this × the block's mean.")] = 5.0,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration samples.")] = 128,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sample.")] = 512,
+    data: Annotated[str, typer.Option("--data", help="Calibration data: builtin:pydoc, a .txt/.jsonl/.parquet file, or a hub dataset.")] = "builtin:pydoc",
+    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Layers to leave alone (name, suffix or re:regex; repeatable).")] = None,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after perplexity.")] = False,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    dry_run: DryRunOpt = False,
+    seed: SeedOpt = None,
+    tasks: TasksOpt = None,
+    task_file: TaskFileOpt = None,
+    limit: LimitOpt = None,
+    max_ppl_increase: MaxPplOpt = None,
+    min_recovery: MinRecoveryOpt = None,
+    max_drop: MaxDropOpt = None,
+    markdown: MarkdownOpt = None,
+    no_cache: NoCacheOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Prune one model with one method (builds a recipe and runs it). Quantize afterwards in one
+    sweep with a recipe: `- sparsegpt: {...}` then `- gptq: {...}` runs both in a joint solve."""
+    try:
+        methods = ("sparsegpt", "wanda", "magnitude")
+        if method not in methods:
+            raise _usage(f"--method {method!r}: choose one of {', '.join(methods)}")
+        opts: dict = {"pattern": pattern, "allocation": allocation, "owl_lambda": owl_lambda, "owl_m": owl_m}
+        if pattern.strip().lower() in ("unstructured", "none", "") or sparsity != 0.5:
+            opts["sparsity"] = sparsity  # an N:M pattern sets its own, unless --sparsity says otherwise
+        if ignore:
+            opts["ignore"] = ["lm_head", *ignore]
+        gates = _gate_settings(max_ppl_increase, min_recovery, max_drop)
+        _run_method(model, output, [{method: opts}], data, samples, seq_len, seed, overwrite, no_eval, tasks, task_file, limit, gates, no_cache, set_, resume, as_json, quiet,
+                    dry_run, markdown)
     except typer.Exit:
         raise
     except (Exception, KeyboardInterrupt) as e:

@@ -29,7 +29,9 @@ from compress.errors import UsageError
 from compress.families import find_blocks, get_module, linear_groups, replay_points, smooth_points
 from compress.formats import replace_linear
 from compress.modelio import ModelSource, materialize, release
+from compress.modules import dense_weight
 from compress.passes import STATS, Pass
+from compress.smoothing import first_output
 
 
 class _Stop(Exception):
@@ -109,10 +111,6 @@ def _trim_heap() -> None:
         pass
 
 
-def _first_tensor(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @dataclass
 class LayerReport:
     name: str
@@ -134,37 +132,48 @@ def plan_targets(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, pass
     """Which passes apply to each Linear (full names), checked before any work is done."""
     plan: dict[str, list[Pass]] = {}
     # (pass, reason) -> in_features -> {layer name within a block: blocks}
-    problems: dict[tuple[str, str], dict[int, dict[str, list[int]]]] = {}
+    problems: dict[tuple[Pass, str], dict[int, dict[str, list[int]]]] = {}
+    order: dict[str, list[int]] = {}  # "prune after quantize" -> layer name within a block: blocks
     for i, block in enumerate(blocks):
         for name, mod in block.named_modules():
             full = f"{blocks_path}.{i}.{name}"
-            ps = [p for p in passes if p.scope == "block" and p.matches(full, mod)]
-            if sum(p.quantizes for p in ps) > 1:
-                raise UsageError(f"{full}: targeted by two quantization passes ({', '.join(p.name for p in ps)}); use `ignore` on one of them")
+            ps = [p for p in passes if p.scope == "block" and not p.absorbed and p.matches(full, mod)]
+            for kind in ("quantizes", "prunes"):
+                if sum(getattr(p, kind) for p in ps) > 1:
+                    what = "quantization" if kind == "quantizes" else "pruning"
+                    raise UsageError(f"{full}: targeted by two {what} passes ({', '.join(p.name for p in ps)}); use `ignore` on one of them")
+            if any(p.prunes for k, p in enumerate(ps) if any(q.quantizes for q in ps[:k])):
+                order.setdefault(name, []).append(i)
             for p in ps:
                 reason = p.check(full, mod)
                 if reason:
-                    by_in = problems.setdefault((p.name, reason.split(" in_features")[0]), {})
+                    by_in = problems.setdefault((p, reason.split(" in_features")[0]), {})
                     by_in.setdefault(mod.in_features, {}).setdefault(name, []).append(i)
             if ps:
                 plan[full] = ps
+    if order:
+        raise UsageError(
+            "a pruning pass comes after a quantization pass on the same layers ("
+            + "; ".join(f"{n} ({_span(idx)} of {blocks_path})" for n, idx in order.items())
+            + "): quantized weights cannot be pruned; put the pruning pass first in `passes` (prune, then quantize: "
+            "a sparsegpt pass followed by gptq runs both in one joint solve)"
+        )
     if problems:
         lines = []
-        for (pname, reason), by_in in problems.items():
+        for (p, reason), by_in in problems.items():
             parts = []
             for k, layers in sorted(by_in.items()):
                 idx = sorted({b for bs in layers.values() for b in bs})
-                span = f"block {idx[0]}" if len(idx) == 1 else f"blocks {idx[0]}-{idx[-1]}"
-                parts.append(f"in_features {k} of {', '.join(layers)} ({span} of {blocks_path})")
-            ok = [g for g in (256, 128, 64, 32, 16) if all(k % g == 0 for k in by_in)]
-            lines.append(
-                f"{pname}: {reason} {' and '.join(parts)}; use group_size {', '.join(map(str, ok[:3])) or '-1'} "
-                "or -1, or list those layers under `ignore`"
-            )
+                parts.append(f"in_features {k} of {', '.join(layers)} ({_span(idx)} of {blocks_path})")
+            lines.append(f"{p.name}: {reason} {' and '.join(parts)}; {p.fix(sorted(by_in))}")
         raise UsageError("; ".join(lines))
     if passes and not plan:
         raise UsageError("no Linear layer in the decoder blocks matches the passes' `targets` (minus `ignore`)")
     return plan
+
+
+def _span(idx: list[int]) -> str:
+    return f"block {idx[0]}" if len(idx) == 1 else f"blocks {idx[0]}-{idx[-1]}"
 
 
 def compress_blocks(
@@ -190,18 +199,19 @@ def compress_blocks(
     model_type = source.config.model_type
     blocks_path, blocks = find_blocks(model, model_type, getattr(source.config, "num_hidden_layers", None))
     link_passes(passes)
+    passes = [p for p in passes if not p.absorbed]
     plan = plan_targets(model, blocks_path, blocks, passes)
     needed = {s for p in passes for s in p.stats}
     smoothers = [p for p in passes if p.smooths]
-    if (needed or smoothers) and calib is None:
-        names = ", ".join(p.name for p in passes if p.stats or p.smooths)
+    previewers = [p for p in passes if p.preview_stats]
+    if (needed or smoothers or previewers) and calib is None:
+        names = ", ".join(p.name for p in passes if p.stats or p.smooths or p.preview_stats)
         raise UsageError(f"passes {names} need calibration data; set calibration.samples > 0")
     if smoothers:
         smooth_points(blocks[0], model_type)  # an unknown family fails now, not at block 0's end
 
-    if resume_inputs is not None:
-        inputs = resume_inputs
-    elif calib is not None:
+    inputs = resume_inputs
+    if calib is not None and (resume_inputs is None or previewers):
         # everything outside the blocks (embeddings, final norm) is loaded for the capture pass
         # (the head is not needed to calibrate; the rest is freed again right after)
         outside = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(blocks_path + ".") and not n.startswith("lm_head.")]
@@ -209,13 +219,15 @@ def compress_blocks(
         materialize(model, "", source, skip=blocks_params | {n for n, _ in model.named_parameters() if n.startswith("lm_head.")})
         batches = list(torch.split(calib, batch_size))
         with torch.no_grad():
-            inputs = capture_inputs(model, blocks, batches)
+            captured = capture_inputs(model, blocks, batches)
         from accelerate.utils import set_module_tensor_to_device
 
         for name in outside:
             set_module_tensor_to_device(model, name, "meta")
-    else:
-        inputs = None
+        if previewers:
+            progress(0, len(blocks), "preview")
+            _preview(source, blocks, blocks_path, plan, previewers, captured, resume_inputs is None)
+        inputs = resume_inputs if resume_inputs is not None else captured
 
     n = len(blocks)
     for i in range(start, n):
@@ -234,7 +246,7 @@ def compress_blocks(
                 for b, (a, k) in enumerate(inputs.kwargs[i]):
                     cursor[0] = b
                     # in place: batch b's input is freed as soon as its output exists
-                    inputs.hidden[b] = _first_tensor(block(inputs.hidden[b], *a, **k)).detach().float()
+                    inputs.hidden[b] = first_output(block(inputs.hidden[b], *a, **k)).detach().float()
         finish_block(block)
         sink(BlockResult(i, prefix, block, layers, time.time() - t0), inputs)
         if not keep:
@@ -243,11 +255,35 @@ def compress_blocks(
         progress(i + 1, n, "done")
 
 
+@torch.no_grad()
+def _preview(source, blocks, blocks_path: str, plan, previewers: list[Pass], inputs: BlockInputs, copy: bool) -> None:
+    """A sweep over the uncompressed model before the real one, for passes that allocate across
+    blocks (OWL's per-block sparsity): each block runs on the dense model's activations, its
+    targeted Linears observed for ``preview_stats``; no weight changes."""
+    hidden = [h.clone() for h in inputs.hidden] if copy else inputs.hidden
+    view = BlockInputs(hidden=hidden, kwargs=inputs.kwargs)
+    needed = {s for p in previewers for s in p.preview_stats}
+    for i, block in enumerate(blocks):
+        prefix = f"{blocks_path}.{i}."
+        materialize(block, prefix, source)
+        names = [n for n, m in block.named_modules() if any(p in plan.get(prefix + n, ()) for p in previewers)]
+        stats = _observe(block, names, view, i, needed, [0])
+        for p in previewers:
+            mine = [n for n in names if p in plan[prefix + n]]
+            p.preview_block(prefix, {n: stats[n] for n in mine}, {n: get_module(block, n).weight.detach().float() for n in mine})
+        for b, (a, k) in enumerate(inputs.kwargs[i]):
+            view.hidden[b] = first_output(block(view.hidden[b], *a, **k)).detach().float()
+        release(block)
+        _trim_heap()
+    for p in previewers:
+        p.preview_done()
+
+
 def link_passes(passes: list[Pass]) -> None:
-    """A smoothing pass that can quantize (awq) leaves quantization to a later rtn/gptq pass."""
+    """Let each pass see the passes after it (awq leaves quantization to a later rtn/gptq pass;
+    sparsegpt followed by gptq on the same targets absorbs it into one joint solve)."""
     for k, p in enumerate(passes):
-        if p.smooths and hasattr(p, "defer"):
-            p.defer = any(q.quantizes for q in passes[k + 1 :] if not q.smooths)
+        p.link(passes[k + 1 :])
 
 
 class BlockProbe:
@@ -328,12 +364,16 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
             mod = get_module(block, name)
             W0 = mod.weight.detach().float().clone()
             infos, names = {}, []
+            st = dict(stats[name])  # twins share one statistics dict; a pass's mask is this Linear's own
             for p in plan[full]:
-                new, info = p.apply(full, mod, stats[name])
+                new, info = p.apply(full, mod, st)
                 infos.update(info)
                 names.append(p.name)
                 mod = new
-            Wq = mod.dequantize() if hasattr(mod, "dequantize") else mod.weight.detach().float()
+            Wq = dense_weight(mod)
+            if "mask" in st:  # a pruning pass ran: report what the final weight keeps
+                infos["sparsity"] = round(float((Wq == 0).float().mean()), 6)
+                infos["weights"] = Wq.numel()
             err = None
             if "hessian" in stats[name]:
                 H = stats[name]["hessian"]["H"]
@@ -345,7 +385,7 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
             # weight through a plain Linear: dequantizing once, not on every batch. A layer that
             # also quantizes its input (W8A8) is put in place at once: its rounding of the
             # activations is part of what the later groups are calibrated on.
-            if getattr(mod, "quantizes_activations", False):
+            if getattr(mod, "quantizes_activations", False):  # CompressedLinear.quantizes_activations
                 replace_linear(block, name, mod)
             else:
                 orig = get_module(block, name)

@@ -9,6 +9,7 @@ Layout of the output folder (what vLLM and transformers read unchanged):
                                      points, g_idx)
     model.safetensors.index.json     tensor -> shard
     tokenizer files, generation_config.json
+    compress.json                    our metadata: sparsity structure, targets and each layer's sparsity
     recipe.yaml                      the resolved recipe that produced it
     report.json                      the run's report
 
@@ -31,7 +32,8 @@ from torch import nn
 
 from compress.engine import BlockInputs, BlockResult, LayerReport
 from compress.errors import InputError, UsageError
-from compress.formats import Int8Linear, QuantLinear, quantization_config
+from compress.formats import quantization_config
+from compress.modules import CompressedLinear
 from compress.modelio import ModelSource
 
 TOKENIZER_FILES = (
@@ -45,6 +47,10 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+
+
+METADATA = "compress.json"  # our metadata file in every export (see Exporter.metadata)
+METADATA_FORMAT = "compress.checkpoint/1"
 
 
 def shard_name(k: int, total: int) -> str:
@@ -129,8 +135,9 @@ class Exporter:
                 t = t.to(self.dtype)  # norms and unquantized weights go back to the storage dtype
             tensors[res.prefix + name] = t.contiguous()
         for name, mod in res.module.named_modules():
-            if isinstance(mod, (QuantLinear, Int8Linear)):
-                self.quantized[res.prefix + name] = mod.spec()
+            spec = mod.quant_spec() if isinstance(mod, CompressedLinear) else None
+            if spec is not None:
+                self.quantized[res.prefix + name] = spec
         fname = shard_name(len(self.outside) + res.index + 1, self.total)
         save_file(tensors, self.work / fname, metadata={"format": "pt"})
         self.weight_map.update({k: fname for k in tensors})
@@ -162,8 +169,11 @@ class Exporter:
         (self.work / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
         cfg = src.config.to_dict()
-        cfg["quantization_config"] = self._quant_config(model)
+        cfg.pop("quantization_config", None)
+        if self.quantized:  # a pruned-only model is a plain checkpoint: no quantization_config
+            cfg["quantization_config"] = self._quant_config(model)
         (self.work / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        (self.work / METADATA).write_text(json.dumps(self.metadata(), indent=2))
         for f in TOKENIZER_FILES:
             if (src.path / f).exists():
                 shutil.copy2(src.path / f, self.work / f)
@@ -180,6 +190,22 @@ class Exporter:
         else:
             self.work.rename(self.target)
         return self.target
+
+    def metadata(self) -> dict:
+        """Our own description of the checkpoint beyond what compressed-tensors records (it
+        declares no sparsity: current vLLM refuses a 2:4 ``sparsity_config``, so ours lives here)."""
+        meta: dict = {"format": METADATA_FORMAT}
+        pruned = {r.name: r.info for r in self.layers if "pattern" in r.info}
+        if pruned:
+            patterns = sorted({i["pattern"] for i in pruned.values()})
+            n = sum(i["weights"] for i in pruned.values())
+            meta["sparsity"] = {
+                "structure": patterns[0] if len(patterns) == 1 else "mixed",
+                "targets": sorted(pruned),
+                "global_sparsity": round(sum(i["sparsity"] * i["weights"] for i in pruned.values()) / max(n, 1), 6),
+                "layers": {k: {"sparsity": i["sparsity"], "pattern": i["pattern"]} for k, i in sorted(pruned.items())},
+            }
+        return meta
 
     def _quant_config(self, model: nn.Module) -> dict:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in self.quantized]

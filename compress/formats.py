@@ -12,33 +12,22 @@ vLLM read; ``QuantLinear``'s state_dict is exactly this set):
 
 ``G = in / group_size`` (one group per row for ``group_size = -1``, the "channel" strategy).
 
-Bit layout. Codes and zero points are stored *signed*, ``v = q - 2^(bits-1)`` (compressed-tensors'
-convention), and packed as the unsigned ``v + 2^(bits-1)``. Along the packed dimension every run
-of values is one little-endian bit stream: value ``i`` occupies stream bits
-``[i·bits, (i+1)·bits)`` and int32 word ``k`` holds stream bits ``[32k, 32k + 32)``, bit 0 first.
-Two layouts exist, and they differ only for widths that do not divide 32:
-
-* ``dense=True`` (compressed-tensors >= 0.18): one stream per row, ``ceil(n·bits / 32)`` words;
-  for 3, 5, 6 and 7 bits a value may straddle two words.
-* ``dense=False`` (compressed-tensors <= 0.17): ``32 // bits`` values per word, never straddling;
-  the top ``32 mod bits`` bits of each word are unused; ``ceil(n / (32 // bits))`` words.
-
-For 2, 4 and 8 bits the two are the same bits. We write dense (what the pinned library reads)
-and read either, choosing by the ``version`` recorded in the checkpoint's config. vLLM serves
-only 4 and 8 bits; other widths run on our own runtime (and transformers' dequantizing loader).
+The bit layout of the packed words is described in ``compress.packing``.
 """
 
 from __future__ import annotations
 
-import math
 from importlib.metadata import version as _dist_version
 
 import torch
-import torch.nn.functional as F
 from packaging.version import InvalidVersion, Version
 from torch import nn
 
 from compress.errors import InputError
+from compress.kernels import int8_linear, wna16_linear
+from compress.modules import CompressedLinear, register_module_type
+from compress.passes import matches_any
+from compress.packing import _check_bits, pack_int32, packed_size, unpack_int32  # noqa: F401 (re-exported)
 
 # QuantizationArgs fields that every compressed-tensors version from 0.9 to 0.20 knows. vLLM pins
 # an older compressed-tensors whose pydantic models forbid unknown fields (0.12+), so a config
@@ -54,76 +43,8 @@ class FormatError(InputError, ValueError):
     """A checkpoint's quantization_config asks for something this runtime cannot serve."""
 
 
-def _check_bits(bits: int) -> None:
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits must be in 2..8 to pack into int32, got {bits}")
-
-
-def _layout(bits: int, dense: bool) -> tuple[int, int]:
-    """(values, words) per packing unit: 32 values fill exactly ``bits`` words when dense."""
-    return (32, bits) if dense else (32 // bits, 1)
-
-
-def packed_size(n: int, bits: int, dense: bool = True) -> int:
-    """Number of int32 words that hold ``n`` values of ``bits`` bits."""
-    _check_bits(bits)
-    return math.ceil(n * bits / 32) if dense else math.ceil(n / (32 // bits))
-
-
-def pack_int32(values: torch.Tensor, bits: int, dim: int = 1, *, dense: bool = True) -> torch.Tensor:
-    """Pack signed integers in ``[-2^(bits-1), 2^(bits-1))`` into int32 words along ``dim``.
-
-    values: any integer dtype, any shape; size ``n`` along ``dim``.
-    Returns int32 of the same shape except ``packed_size(n, bits, dense)`` along ``dim``.
-    """
-    _check_bits(bits)
-    half = 1 << (bits - 1)
-    u = values.to(torch.int64).movedim(dim, -1) + half  # (..., n) unsigned codes
-    if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 1 << bits):
-        # out-of-range values would spill into their neighbours' bits
-        raise ValueError(f"values out of the signed {bits}-bit range [{-half}, {half - 1}]")
-    n = u.shape[-1]
-    per, words = _layout(bits, dense)
-    units = math.ceil(n / per)
-    u = F.pad(u, (0, units * per - n)).reshape(*u.shape[:-1], units, per)  # (..., units, per)
-    # int64 so that shifting into bit 31 is plain arithmetic; converted to two's complement below
-    out = u.new_zeros(*u.shape[:-1], words)  # (..., units, words)
-    for i in range(per):
-        word, off = divmod(i * bits, 32)
-        out[..., word] |= (u[..., i] << off) & 0xFFFFFFFF
-        if off + bits > 32:  # straddles (dense only): the high bits open the next word
-            out[..., word + 1] |= u[..., i] >> (32 - off)
-    # dense units hold whole multiples of 32 values; words past ceil(n·bits/32) are pure padding
-    out = out.reshape(*out.shape[:-2], units * words)[..., : packed_size(n, bits, dense)]
-    out = torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
-    return out.movedim(-1, dim).contiguous()
-
-
-def unpack_int32(packed: torch.Tensor, bits: int, size: int, dim: int = 1, *, dense: bool = True) -> torch.Tensor:
-    """Inverse of ``pack_int32``: ``size`` signed values along ``dim`` (int32)."""
-    _check_bits(bits)
-    if packed.dtype != torch.int32:
-        raise ValueError(f"packed weights must be int32, got {packed.dtype}")
-    p = packed.movedim(dim, -1)  # (..., words)
-    if p.shape[-1] != packed_size(size, bits, dense):
-        raise ValueError(f"{p.shape[-1]} words along dim {dim} cannot hold exactly {size} {bits}-bit values")
-    per, words = _layout(bits, dense)
-    units = math.ceil(size / per)
-    p = F.pad(p, (0, units * words - p.shape[-1])).reshape(*p.shape[:-1], units, words)
-    out = p.new_empty(*p.shape[:-1], per)  # (..., units, per)
-    for i in range(per):
-        word, off = divmod(i * bits, 32)
-        lo = min(bits, 32 - off)  # how many of value i's bits sit in its first word
-        # int32 >> is arithmetic (copies the sign bit); the mask keeps only the value's bits
-        v = (p[..., word] >> off) & ((1 << lo) - 1)
-        if lo < bits:
-            v |= (p[..., word + 1] & ((1 << (bits - lo)) - 1)) << lo
-        out[..., i] = v
-    out = out.reshape(*out.shape[:-2], units * per)[..., :size] - (1 << (bits - 1))
-    return out.movedim(-1, dim).contiguous()
-
-
-class QuantLinear(nn.Module):
+@register_module_type
+class QuantLinear(CompressedLinear):
     """A Linear whose weight is held exactly as exported (compressed-tensors pack-quantized).
 
     Buffers (see the module docstring for the layout; the state_dict *is* the export):
@@ -224,13 +145,35 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # torch (CPU, the reference: dequantize then F.linear), triton or cuda; see compress.kernels
-        from compress.kernels import wna16_linear
-
         return wna16_linear(x, self)
 
     def spec(self) -> dict:
         """The scheme as ``quantization_config`` groups describe it."""
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, "act_order": hasattr(self, "weight_g_idx")}
+
+    # the compressed-module protocol (compress.modules)
+    def dense_weight(self) -> torch.Tensor:
+        return self.dequantize()
+
+    def quant_spec(self) -> dict:
+        return self.spec()
+
+    @classmethod
+    def stored_layers(cls, source) -> list[str]:
+        return sorted(k[: -len(".weight_packed")] for k in source.weight_map if k.endswith(".weight_packed"))
+
+    @classmethod
+    def from_checkpoint(cls, source, name, linear, groups) -> "QuantLinear":
+        g = scheme_for(name, groups)
+        if g.get("format") != "pack-quantized":
+            raise FormatError(f"{name}: stores packed weights but its quantization_config group is {g.get('format')!r}")
+        m = cls(
+            linear.in_features, linear.out_features, bits=g["bits"], group_size=g["group_size"], symmetric=g["symmetric"],
+            has_g_idx=source.has(name + ".weight_g_idx"), bias=linear.bias is not None,
+            scale_dtype=source.read([name + ".weight_scale"])[name + ".weight_scale"].dtype,
+            dense=g.get("dense", True),  # 3/5/6/7-bit layout of the writing library version
+        )
+        return _fill(m, source, name)
 
     @property
     def bits_per_weight(self) -> float:
@@ -248,7 +191,8 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}, kernel={self.kernel}")
 
 
-class Int8Linear(nn.Module):
+@register_module_type
+class Int8Linear(CompressedLinear):
     """A W8A8 Linear as compressed-tensors ``int-quantized`` stores it: int8 weights with one
     scale per output channel; the input is quantized per token at run time (dynamic, symmetric).
 
@@ -294,13 +238,32 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.weight_scale.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import compress.kernels as kernels
-
         # backend: set by compress.load(kernel=...), like QuantLinear's (None: automatic)
-        return kernels.int8_linear(x, self.weight, self.weight_scale, self.bias, backend=getattr(self, "backend", None))
+        return int8_linear(x, self.weight, self.weight_scale, self.bias, backend=getattr(self, "backend", None))
 
     def spec(self) -> dict:
         return {"bits": 8, "group_size": -1, "symmetric": True, "act_order": False, "activations": {"bits": 8, "dynamic": True}}
+
+    # the compressed-module protocol (compress.modules)
+    def dense_weight(self) -> torch.Tensor:
+        return self.dequantize()
+
+    def quant_spec(self) -> dict:
+        return self.spec()
+
+    @classmethod
+    def stored_layers(cls, source) -> list[str]:
+        """Layers with an int8 ``weight`` beside a ``weight_scale`` and no packed codes."""
+        scaled = {k[: -len(".weight_scale")] for k in source.weight_map if k.endswith(".weight_scale")}
+        return sorted(n for n in scaled if n + ".weight_packed" not in source.weight_map)
+
+    @classmethod
+    def from_checkpoint(cls, source, name, linear, groups) -> "Int8Linear":
+        g = scheme_for(name, groups)
+        if g.get("format") != "int-quantized":
+            raise FormatError(f"{name}: stores int8 weights with a scale but its quantization_config group is {g.get('format')!r}")
+        scale_dtype = source.read([name + ".weight_scale"])[name + ".weight_scale"].dtype
+        return _fill(cls(linear.in_features, linear.out_features, bias=linear.bias is not None, scale_dtype=scale_dtype), source, name)
 
     @property
     def bits_per_weight(self) -> float:
@@ -446,6 +409,22 @@ def read_quantization_config(cfg: dict) -> dict[str, dict]:
         if fmt == "int-quantized" and (bits, out[name]["group_size"], out[name]["symmetric"]) != (8, -1, True):
             raise bad(f"{at}.weights", w, "8-bit per-channel symmetric weights (W8A8)")
     return out
+
+
+def scheme_for(name: str, groups: dict[str, dict]) -> dict:
+    """The ``read_quantization_config`` group whose targets match layer ``name``."""
+    dummy = nn.Linear(1, 1, device="meta")
+    for g in groups.values():
+        if matches_any(name, dummy, g["targets"]):
+            return g
+    raise FormatError(f"{name}: has quantized weights but no quantization_config group targets it")
+
+
+def _fill(m: nn.Module, source, name: str) -> nn.Module:
+    """Fill ``m``'s buffers from the checkpoint: its state_dict names exactly what is stored."""
+    tensors = source.read([name + "." + k for k in m.state_dict()])
+    m.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in tensors.items()})
+    return m
 
 
 def replace_linear(model: nn.Module, name: str, module: nn.Module) -> nn.Module:

@@ -47,6 +47,14 @@ CONFIGS = {
     "sq08-w8a8": [f"passes=[{{smoothquant: {{alpha: 0.8}}}}, {{rtn: {_W8A8}}}]"],
     "sq05-gptq-w8a8": [f"passes=[{{smoothquant: {{alpha: 0.5}}}}, {{gptq: {_W8A8}}}]"],
     "sq08-gptq-w8a8": [f"passes=[{{smoothquant: {{alpha: 0.8}}}}, {{gptq: {_W8A8}}}]"],
+    # issue 12: pruning (50% unstructured, 2:4), OWL vs uniform, SparseGPT 2:4 joint with GPTQ W4 g64
+    **{f"{m}-50": [f"passes=[{{{m}: {{sparsity: 0.5}}}}]"] for m in ("sparsegpt", "wanda", "magnitude")},
+    **{f"{m}-24": [f"passes=[{{{m}: {{pattern: '2:4'}}}}]"] for m in ("sparsegpt", "wanda", "magnitude")},
+    **{f"{m}-{a}-{s}": [f"passes=[{{{m}: {{sparsity: 0.{s}, allocation: {a}}}}}]"]
+       for m in ("wanda", "sparsegpt") for a in ("uniform", "owl") for s in (5, 7)},
+    "sparsegpt-24-act": ["passes=[{sparsegpt: {pattern: '2:4', act_order: true}}]"],
+    "sparsegpt-24-gptq-w4g64": ["passes=[{sparsegpt: {pattern: '2:4'}}, {gptq: {bits: 4, group_size: 64}}]"],
+    "wanda-24-gptq-w4g64": ["passes=[{wanda: {pattern: '2:4'}}, {gptq: {bits: 4, group_size: 64}}]"],
 }
 
 

@@ -25,6 +25,67 @@ from compress.obs import blockwise_solve, inverse_cholesky, prepare_hessian
 from compress.quant.rtn import QuantResult, QuantScheme, check_group_size, fit_qparams, quantize_codes
 
 
+class ColumnRounder:
+    """GPTQ's per-column step (a ``compress.obs.ColumnStep``): round column ``j`` (a position in
+    visiting order) on its group's grid, recording codes, scales and zero points.
+
+    ``W`` (out, in) is the weight already permuted to visiting order ``perm`` (in,). Shared with
+    SparseGPT's joint sparse + quantized mode, which calls it for the columns it keeps."""
+
+    def __init__(self, W: torch.Tensor, perm: torch.Tensor, scheme: QuantScheme, static_groups: bool,
+                 fit_on: torch.Tensor | None = None):
+        """``fit_on`` (out, in), visiting order: the weights static groups are fitted on (default
+        ``W``; SparseGPT's joint mode passes the pruned weights, whose range the kept ones have)."""
+        out_f, in_f = W.shape
+        self.scheme, self.perm, self.static = scheme, perm, static_groups
+        self.gw = scheme.group_width(in_f)
+        G = scheme.groups(in_f)
+        # kept transposed, (G, out) and (in, out), so the per-column reads and writes are contiguous
+        self.scale = torch.zeros(G, out_f)
+        self.zero = torch.zeros(G, out_f)
+        self.codes = torch.zeros(in_f, out_f)  # row j: the codes of the column visited j-th
+        if static_groups:  # natural groups, fitted once on the original weights
+            Wn = (W if fit_on is None else fit_on)[:, torch.argsort(perm)]  # (out, in) in original column order
+            for g in range(G):
+                self.scale[g], self.zero[g] = fit_qparams(Wn[:, g * self.gw : (g + 1) * self.gw], scheme)
+        # visiting position -> group
+        self.group_of = (perm // self.gw) if static_groups else (torch.arange(in_f) // self.gw)
+
+    def __call__(self, j: int, w: torch.Tensor, current, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The rounded column (out,); rows where ``keep`` (out,) is False get the zero point's
+        code, so they dequantize to exactly 0 (a pruned weight stays pruned)."""
+        # with act_order (not static), groups follow the visiting order
+        g = int(self.group_of[j])
+        if not self.static and j % self.gw == 0:
+            self.scale[g], self.zero[g] = fit_qparams(current(j, j + self.gw), self.scheme)
+        s, z = self.scale[g], self.zero[g]
+        c = quantize_codes(w, s, z, self.scheme.maxq)
+        if keep is not None:
+            c = torch.where(keep, c, z)
+        self.codes[j] = c
+        return (c - z) * s
+
+    def result(self, act_order: bool, info: dict) -> QuantResult:
+        invperm = torch.argsort(self.perm)
+        return QuantResult(
+            q=self.codes.T[:, invperm].to(torch.int32),
+            scale=self.scale.T.contiguous(),
+            zero=self.zero.T.contiguous().to(torch.int32),
+            g_idx=self.group_of[invperm].to(torch.int32),  # natural order: arange(in) // gw unless act-order groups
+            scheme=self.scheme,
+            act_order=act_order and not self.static,  # only then is g_idx needed
+            info=info,
+        )
+
+
+def activation_order(W: torch.Tensor, H: torch.Tensor, act_order: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W, H, perm)`` permuted to visit columns by decreasing ``H_jj`` (or unpermuted)."""
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
+    if act_order:
+        W, H = W[:, perm], H[perm[:, None], perm[None, :]]  # one gather: no second (in, in) copy
+    return W, H, perm
+
+
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -34,51 +95,28 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    mask: torch.Tensor | None = None,
     name: str = "",
 ) -> QuantResult:
-    """Quantize ``W`` (out, in) given ``H`` (in, in) = Σ xxᵀ over calibration inputs."""
+    """Quantize ``W`` (out, in) given ``H`` (in, in) = Σ xxᵀ over calibration inputs.
+
+    ``mask`` (out, in) bool, True = kept: weights already pruned stay exactly zero (their code is
+    the zero point) and the solver pushes the rounding error of the kept ones around them."""
     out_f, in_f = W.shape
     if not check_group_size(in_f, scheme.group_size):
         raise ValueError(f"{name}: group_size {scheme.group_size} does not divide in_features {in_f}")
     W, H = prepare_hessian(W, H)  # copies: the caller's H is left as it was
-    perm = torch.arange(in_f)
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm[:, None], perm[None, :]]  # one gather: no second (in, in) copy
+    W, H, perm = activation_order(W, H, act_order)
     U, damp_used = inverse_cholesky(H, damp, name)  # damps H in place
     del H
+    rounder = ColumnRounder(W, perm, scheme, static_groups)
+    if mask is None:
+        step = rounder
+    else:
+        keep_t = mask[:, perm].T.contiguous()  # (in, out) in visiting order: row j is column j's mask
 
-    gw = scheme.group_width(in_f)
-    G = scheme.groups(in_f)
-    # kept transposed, (G, out) and (in, out), so the per-column reads and writes are contiguous
-    scale = torch.zeros(G, out_f)
-    zero = torch.zeros(G, out_f)
-    codes = torch.zeros(in_f, out_f)  # row j: the codes of the column visited j-th
-    if static_groups:  # natural groups, fitted once on the original weights
-        Wn = W[:, torch.argsort(perm)]  # (out, in) in original column order
-        for g in range(G):
-            scale[g], zero[g] = fit_qparams(Wn[:, g * gw : (g + 1) * gw], scheme)
-    group_of = (perm // gw) if static_groups else (torch.arange(in_f) // gw)  # visiting position -> group
-
-    def step(j: int, w: torch.Tensor, current) -> torch.Tensor:
-        # j is a position in visiting order; with act_order (not static), groups follow that order
-        g = int(group_of[j])
-        if not static_groups and j % gw == 0:
-            scale[g], zero[g] = fit_qparams(current(j, j + gw), scheme)
-        s, z = scale[g], zero[g]
-        codes[j] = quantize_codes(w, s, z, scheme.maxq)
-        return (codes[j] - z) * s
+        def step(j, w, current):
+            return rounder(j, w, current, keep_t[j])
 
     _, losses = blockwise_solve(W, U, step, blocksize)
-    invperm = torch.argsort(perm)
-    q = codes.T[:, invperm]
-    g_idx = group_of[invperm].to(torch.int32)  # natural order: arange(in) // gw unless act-order groups
-    return QuantResult(
-        q=q.to(torch.int32),
-        scale=scale.T.contiguous(),
-        zero=zero.T.contiguous().to(torch.int32),
-        g_idx=g_idx,
-        scheme=scheme,
-        act_order=act_order and not static_groups,  # only then is g_idx needed
-        info={"damp": damp_used, "loss": float(losses.sum())},
-    )
+    return rounder.result(act_order, {"damp": damp_used, "loss": float(losses.sum())})

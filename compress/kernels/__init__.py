@@ -48,6 +48,7 @@ import torch
 
 from compress.errors import UsageError
 from compress.kernels import reference
+from compress.packing import unpack_int32
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV = "COMPRESS_KERNEL"
@@ -159,8 +160,6 @@ def kernel_weights(qlinear) -> KernelWeights:
     kw = qlinear.__dict__.get("_kernel_weights")
     if kw is not None and kw.key == key:
         return kw
-    from compress.formats import unpack_int32
-
     N, K, bits = qlinear.out_features, qlinear.in_features, qlinear.bits
     gs = K if qlinear.group_size == -1 else qlinear.group_size
     zeros = None

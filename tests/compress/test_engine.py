@@ -12,7 +12,8 @@ from compress.export import Exporter
 from compress.families import find_blocks
 from compress.loading import load
 from compress.modelio import ModelSource, materialize
-from compress.passes import Context, GPTQPass
+from compress.passes import Context
+from compress.quant.passes import GPTQPass
 from compress.recipe import load_recipe
 from conftest import save_tiny
 

@@ -1,0 +1,297 @@
+"""Pass adapters of the quantization family: round-to-nearest, GPTQ, and the scale-folding
+passes AWQ and SmoothQuant. Each adapts a pure function of ``quant/`` (``rtn.py``, ``gptq.py``,
+``awq.py``, ``smoothquant.py``) to the modules of a decoder block; the engine owns hooks, data
+and devices, ``compress.smoothing`` the folding of scales into a block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+
+from compress.families import Smooth, get_module
+from compress.formats import Int8Linear, QuantLinear
+from compress.passes import Pass, matches_any, register
+from compress.quant import awq as awq_alg
+from compress.quant.gptq import gptq_quantize
+from compress.quant.rtn import QuantScheme, rtn_quantize
+from compress.quant.smoothquant import smooth_scales
+from compress.smoothing import fold_scales, output_loss, scaled_hessian
+
+# ---------------------------------------------------------------- RTN and GPTQ
+
+
+class ActivationConfig(BaseModel):
+    """Activation quantization (W8A8): int8, symmetric, one scale per token computed at run time.
+    Only this scheme exists: it is what the int8 kernels and vLLM's int-quantized path serve."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: Literal[8] = 8
+    dynamic: Literal[True] = True  # per-token scales at run time (no calibrated static scale)
+    symmetric: Literal[True] = True
+
+
+class QuantConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bits: int = Field(4, ge=2, le=8)  # 4 and 8 are what vLLM serves; others run in our runtime
+    group_size: int = 128  # input columns per scale; -1 = one scale per output channel
+    symmetric: bool = True  # asymmetric stores a zero point per group
+    observer: Literal["minmax", "mse"] = "mse"  # mse: search a clipping ratio per group
+    targets: list[str] = Field(default_factory=lambda: ["Linear"])  # class, name suffix, or re:regex
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+    # W8A8: also quantize the Linear's input per token at run time (int8 × int8 → int32 GEMM);
+    # needs bits 8, group_size -1, symmetric (the compressed-tensors int-quantized scheme)
+    activations: ActivationConfig | None = None
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v):
+        if v != -1 and v < 1:
+            raise ValueError("must be -1 (per channel) or a positive divisor of in_features")
+        return v
+
+    @model_validator(mode="after")
+    def _w8a8(self):
+        if self.activations is not None:
+            bad = [f"{k} is {getattr(self, k)}" for k, want in (("bits", 8), ("group_size", -1), ("symmetric", True)) if getattr(self, k) != want]
+            if bad:
+                raise ValueError(f"activations (W8A8) needs bits 8, group_size -1 and symmetric true; here {', '.join(bad)}")
+        return self
+
+    def scheme(self, dtype: torch.dtype):
+        return QuantScheme(
+            bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, observer=self.observer, scale_dtype=dtype
+        )
+
+
+class _QuantPass(Pass):
+    quantizes = True
+
+    def check(self, full_name, module):
+        g = self.config.group_size
+        if g != -1 and module.in_features % g:
+            return f"group_size {g} does not divide in_features {module.in_features}"
+        return None
+
+    def fix(self, in_features):
+        ok = [g for g in (256, 128, 64, 32, 16) if all(k % g == 0 for k in in_features)]
+        return f"use group_size {', '.join(map(str, ok[:3])) or '-1'} or -1, or list those layers under `ignore`"
+
+    def _module(self, module: nn.Linear, result) -> nn.Module:
+        bias = None if module.bias is None else module.bias.detach()
+        if getattr(self.config, "activations", None) is not None:
+            return Int8Linear.from_result(result, bias=bias, bias_dtype=self.ctx.dtype)
+        return QuantLinear.from_result(result, bias=bias, bias_dtype=self.ctx.dtype)
+
+
+@register
+class RTNPass(_QuantPass):
+    """Round to nearest, per group (no calibration statistics needed)."""
+
+    name = "rtn"
+    Config = QuantConfig
+
+    def apply(self, full_name, module, stats):
+        res = rtn_quantize(module.weight.detach().float(), self.config.scheme(self.ctx.dtype))
+        return self._module(module, res), {}
+
+
+class GPTQConfig(QuantConfig):
+    # Visit columns by decreasing activation energy (H_jj): the largest-error columns are rounded
+    # first, while the most columns are left to absorb their error. Measured on the demo model
+    # (W4 g64): perplexity 16.47 without, 14.60 with (static groups); see BENCHMARKS.md.
+    act_order: bool = True
+    # Fit every group's scale up front on the original weights, groups of consecutive columns:
+    # act-order then needs no g_idx, so every runtime serves it (compressed-tensors >= 0.19 no
+    # longer reads g_idx). False: groups follow the visiting order and g_idx is exported.
+    static_groups: bool = True
+    block_size: int = Field(128, ge=1)  # columns per lazy-update block
+    damp: float = Field(0.01, gt=0)  # λ = damp · mean(diag H); raised ×10 if H is not PD
+
+
+@register
+class GPTQPass(_QuantPass):
+    """GPTQ (second-order error feedback) on each targeted Linear."""
+
+    name = "gptq"
+    Config = GPTQConfig
+    stats = ("hessian",)
+
+    def apply(self, full_name, module, stats):
+        c = self.config
+        res = gptq_quantize(
+            module.weight.detach().float(),
+            stats["hessian"]["H"],
+            c.scheme(self.ctx.dtype),
+            blocksize=c.block_size,
+            damp=c.damp,
+            act_order=c.act_order,
+            static_groups=c.static_groups,
+            mask=stats.get("mask"),  # an earlier pruning pass's zeros stay zeros
+            name=full_name,
+        )
+        return self._module(module, res), {"damp": res.info["damp"]}
+
+
+# ---------------------------------------------------------------- scale folding
+
+
+class _SmoothPass(Pass):
+    """A pass of the smoothing stage: ``smooth(block, points, ...)`` folds scales into the block."""
+
+    smooths = True
+
+    def targets_point(self, prefix: str, block: nn.Module, point: Smooth) -> bool:
+        return all(self.matches(prefix + n, get_module(block, n)) for n in point.linears)
+
+
+# ---------------------------------------------------------------- AWQ
+
+
+class AWQConfig(QuantConfig):
+    # the clipping search picks each group's range; a following gptq pass uses its own observer
+    observer: Literal["minmax", "mse"] = "minmax"
+    grid: int = Field(20, ge=1)  # exponents r = 0, 1/grid, ..., (grid-1)/grid
+    duo_scaling: bool = True  # s = mean|x|^r / mean|w|^(1-r); false: s = mean|x|^r
+    # what the search measures: "layer" the Linears' own output error on every calibration token,
+    # exactly, through H = XᵀX (a grid point costs one (out, in) × (in, in) product); "output"
+    # the real output of the module the Linears feed (the attention, the MLP), on
+    # `search_samples` calibration windows (a grid point costs a forward of that module)
+    objective: Literal["output", "layer"] = "layer"
+    search_samples: int = Field(32, ge=1)  # windows the "output" objective runs (evenly spread)
+    clip: bool = True  # search a clipped weight range per group (the reference's auto_clip)
+    clip_grid: int = Field(20, ge=1)
+    clip_max_shrink: float = Field(0.5, gt=0, lt=1)
+    # Linears whose range is not clipped: their error reaches the output through a softmax, where
+    # the per-group output error is a poor guide (as in the reference implementation)
+    clip_skip: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "qkv_proj"])
+
+
+@register
+class AWQPass(_SmoothPass, _QuantPass):
+    """Activation-aware scaling and clipping; quantizes with RTN itself unless an rtn or gptq pass
+    follows it in the recipe (then it only prepares the weights)."""
+
+    name = "awq"
+    Config = AWQConfig
+    smooth_stats = ("absmean", "hessian")
+    defer = False  # set by ``link`` when a later pass quantizes the Linears
+
+    @property
+    def quantizes(self) -> bool:  # type: ignore[override]
+        return not self.defer
+
+    def link(self, later):
+        self.defer = any(q.quantizes for q in later if not q.smooths)
+
+    def _search_scheme(self):
+        return replace(self.config.scheme(self.ctx.dtype), observer="minmax")
+
+    @torch.no_grad()
+    def smooth(self, block, prefix, points, plus_one, stats, probe) -> dict[str, dict]:
+        c = self.config
+        scheme = self._search_scheme()
+        info: dict[str, dict] = {}
+        hess = {n: st["hessian"]["H"] for n, st in stats.items()}
+        for point in points:
+            if not self.targets_point(prefix, block, point):
+                continue
+            lins = [get_module(block, n) for n in point.linears]
+            weights = [l.weight.detach().float().clone() for l in lins]
+            st = stats[point.linears[0]]
+            x_mean = awq_alg.activation_mean(st["absmean"]["sum"], st["absmean"]["n"])
+            if c.objective == "layer":
+                loss = awq_alg.hessian_loss(weights, hess[point.linears[0]])
+            else:
+                loss = output_loss(block, point, lins, weights, probe, c.search_samples)
+            s, res = awq_alg.search_scale(weights, x_mean, scheme, loss, grid=c.grid, duo=c.duo_scaling)
+            applied = fold_scales(block, point, s, plus_one, self.ctx.dtype)
+            # the Linears of a point read one input: one Hessian, now of X diag(applied)^-1
+            Hs = scaled_hessian(hess[point.linears[0]], applied)
+            for n in point.linears:
+                hess[n] = Hs
+                info[prefix + n] = {"awq_ratio": res["ratio"]}
+        for n, H in hess.items():  # the engine reuses them (they are XᵀX of the smoothed block)
+            stats[n]["hessian"]["H"] = H
+        if c.clip:
+            for n, H in hess.items():
+                full = prefix + n
+                mod = get_module(block, n)
+                if not self.matches(full, mod) or any(full.endswith("." + k) for k in c.clip_skip):
+                    continue
+                lo, hi = awq_alg.search_clip(mod.weight.float(), H, scheme, c.clip_grid, c.clip_max_shrink)
+                mod.weight.copy_(awq_alg.clamp_to(mod.weight.float(), lo, hi))
+                info.setdefault(full, {})["awq_clipped"] = True
+        return info
+
+    def apply(self, full_name, module, stats):
+        if self.defer:  # the following rtn/gptq pass quantizes the prepared weights
+            return module, {}
+        return RTNPass.apply(self, full_name, module, stats)  # min-max on the clipped weights
+
+
+# ---------------------------------------------------------------- SmoothQuant
+
+
+class SmoothQuantConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(0.5, ge=0, le=1)  # migration strength: 0 keeps X, 1 moves all of max|X| into W
+    # per-layer override: {pattern: alpha}; a pattern (class, name suffix, or re:regex) matches
+    # any Linear of a folding point; the first match wins
+    layers: dict[str, float] = Field(default_factory=dict)
+    # where to fold: "norms" (the input norms of attention and MLP, as in the paper) or "all"
+    # (also v→o and up→down where shapes allow)
+    fold_into: Literal["norms", "all"] = "norms"
+    targets: list[str] = Field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+    @field_validator("layers")
+    @classmethod
+    def _alphas(cls, v):
+        for k, a in v.items():
+            if not 0 <= a <= 1:
+                raise ValueError(f"alpha for {k!r} must be in [0, 1], got {a}")
+        return v
+
+
+@register
+class SmoothQuantPass(_SmoothPass):
+    """Fold max|X|^α / max|W|^(1-α) into the norms; a following rtn/gptq pass with
+    ``activations: {bits: 8}`` makes it W8A8."""
+
+    name = "smoothquant"
+    Config = SmoothQuantConfig
+    smooth_stats = ("absmax",)
+
+    def alpha_for(self, prefix: str, block: nn.Module, point: Smooth) -> float:
+        for pattern, a in self.config.layers.items():
+            if any(matches_any(prefix + n, get_module(block, n), [pattern]) for n in point.linears):
+                return a
+        return self.config.alpha
+
+    @torch.no_grad()
+    def smooth(self, block, prefix, points, plus_one, stats, probe) -> dict[str, dict]:
+        info: dict[str, dict] = {}
+        for point in points:
+            if not self.targets_point(prefix, block, point):
+                continue
+            if self.config.fold_into == "norms" and isinstance(get_module(block, point.prev), nn.Linear):
+                continue
+            alpha = self.alpha_for(prefix, block, point)
+            weights = [get_module(block, n).weight.float() for n in point.linears]
+            s = smooth_scales(stats[point.linears[0]]["absmax"]["max"], weights, alpha)
+            fold_scales(block, point, s, plus_one, self.ctx.dtype)
+            for n in point.linears:
+                info[prefix + n] = {"smooth_alpha": alpha}
+        return info
+
+    def apply(self, full_name, module, stats):  # nothing to do per Linear after folding
+        return module, {}
