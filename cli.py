@@ -231,6 +231,9 @@ def _print_report(report: dict) -> None:
                 sizes.append((label, c["size_bytes"], c["bits_per_parameter"]))
     if sizes:
         out.print("size on disk: " + ", ".join(f"{label} {size / 1e6:.1f} MB" + (f" ({bpp:.2f} bits/param)" if bpp else "") for label, size, bpp in sizes))
+    sp = (report.get("export") or {}).get("sparsity")
+    if sp:
+        out.print(f"sparsity: {sp['global_sparsity']:.1%} of {sp['layers']} pruned layers' weights ({sp['structure']})")
     worst = sorted((l for l in report.get("layers", []) if l["rel_output_error"] is not None), key=lambda l: -l["rel_output_error"])[:5]
     if worst:
         out.print("highest relative output error: " + ", ".join(f"{l['name']} {l['rel_output_error']:.4f}" for l in worst))
@@ -548,6 +551,9 @@ def inspect_cmd(ckpt: Annotated[str, typer.Argument(help="A checkpoint folder.")
             kind = "symmetric" if s["symmetric"] else "asymmetric"
             g = "per channel" if s["group_size"] == -1 else f"group {s['group_size']}"
             out.print(f"  {info['quantized_layers']} layers: int{s['bits']} {kind}, {g}{', act-order g_idx' if s['act_order'] else ''}; runs on: {s['runtime']}")
+        if info.get("sparsity"):
+            sp = info["sparsity"]
+            out.print(f"  {sp['layers']} layers pruned: {sp['structure']}, {sp['global_sparsity']:.1%} of their weights are zero (stored dense)")
         if info.get("ignore"):
             out.print(f"  left unquantized: {', '.join(info['ignore'][:8])}{' ...' if len(info['ignore']) > 8 else ''}")
     except typer.Exit:

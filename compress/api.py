@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from compress.data import calibration_windows, eval_windows, load_texts, tokenize
-from compress.engine import compress_blocks
-from compress.errors import UsageError
+from compress.engine import check_plan, compress_blocks
+from compress.errors import InputError, UsageError
 from compress.export import Exporter
 from compress.families import find_blocks
 from compress.modelio import ModelSource, resolve_model
@@ -69,6 +69,7 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
         ids = tokenize(load_texts(cal.data, "calibration", cal.text_field), source.tokenizer)
         calib = calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, recipe.seed)
 
+    check_plan(source, model, passes)  # bad options fail here, before anything is written
     exporter = Exporter(
         Path(recipe.export.path), source, recipe.fingerprint(), blocks_path, len(blocks), dtype,
         overwrite=recipe.export.overwrite, resume=resume,
@@ -293,4 +294,21 @@ def inspect_checkpoint(path) -> dict:
             for g in groups.values()
         ]
         out["ignore"] = qc.get("ignore", [])
+    meta = read_metadata(source.path)
+    if "sparsity" in meta:
+        sp = meta["sparsity"]
+        out["sparsity"] = {"structure": sp["structure"], "global_sparsity": sp["global_sparsity"], "layers": len(sp["targets"])}
     return out
+
+
+def read_metadata(path) -> dict:
+    """The export's ``compress.json`` (our metadata: sparsity, ...); {} for other checkpoints."""
+    from compress.export import METADATA
+
+    f = Path(path) / METADATA
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{f}: unreadable ({e}); delete it or re-export the checkpoint") from None

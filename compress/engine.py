@@ -198,9 +198,7 @@ def compress_blocks(
     small models that are evaluated in memory)."""
     model_type = source.config.model_type
     blocks_path, blocks = find_blocks(model, model_type, getattr(source.config, "num_hidden_layers", None))
-    link_passes(passes)
-    passes = [p for p in passes if not p.absorbed]
-    plan = plan_targets(model, blocks_path, blocks, passes)
+    passes, plan = check_plan(source, model, passes)
     needed = {s for p in passes for s in p.stats}
     smoothers = [p for p in passes if p.smooths]
     previewers = [p for p in passes if p.preview_stats]
@@ -277,6 +275,16 @@ def _preview(source, blocks, blocks_path: str, plan, previewers: list[Pass], inp
         _trim_heap()
     for p in previewers:
         p.preview_done()
+
+
+def check_plan(source: ModelSource, model: nn.Module, passes: list[Pass]) -> tuple[list[Pass], dict[str, list[Pass]]]:
+    """Link the passes and plan which apply to each Linear, raising every configuration error
+    before any work (callers run it before creating output folders). Returns the passes that
+    run (absorbed ones dropped) and the plan."""
+    blocks_path, blocks = find_blocks(model, source.config.model_type, getattr(source.config, "num_hidden_layers", None))
+    link_passes(passes)
+    passes = [p for p in passes if not p.absorbed]
+    return passes, plan_targets(model, blocks_path, blocks, passes)
 
 
 def link_passes(passes: list[Pass]) -> None:
