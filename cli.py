@@ -47,6 +47,12 @@ MinRecoveryOpt = Annotated[Optional[list[str]], typer.Option("--min-recovery", h
 MaxDropOpt = Annotated[Optional[list[str]], typer.Option("--max-drop", help="Gate: METRIC=DROP, the largest absolute drop allowed, e.g. acc=0.02 (repeatable).")]
 MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Also write the Markdown summary (for CI job summaries) to this file.")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Evaluate again even where a cached result exists.")]
+# calibration and targets of the one-method commands (quantize, prune)
+SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration samples.")]
+CalSeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sample.")]
+CalDataOpt = Annotated[str, typer.Option("--data", help="Calibration data: builtin:pydoc, a .txt/.jsonl/.parquet file, or a hub dataset.")]
+IgnoreOpt = Annotated[Optional[list[str]], typer.Option("--ignore", help="Layers to leave alone (name, suffix or re:regex; repeatable).")]
+NoEvalOpt = Annotated[bool, typer.Option("--no-eval", help="Skip the before/after perplexity.")]
 
 _state = {"debug": False}
 
@@ -306,11 +312,11 @@ def quantize_cmd(
     asymmetric: Annotated[bool, typer.Option("--asym/--sym", help="Asymmetric (zero points) or symmetric.")] = False,
     act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ: visit columns by activation order.")] = True,
     g_idx: Annotated[bool, typer.Option("--g-idx", help="GPTQ act-order with groups in visiting order, exported as g_idx (default: static groups, no g_idx).")] = False,
-    samples: Annotated[int, typer.Option("--samples", help="Calibration samples.")] = 128,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sample.")] = 512,
-    data: Annotated[str, typer.Option("--data", help="Calibration data: builtin:pydoc, a .txt/.jsonl/.parquet file, or a hub dataset.")] = "builtin:pydoc",
-    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Layers to leave alone (name, suffix or re:regex; repeatable).")] = None,
-    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after perplexity.")] = False,
+    samples: SamplesOpt = 128,
+    seq_len: CalSeqLenOpt = 512,
+    data: CalDataOpt = "builtin:pydoc",
+    ignore: IgnoreOpt = None,
+    no_eval: NoEvalOpt = False,
     alpha: Annotated[float, typer.Option("--alpha", help="SmoothQuant migration strength (0-1).")] = 0.5,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
@@ -387,11 +393,11 @@ def prune_cmd(
     allocation: Annotated[str, typer.Option("--allocation", help="uniform (every layer the same) or owl (blocks with more activation outliers keep more; unstructured only).")] = "uniform",
     owl_lambda: Annotated[float, typer.Option("--owl-lambda", help="OWL: block sparsities span sparsity ± this.")] = 0.08,
     owl_m: Annotated[float, typer.Option("--owl-m", help="OWL: an outlier is a score above this × the block's mean.")] = 5.0,
-    samples: Annotated[int, typer.Option("--samples", help="Calibration samples.")] = 128,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sample.")] = 512,
-    data: Annotated[str, typer.Option("--data", help="Calibration data: builtin:pydoc, a .txt/.jsonl/.parquet file, or a hub dataset.")] = "builtin:pydoc",
-    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Layers to leave alone (name, suffix or re:regex; repeatable).")] = None,
-    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after perplexity.")] = False,
+    samples: SamplesOpt = 128,
+    seq_len: CalSeqLenOpt = 512,
+    data: CalDataOpt = "builtin:pydoc",
+    ignore: IgnoreOpt = None,
+    no_eval: NoEvalOpt = False,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
