@@ -581,7 +581,7 @@ def demo_model_cmd(quiet: QuietOpt = False):
         _fail(e)
 
 
-KernelOpt = Annotated[Optional[str], typer.Option("--kernel", help="Kernel backend: torch, triton or cuda (default: the fastest for the device, or $COMPRESS_KERNEL).")]
+KernelOpt = Annotated[Optional[str], typer.Option("--kernel", help="Kernel backend: torch, triton or cuda (default: the fastest for the device, or $COMPRESS_KERNEL); sparse24 requires 2:4 semi-structured weights (2:4 checkpoints, CUDA GPUs of compute capability 8.0+, bf16/fp16; automatic there unless --kernel torch).")]
 
 
 @app.command("generate")

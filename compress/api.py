@@ -18,10 +18,10 @@ import torch
 
 from compress.data import calibration_windows, eval_windows, load_texts, tokenize
 from compress.engine import check_plan, compress_blocks
-from compress.errors import InputError, UsageError
+from compress.errors import UsageError
 from compress.export import Exporter
 from compress.families import find_blocks
-from compress.modelio import ModelSource, resolve_model
+from compress.modelio import ModelSource, read_metadata, resolve_model
 from compress.passes import Context, get_pass
 from compress.eval.report import REPORT_SCHEMA  # one schema for every report: eval/report.schema.json
 from compress.recipe import Recipe, dump_recipe
@@ -89,6 +89,7 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
         resume_inputs=cached,
         progress=lambda i, n, msg: hooks.progress("compress", i, n),
         sequential=cal.sequential,
+        error_samples=cal.error_samples,
     )
     compress_s = time.time() - t0 + sum(exporter.block_seconds[:start])
     report = {
@@ -299,16 +300,3 @@ def inspect_checkpoint(path) -> dict:
         sp = meta["sparsity"]
         out["sparsity"] = {"structure": sp["structure"], "global_sparsity": sp["global_sparsity"], "layers": len(sp["targets"])}
     return out
-
-
-def read_metadata(path) -> dict:
-    """The export's ``compress.json`` (our metadata: sparsity, ...); {} for other checkpoints."""
-    from compress.export import METADATA
-
-    f = Path(path) / METADATA
-    if not f.is_file():
-        return {}
-    try:
-        return json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{f}: unreadable ({e}); delete it or re-export the checkpoint") from None

@@ -188,11 +188,16 @@ def compress_blocks(
     progress: Callable[[int, int, str], None] = lambda i, n, msg: None,
     keep: bool = False,
     sequential: bool = True,
+    error_samples: int | None = None,
 ) -> None:
     """Run the layer-wise sweep. ``model`` is ``source.skeleton()`` (meta parameters).
 
     ``sequential=False`` calibrates all Linears of a block at once on the block's input (the
     compressed groups do not feed the later ones: one forward pass fewer per group).
+
+    ``error_samples``: calibration windows the report's per-layer output error is measured on
+    when no pass needs the Hessian itself (Wanda, magnitude, RTN): XᵀX costs as much as a forward
+    of the layer per token, so only that many windows pay it (None: all; 0: no error reported).
 
     ``keep=True`` leaves the compressed blocks in ``model`` instead of freeing them (for tests and
     small models that are evaluated in memory)."""
@@ -207,6 +212,7 @@ def compress_blocks(
         raise UsageError(f"passes {names} need calibration data; set calibration.samples > 0")
     if smoothers:
         smooth_points(blocks[0], model_type)  # an unknown family fails now, not at block 0's end
+    error_batches = None if error_samples is None or calib is None else -(-error_samples // batch_size)
 
     inputs = resume_inputs
     if calib is not None and (resume_inputs is None or previewers):
@@ -236,7 +242,7 @@ def compress_blocks(
         progress(i, n, "calibrating")
         cursor = [0]  # the calibration batch being run (read by _Replay)
         notes, known = _smooth_block(block, prefix, plan, smoothers, inputs, i, model_type, cursor) if smoothers else ({}, {})
-        layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type if sequential else "", cursor, known)
+        layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type if sequential else "", cursor, known, error_batches)
         for rep in layers:
             rep.info.update(notes.get(rep.name, {}))
         if inputs is not None:
@@ -347,7 +353,8 @@ def _smooth_block(block, prefix, plan, smoothers: list[Pass], inputs, i: int, mo
 
 
 @torch.no_grad()
-def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type: str, cursor: list[int], known=None) -> list[LayerReport]:
+def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type: str, cursor: list[int], known=None,
+                    error_batches: int | None = None) -> list[LayerReport]:
     reports: list[LayerReport] = []
     final: dict[str, nn.Module] = {}  # compressed modules, put in place once the block is done
     replays = replay_points(block, model_type)
@@ -356,7 +363,8 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
         # No pass calibrates on statistics (rtn): the weights do not depend on what the later
         # groups see, and the report's error needs only each Linear's input Hessian. One forward
         # over the block observes every group at once instead of one forward per group.
-        known = _observe(block, [n for g in groups for n in g if prefix + n in plan], inputs, i, {"hessian"}, cursor)
+        report = {"hessian": error_batches} if error_batches != 0 else {}
+        known = _observe(block, [n for g in groups for n in g if prefix + n in plan], inputs, i, set(report), cursor, report)
     for gi, group in enumerate(groups):
         targeted = [n for n in group if prefix + n in plan]
         stats: dict[str, dict] = {n: {} for n in targeted}
@@ -366,7 +374,10 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
                 # smoothing stage's Hessians save a calibration forward per group
                 stats = {n: known[n] for n in targeted}
             else:
-                stats = _observe(block, targeted, inputs, i, needed | {"hessian"}, cursor)
+                # the Hessian for the report alone is sampled (error_batches); passes that need
+                # it get it on every calibration token
+                extra = {} if "hessian" in needed or error_batches == 0 else {"hessian": error_batches}
+                stats = _observe(block, targeted, inputs, i, needed | set(extra), cursor, extra)
         for name in targeted:
             full = prefix + name
             mod = get_module(block, name)
@@ -417,9 +428,15 @@ def finish_block(block: nn.Module) -> None:
     block.__dict__.pop("_compress_final", None)
 
 
-def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, cursor: list[int]) -> dict[str, dict]:
+def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, cursor: list[int],
+             limit: dict[str, int | None] | None = None) -> dict[str, dict]:
     """Run the block on every calibration batch, hooks accumulating statistics for ``names``.
-    The forward of a batch ends as soon as every Linear of the group has seen its input."""
+    The forward of a batch ends as soon as every Linear of the group has seen its input.
+    ``limit``: statistics accumulated on only the first that many batches (None: all); the
+    loop stops once no statistic wants more."""
+    limit = limit or {}
+    if not needed:  # nothing to collect: no forward
+        return {n: {} for n in names}
     stats = {n: {s: STATS[s][0](get_module(block, n).in_features) for s in needed} for n in names}
     alias: dict[str, str] = {}  # Linears that read the very same input tensor share statistics
     seen: dict[str, torch.Tensor] = {}
@@ -433,7 +450,8 @@ def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, 
                 alias[name] = twin
             elif name not in alias:
                 for s in needed:
-                    STATS[s][1](stats[name][s], x)
+                    if limit.get(s) is None or cursor[0] < limit[s]:
+                        STATS[s][1](stats[name][s], x)
             seen[name] = x
             if len(seen) == len(names):
                 raise _Stop
@@ -444,6 +462,8 @@ def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, 
         handles.append(get_module(block, n).register_forward_pre_hook(hook_for(n)))
     try:
         for b, (h, (a, k)) in enumerate(zip(inputs.hidden, inputs.kwargs[i])):
+            if needed and all(limit.get(s) is not None and b >= limit[s] for s in needed):
+                break
             cursor[0] = b
             seen.clear()
             try:

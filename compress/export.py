@@ -34,7 +34,7 @@ from compress.engine import BlockInputs, BlockResult, LayerReport
 from compress.errors import InputError, UsageError
 from compress.formats import quantization_config
 from compress.modules import CompressedLinear
-from compress.modelio import ModelSource
+from compress.modelio import METADATA, METADATA_FORMAT, ModelSource
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -47,10 +47,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-
-
-METADATA = "compress.json"  # our metadata file in every export (see Exporter.metadata)
-METADATA_FORMAT = "compress.checkpoint/1"
 
 
 def shard_name(k: int, total: int) -> str:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.errors import InputError
+from compress.errors import InputError, UsageError
 from compress.families import get_module
 from compress.formats import read_quantization_config, replace_linear
 from compress.modules import CompressedLinear, module_types
-from compress.modelio import ModelSource, materialize, resolve_model
+from compress.modelio import ModelSource, materialize, read_metadata, resolve_model
 
 
 def stored_modules(source: ModelSource) -> dict[str, type[CompressedLinear]]:
@@ -56,20 +56,51 @@ def load_source(source: ModelSource, dtype: torch.dtype = torch.float32) -> nn.M
     return model
 
 
-def load(ref, dtype: torch.dtype = torch.float32, log=print, kernel: str | None = None) -> nn.Module:
-    """The model at ``ref`` in ``dtype`` compute; compressed layers stay packed.
+SPARSE24 = "sparse24"  # kernel= value forcing 2:4 semi-structured weights (and automatic packed kernels)
 
-    ``kernel``: the backend of every QuantLinear and Int8Linear, ``torch|triton|cuda`` (None or 'auto': the
-    fastest for the device, or $COMPRESS_KERNEL; see compress.kernels). An unknown name raises
-    UsageError here; an unavailable one at the first forward, naming what is missing.
+
+def load(ref, dtype: torch.dtype = torch.float32, log=print, kernel: str | None = None, device=None) -> nn.Module:
+    """The model at ``ref`` in ``dtype`` compute, on ``device`` (default: where it was built, the
+    CPU); compressed layers stay packed.
+
+    ``kernel``: the backend of every QuantLinear and Int8Linear, ``torch|triton|cuda`` (None or
+    'auto': the fastest for the device, or $COMPRESS_KERNEL; see compress.kernels). An unknown
+    name raises UsageError here; an unavailable one at the first forward, naming what is missing.
+
+    2:4 checkpoints (``compress.json``: ``sparsity.structure == "2:4"``): on a CUDA GPU with
+    sparse tensor cores and a float16/bfloat16 ``dtype``, the pruned dense Linears get PyTorch's
+    semi-structured sparse weights (``compress.kernels.sparse24``), unless ``kernel='torch'``
+    (the dense reference everywhere). ``kernel='sparse24'`` requires them: where they cannot run,
+    a UsageError says why. The CPU stays dense.
     """
     from compress.kernels import requested_backend
 
-    backend = requested_backend(kernel) if kernel not in (None, "") else None
+    sparse = kernel == SPARSE24
+    backend = requested_backend(None if sparse else kernel) if kernel not in (None, "") else None
     source = ModelSource(resolve_model(ref, log=log))
     model = load_source(source, dtype)
     for m in model.modules():
         if isinstance(m, CompressedLinear):
             m.backend = backend
+    if device is not None:
+        model.to(device)
     model.compress_source = source
+    sparsity = read_metadata(source.path).get("sparsity", {})
+    if sparse or (sparsity.get("structure") == "2:4" and backend != "torch"):
+        _semi_structured(model, source, sparsity, dtype, device, required=sparse, log=log)
     return model
+
+
+def _semi_structured(model, source, sparsity: dict, dtype, device, required: bool, log) -> None:
+    from compress.kernels.sparse24 import semi_structured_support, to_semi_structured
+
+    structure = sparsity.get("structure")
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    why = semi_structured_support(dev, dtype) if structure == "2:4" else f"{source.path} is not a 2:4 checkpoint (compress.json: {structure})"
+    if why is not None:
+        if required:
+            raise UsageError(f"kernel {SPARSE24!r}: {why}")
+        return
+    res = to_semi_structured(model, names=sparsity["targets"])
+    model.compress_sparse24 = res
+    log(f"2:4 semi-structured weights: {len(res['converted'])} layers" + (f", {len(res['skipped'])} kept dense" if res["skipped"] else ""))

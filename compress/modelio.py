@@ -251,3 +251,18 @@ def materialize(module: nn.Module, prefix: str, source: ModelSource, dtype=torch
 def release(module: nn.Module) -> None:
     """Send a finished block's parameters back to the meta device (frees their memory)."""
     module.to("meta")
+
+
+METADATA = "compress.json"  # our metadata file in every export (written by compress.export)
+METADATA_FORMAT = "compress.checkpoint/1"
+
+
+def read_metadata(path) -> dict:
+    """The export's ``compress.json`` (our metadata: sparsity, ...); {} for other checkpoints."""
+    f = Path(path) / METADATA
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{f}: unreadable ({e}); delete it or re-export the checkpoint") from None

@@ -40,6 +40,9 @@ class CalibrationConfig(_Strict):
     text_field: str = "text"  # the field/column holding text in .jsonl/.parquet/hub data
     batch_size: int = Field(8, ge=1)  # samples per forward pass of a block
     sequential: bool = True  # calibrate q/k/v, o, gate/up, down in turn on compressed inputs
+    # windows the report's per-layer output error is measured on where no pass needs XᵀX itself
+    # (wanda, magnitude, rtn; its cost is a layer forward per token); null: all, 0: none
+    error_samples: int | None = Field(16, ge=0)
 
 
 class PerplexityConfig(_Strict):

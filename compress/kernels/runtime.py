@@ -28,7 +28,7 @@ def generate(model_ref, prompt: str, max_new_tokens: int = 32, kernel: str | Non
     dt = DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    model = load(model_ref, dtype=dt, log=log, kernel=kernel).to(dev)
+    model = load(model_ref, dtype=dt, log=log, kernel=kernel, device=dev)
     tok = model.compress_source.tokenizer
     ids = tok(prompt, return_tensors="pt").input_ids.to(dev)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id if tok.eos_token_id is not None else 0)
@@ -43,9 +43,12 @@ def generate(model_ref, prompt: str, max_new_tokens: int = 32, kernel: str | Non
     for name, m in model.named_modules():
         if hasattr(m, "weight_scale") and hasattr(m, "kernel"):
             kernels[m.kernel] = kernels.get(m.kernel, 0) + 1
+    sparse = getattr(model, "compress_sparse24", None)
+    if sparse and sparse["converted"]:
+        kernels["sparse24"] = len(sparse["converted"])  # 2:4 semi-structured dense Linears
     return {
         "model": str(model_ref), "prompt": prompt, "text": tok.decode(new, skip_special_tokens=True),
         "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()), "seconds": dt_s,
         "tokens_per_s": new.numel() / dt_s if dt_s > 0 else None, "device": str(dev), "dtype": str(dt).removeprefix("torch."),
-        "kernels": kernels,  # backend -> number of quantized layers that ran it last
+        "kernels": kernels,  # backend -> number of layers that ran it last (sparse24: semi-structured 2:4 Linears)
     }

@@ -144,3 +144,13 @@ def test_prune_after_quantize_is_refused(tiny, tmp_path):
     with pytest.raises(UsageError, match="pruning pass comes after a quantization pass.*put the pruning pass first"):
         run(_recipe(tiny, tmp_path / "out", [{"gptq": {"bits": 4, "group_size": 16}}, {"wanda": {"sparsity": 0.5}}]))
     assert not (tmp_path / "out").exists()
+
+
+def test_2_4_checkpoint_on_the_cpu_stays_dense(tiny, tmp_path):
+    out = tmp_path / "out"
+    run(_recipe(tiny, out, [{"magnitude": {"pattern": "2:4"}}], samples=0))
+    model = load(out)  # automatic: the CPU computes with the dense weights
+    assert all(lin.weight.layout == torch.strided for lin in _linears(model).values())
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="sparse24.*CUDA"):
+            load(out, dtype=torch.bfloat16, kernel="sparse24")
