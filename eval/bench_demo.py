@@ -52,6 +52,8 @@ CONFIGS = {
     **{f"{m}-24": [f"passes=[{{{m}: {{pattern: '2:4'}}}}]"] for m in ("sparsegpt", "wanda", "magnitude")},
     **{f"{m}-{a}-{s}": [f"passes=[{{{m}: {{sparsity: 0.{s}, allocation: {a}}}}}]"]
        for m in ("wanda", "sparsegpt") for a in ("uniform", "owl") for s in (5, 7)},
+    "wanda-50-nonseq": ["passes=[{wanda: {sparsity: 0.5}}]", "calibration.sequential=false"],
+    "wanda-24-nonseq": ["passes=[{wanda: {pattern: '2:4'}}]", "calibration.sequential=false"],
     "sparsegpt-24-act": ["passes=[{sparsegpt: {pattern: '2:4', act_order: true}}]"],
     "sparsegpt-24-gptq-w4g64": ["passes=[{sparsegpt: {pattern: '2:4'}}, {gptq: {bits: 4, group_size: 64}}]"],
     "wanda-24-gptq-w4g64": ["passes=[{wanda: {pattern: '2:4'}}, {gptq: {bits: 4, group_size: 64}}]"],
