@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from compress.cli import app
+from compress.eval.report import validate
 from conftest import save_tiny
 
 runner = CliRunner()
@@ -24,6 +25,7 @@ def test_prune_2_4_json_and_inspect(tiny, tmp_path):
     r = _prune(tiny, tmp_path / "out", "--method", "wanda", "--pattern", "2:4", "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
+    validate(rep)  # the report schema (eval/report.schema.json) knows the sparsity fields
     assert rep["recipe"]["passes"] == [{"wanda": {**rep["recipe"]["passes"][0]["wanda"], "sparsity": 0.5, "pattern": "2:4"}}]
     assert rep["export"]["sparsity"] == {"structure": "2:4", "global_sparsity": pytest.approx(0.5, abs=1e-3), "layers": 14}
     r = runner.invoke(app, ["inspect", str(tmp_path / "out")])
