@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from compress.errors import UsageError
-from compress.families import find_blocks, get_module, linear_groups, replay_points, smooth_points
+from compress.families import find_blocks, get_module, linear_groups, replay_input_points, replay_points, smooth_points
 from compress.formats import replace_linear
 from compress.modelio import ModelSource, materialize, release
 from compress.modules import dense_weight
@@ -98,6 +98,24 @@ class _Replay(nn.Module):
         if b not in self.cache:
             self.cache[b] = self.inner(*args, **kwargs)
         return self.cache[b]
+
+
+class _ReplayInput(_Replay):
+    """Stands in for a submodule whose output is one Linear applied to an input that is final
+    (an MLP once gate/up are compressed: ``down_proj(act(gate(x)) · up(x))``): applies the Linear,
+    as it is now, to that input kept per calibration batch, skipping the rest of the submodule."""
+
+    def __init__(self, inner: nn.Module, linear: str, kept: dict[int, torch.Tensor], cursor: list[int]):
+        super().__init__(inner, cursor)
+        self.linear, self.kept = linear, kept
+
+    def forward(self, *args, **kwargs):
+        return get_module(self.inner, self.linear)(self.kept[self.cursor[0]])
+
+
+# the most memory the kept inputs of _ReplayInput may take (float32 activations of every
+# calibration token); above it the submodule simply runs again
+REPLAY_INPUT_BYTES = 1 << 30
 
 
 def _trim_heap() -> None:
@@ -358,6 +376,7 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
     reports: list[LayerReport] = []
     final: dict[str, nn.Module] = {}  # compressed modules, put in place once the block is done
     replays = replay_points(block, model_type)
+    replay_inputs = replay_input_points(block, model_type)
     groups = linear_groups(block, model_type)
     if inputs is not None and not needed and not known:
         # No pass calibrates on statistics (rtn): the weights do not depend on what the later
@@ -367,6 +386,7 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
         known = _observe(block, [n for g in groups for n in g if prefix + n in plan], inputs, i, set(report), cursor, report)
     for gi, group in enumerate(groups):
         targeted = [n for n in group if prefix + n in plan]
+        keep_inputs: dict[str, dict] = {}  # inputs kept for _ReplayInput (by Linear name)
         stats: dict[str, dict] = {n: {} for n in targeted}
         if targeted and inputs is not None:
             if not needed and known and all(n in known for n in targeted):
@@ -377,7 +397,12 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
                 # the Hessian for the report alone is sampled (error_batches); passes that need
                 # it get it on every calibration token
                 extra = {} if "hessian" in needed or error_batches == 0 else {"hessian": error_batches}
-                stats = _observe(block, targeted, inputs, i, needed | set(extra), cursor, extra)
+                if needed and gi in replay_inputs:  # the observe runs every batch: keep what it sees
+                    tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
+                    for path, lin in replay_inputs[gi]:
+                        if lin in targeted and tokens * get_module(block, lin).in_features * 4 <= REPLAY_INPUT_BYTES:
+                            keep_inputs[lin] = {}
+                stats = _observe(block, targeted, inputs, i, needed | set(extra), cursor, extra, keep_inputs)
         for name in targeted:
             full = prefix + name
             mod = get_module(block, name)
@@ -414,6 +439,9 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
                 known.pop(name, None)
         for path in replays.get(gi, []):
             replace_linear(block, path, _Replay(get_module(block, path), cursor))
+        for path, lin in replay_inputs.get(gi, []):
+            if keep_inputs.get(lin):
+                replace_linear(block, path, _ReplayInput(get_module(block, path), lin[len(path) + 1 :], keep_inputs.pop(lin), cursor))
     block._compress_final = final
     return reports
 
@@ -429,11 +457,13 @@ def finish_block(block: nn.Module) -> None:
 
 
 def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, cursor: list[int],
-             limit: dict[str, int | None] | None = None) -> dict[str, dict]:
+             limit: dict[str, int | None] | None = None, keep: dict[str, dict] | None = None) -> dict[str, dict]:
     """Run the block on every calibration batch, hooks accumulating statistics for ``names``.
     The forward of a batch ends as soon as every Linear of the group has seen its input.
     ``limit``: statistics accumulated on only the first that many batches (None: all); the
-    loop stops once no statistic wants more."""
+    loop stops once no statistic wants more. ``keep``: {name: {}} filled with the input each of
+    those Linears saw, per batch."""
+    keep = keep or {}
     limit = limit or {}
     if not needed:  # nothing to collect: no forward
         return {n: {} for n in names}
@@ -453,6 +483,8 @@ def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, 
                     if limit.get(s) is None or cursor[0] < limit[s]:
                         STATS[s][1](stats[name][s], x)
             seen[name] = x
+            if name in keep:
+                keep[name][cursor[0]] = x.detach()
             if len(seen) == len(names):
                 raise _Stop
 

@@ -40,6 +40,10 @@ class Family:
     # (submodule, group index): once that group is compressed, the submodule's output is final
     # and the engine computes it once per calibration batch instead of once per later pass
     replay: tuple[tuple[str, int], ...] = ()
+    # (submodule, its Linear, group index): the submodule's output is that Linear applied to the
+    # Linear's input (an MLP ends in down_proj); the input is kept from the group's calibration
+    # pass, so propagating the finished block runs the Linear alone, not the whole MLP again
+    replay_input: tuple[tuple[str, str, int], ...] = ()
     # scale-folding points, in forward order; Linear→Linear points apply only where the shapes
     # match (v→o needs as many KV heads as query heads) and the op between is linear or ReLU
     smooth: tuple[Smooth, ...] = ()
@@ -66,6 +70,7 @@ _LLAMA = Family(
         ("mlp.down_proj",),
     ),
     replay=(("self_attn", 1),),
+    replay_input=(("mlp", "mlp.down_proj", 3),),  # mlp(x) = down_proj(act(gate_proj(x)) * up_proj(x))
     smooth=_llama_smooth("post_attention_layernorm"),
 )
 # gemma2/3 normalise the attention output with post_attention_layernorm; the MLP reads
@@ -84,6 +89,7 @@ FAMILIES: dict[str, Family] = {
         blocks="model.layers",
         sequence=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
         replay=(("self_attn", 1),),
+        replay_input=(("mlp", "mlp.down_proj", 3),),  # mlp(x) = down_proj(up * act(gate))
         # fused qkv and gate_up: only the norms fold (v→o and up→down would need half a Linear)
         smooth=(
             Smooth("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
@@ -162,6 +168,18 @@ def replay_points(block: nn.Module, model_type: str) -> dict[int, list[str]]:
     out: dict[int, list[str]] = {}
     for path, g in fam.replay:
         out.setdefault(g, []).append(path)
+    return out
+
+
+def replay_input_points(block: nn.Module, model_type: str) -> dict[int, list[tuple[str, str]]]:
+    """{group index: [(submodule, its Linear)]} of ``Family.replay_input``, where the family's
+    groups were recognised in this block."""
+    fam = FAMILIES.get(model_type)
+    if fam is None or not replay_points(block, model_type):
+        return {}
+    out: dict[int, list[tuple[str, str]]] = {}
+    for path, lin, g in fam.replay_input:
+        out.setdefault(g, []).append((path, lin))
     return out
 
 

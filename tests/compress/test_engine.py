@@ -172,3 +172,30 @@ def test_unknown_architecture_is_a_clear_error():
 
     with pytest.raises(UsageError, match="could not find its decoder blocks"):
         find_blocks(Odd(), "oddformer", 3)
+
+
+def test_replayed_mlp_input_changes_nothing(tmp_path, monkeypatch):
+    """Propagating a block with the MLP replayed from down_proj's kept input gives the very same
+    checkpoint as running the MLP again (and it is used: the kept inputs are read)."""
+    from safetensors.torch import load_file
+
+    import compress.engine as engine
+
+    path = save_tiny(tmp_path / "m", "llama")
+    reads = []
+    real = engine._ReplayInput.forward
+
+    def counting(self, *a, **k):
+        reads.append(self.cursor[0])
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(engine._ReplayInput, "forward", counting)
+    run(_recipe(path, tmp_path / "kept"))
+    assert reads  # the propagation used the kept inputs
+    monkeypatch.setattr(engine, "REPLAY_INPUT_BYTES", 0)  # nothing may be kept: the MLP runs again
+    reads.clear()
+    run(_recipe(path, tmp_path / "rerun"))
+    assert not reads
+    for shard in sorted((tmp_path / "kept").glob("model-*.safetensors")):
+        a, b = load_file(shard), load_file(tmp_path / "rerun" / shard.name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
