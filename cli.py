@@ -21,8 +21,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help=(
-        "Compress Hugging Face LLM checkpoints layer by layer (GPTQ, AWQ, SmoothQuant W8A8, RTN), evaluate them against the "
-        "original, and export compressed-tensors checkpoints that vLLM and transformers load.\n\n"
+        "Compress Hugging Face LLM checkpoints layer by layer (quantize: GPTQ, AWQ, SmoothQuant W8A8, RTN; prune: SparseGPT, "
+        "Wanda, magnitude, unstructured or N:M), evaluate them against the original, and export checkpoints that vLLM and "
+        "transformers load.\n\n"
         "Exit codes: 0 ok; 1 internal error; 2 bad usage or recipe; 3 input missing or unreadable; "
         "4 a quality gate failed; 130 interrupted (rerun with --resume)."
     ),
@@ -253,7 +254,7 @@ def _print_report(report: dict) -> None:
 
 @app.callback()
 def _main(debug: DebugOpt = False):
-    """Compress Hugging Face LLM checkpoints layer by layer, evaluate, and export compressed-tensors."""
+    """Compress Hugging Face LLM checkpoints layer by layer (quantize, prune), evaluate, and export."""
     _state["debug"] = debug
     if not debug:
         warnings.simplefilter("ignore", FutureWarning)
