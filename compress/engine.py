@@ -289,12 +289,26 @@ def _preview(source, blocks, blocks_path: str, plan, previewers: list[Pass], inp
         prefix = f"{blocks_path}.{i}."
         materialize(block, prefix, source)
         names = [n for n, m in block.named_modules() if any(p in plan.get(prefix + n, ()) for p in previewers)]
-        stats = _observe(block, names, view, i, needed, [0])
+        stats = {n: {s: STATS[s][0](get_module(block, n).in_features) for s in needed} for n in names}
+
+        def hook_for(name):
+            def hook(mod, args):
+                for s in needed:
+                    STATS[s][1](stats[name][s], args[0])
+
+            return hook
+
+        # one forward per batch both observes and propagates (the weights do not change here)
+        handles = [get_module(block, n).register_forward_pre_hook(hook_for(n)) for n in names]
+        try:
+            for b, (a, k) in enumerate(inputs.kwargs[i]):
+                view.hidden[b] = first_output(block(view.hidden[b], *a, **k)).detach().float()
+        finally:
+            for h in handles:
+                h.remove()
         for p in previewers:
             mine = [n for n in names if p in plan[prefix + n]]
             p.preview_block(prefix, {n: stats[n] for n in mine}, {n: get_module(block, n).weight.detach().float() for n in mine})
-        for b, (a, k) in enumerate(inputs.kwargs[i]):
-            view.hidden[b] = first_output(block(view.hidden[b], *a, **k)).detach().float()
         release(block)
         _trim_heap()
     for p in previewers:
