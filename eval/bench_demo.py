@@ -55,6 +55,11 @@ CONFIGS = {
     "wanda-50-nonseq": ["passes=[{wanda: {sparsity: 0.5}}]", "calibration.sequential=false"],
     "wanda-24-nonseq": ["passes=[{wanda: {pattern: '2:4'}}]", "calibration.sequential=false"],
     "sparsegpt-24-act": ["passes=[{sparsegpt: {pattern: '2:4', act_order: true}}]"],
+    "sparsegpt-50-act": ["passes=[{sparsegpt: {sparsity: 0.5, act_order: true}}]"],
+    "sparsegpt-24-noact": ["passes=[{sparsegpt: {pattern: '2:4', act_order: false}}]"],
+    "sparsegpt-50-noact": ["passes=[{sparsegpt: {sparsity: 0.5, act_order: false}}]"],
+    "sparsegpt-owl-7-act": ["passes=[{sparsegpt: {sparsity: 0.7, allocation: owl, act_order: true}}]"],
+    "sparsegpt-uniform-7-act": ["passes=[{sparsegpt: {sparsity: 0.7, act_order: true}}]"],
     "sparsegpt-24-gptq-w4g64": ["passes=[{sparsegpt: {pattern: '2:4'}}, {gptq: {bits: 4, group_size: 64}}]"],
     "wanda-24-gptq-w4g64": ["passes=[{wanda: {pattern: '2:4'}}, {gptq: {bits: 4, group_size: 64}}]"],
 }
