@@ -90,6 +90,7 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
         progress=lambda i, n, msg: hooks.progress("compress", i, n),
         sequential=cal.sequential,
         error_samples=cal.error_samples,
+        keep_mlp_inputs=cal.keep_mlp_inputs,
     )
     compress_s = time.time() - t0 + sum(exporter.block_seconds[:start])
     report = {

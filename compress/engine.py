@@ -207,6 +207,7 @@ def compress_blocks(
     keep: bool = False,
     sequential: bool = True,
     error_samples: int | None = None,
+    keep_mlp_inputs: bool = False,
 ) -> None:
     """Run the layer-wise sweep. ``model`` is ``source.skeleton()`` (meta parameters).
 
@@ -216,6 +217,10 @@ def compress_blocks(
     ``error_samples``: calibration windows the report's per-layer output error is measured on
     when no pass needs the Hessian itself (Wanda, magnitude, RTN): XᵀX costs as much as a forward
     of the layer per token, so only that many windows pay it (None: all; 0: no error reported).
+
+    ``keep_mlp_inputs``: keep the input down_proj sees while it is calibrated, so the finished
+    block is propagated without running gate/up again (llama-style MLPs; about 15% faster on
+    the demo model for tokens × intermediate × 4 bytes more memory, at most REPLAY_INPUT_BYTES).
 
     ``keep=True`` leaves the compressed blocks in ``model`` instead of freeing them (for tests and
     small models that are evaluated in memory)."""
@@ -260,7 +265,8 @@ def compress_blocks(
         progress(i, n, "calibrating")
         cursor = [0]  # the calibration batch being run (read by _Replay)
         notes, known = _smooth_block(block, prefix, plan, smoothers, inputs, i, model_type, cursor) if smoothers else ({}, {})
-        layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type if sequential else "", cursor, known, error_batches)
+        layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type if sequential else "", cursor, known, error_batches,
+                                 keep_mlp_inputs)
         for rep in layers:
             rep.info.update(notes.get(rep.name, {}))
         if inputs is not None:
@@ -386,11 +392,11 @@ def _smooth_block(block, prefix, plan, smoothers: list[Pass], inputs, i: int, mo
 
 @torch.no_grad()
 def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type: str, cursor: list[int], known=None,
-                    error_batches: int | None = None) -> list[LayerReport]:
+                    error_batches: int | None = None, keep_mlp_inputs: bool = False) -> list[LayerReport]:
     reports: list[LayerReport] = []
     final: dict[str, nn.Module] = {}  # compressed modules, put in place once the block is done
     replays = replay_points(block, model_type)
-    replay_inputs = replay_input_points(block, model_type)
+    replay_inputs = replay_input_points(block, model_type) if keep_mlp_inputs else {}
     groups = linear_groups(block, model_type)
     if inputs is not None and not needed and not known:
         # No pass calibrates on statistics (rtn): the weights do not depend on what the later

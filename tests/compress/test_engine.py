@@ -175,8 +175,9 @@ def test_unknown_architecture_is_a_clear_error():
 
 
 def test_replayed_mlp_input_changes_nothing(tmp_path, monkeypatch):
-    """Propagating a block with the MLP replayed from down_proj's kept input gives the very same
-    checkpoint as running the MLP again (and it is used: the kept inputs are read)."""
+    """Propagating a block with the MLP replayed from down_proj's kept input
+    (calibration.keep_mlp_inputs) gives the very same checkpoint as running the MLP again, and
+    the kept inputs are really used."""
     from safetensors.torch import load_file
 
     import compress.engine as engine
@@ -190,11 +191,12 @@ def test_replayed_mlp_input_changes_nothing(tmp_path, monkeypatch):
         return real(self, *a, **k)
 
     monkeypatch.setattr(engine._ReplayInput, "forward", counting)
-    run(_recipe(path, tmp_path / "kept"))
+    rec = _recipe(path, tmp_path / "kept")
+    rec.calibration.keep_mlp_inputs = True
+    run(rec)
     assert reads  # the propagation used the kept inputs
-    monkeypatch.setattr(engine, "REPLAY_INPUT_BYTES", 0)  # nothing may be kept: the MLP runs again
     reads.clear()
-    run(_recipe(path, tmp_path / "rerun"))
+    run(_recipe(path, tmp_path / "rerun"))  # the default: the MLP runs again
     assert not reads
     for shard in sorted((tmp_path / "kept").glob("model-*.safetensors")):
         a, b = load_file(shard), load_file(tmp_path / "rerun" / shard.name)
