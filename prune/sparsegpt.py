@@ -66,8 +66,8 @@ def sparsegpt_prune(
     name: str = "",
 ) -> PruneResult:
     """Prune ``W`` (out, in) given ``H`` (in, in) = Σ xxᵀ; with ``scheme``, also quantize the kept
-    weights in the same loop. ``act_order`` visits columns (N:M: groups of M columns) by
-    decreasing ``H_jj``."""
+    weights in the same loop. ``act_order`` visits the N:M groups of M columns by decreasing
+    ``H_jj`` (unstructured patterns keep the natural order)."""
     out_f, in_f = W.shape
     if check_pattern(in_f, pattern):
         raise ValueError(f"{name}: {check_pattern(in_f, pattern)}")
@@ -79,6 +79,10 @@ def sparsegpt_prune(
         # (zeros, and the kept weights carrying the pruning error), not on the dense W, whose
         # range is not the survivors' (measured: lower output error at 50% and 2:4)
         fit_on = sparsegpt_prune(W, H, sparsity, pattern, blocksize=blocksize, damp=damp, act_order=act_order, name=name).weight
+    # act-order visits N:M groups whole; unstructured masks stay in natural order: sorted by
+    # energy, a block's per-row quota would fall on each row's most active columns (measured:
+    # worse, 18.30 vs 18.11 at 50% on the demo model)
+    act_order = act_order and pattern.structured
     m = pattern.m or 1
     if pattern.structured:  # mask choices stay inside a solver block: a multiple of M columns
         blocksize = max(m, blocksize - blocksize % m)

@@ -158,10 +158,11 @@ def test_output_error_sparsegpt_below_wanda_below_magnitude(pattern, sparsity):
     _assert_pattern(res.mask, sparsity, p)
 
 
-@pytest.mark.parametrize("act_order, static", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("act_order, static", [(False, True), (False, False)])
 def test_sparsegpt_without_pruning_is_gptq(act_order, static):
     """Sparsity 0 with a quantization scheme: every mask step keeps everything, and the loop is
-    GPTQ's, bit for bit (one solver, two steps)."""
+    GPTQ's, bit for bit (one solver, two steps). (Unstructured SparseGPT visits columns in
+    natural order, so the comparison is with GPTQ in natural order.)"""
     W, X, H = _data(out_f=16, in_f=64)
     scheme = QuantScheme(bits=4, group_size=16, symmetric=False, scale_dtype=torch.float32)
     res = sparsegpt_prune(W, H, 0.0, Pattern(), blocksize=32, act_order=act_order, scheme=scheme, static_groups=static)
