@@ -61,6 +61,7 @@ CONFIGS = {
     "sparsegpt-owl-7-act": ["passes=[{sparsegpt: {sparsity: 0.7, allocation: owl, act_order: true}}]"],
     "sparsegpt-uniform-7-act": ["passes=[{sparsegpt: {sparsity: 0.7, act_order: true}}]"],
     "sparsegpt-24-gptq-w4g64": ["passes=[{sparsegpt: {pattern: '2:4'}}, {gptq: {bits: 4, group_size: 64}}]"],
+    "sparsegpt-24-then-gptq-w4g64": ["passes=[{sparsegpt: {pattern: '2:4', joint: false}}, {gptq: {bits: 4, group_size: 64}}]"],
     "wanda-24-gptq-w4g64": ["passes=[{wanda: {pattern: '2:4'}}, {gptq: {bits: 4, group_size: 64}}]"],
 }
 
