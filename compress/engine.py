@@ -295,7 +295,7 @@ def _preview(source, blocks, blocks_path: str, plan, previewers: list[Pass], inp
         prefix = f"{blocks_path}.{i}."
         materialize(block, prefix, source)
         names = [n for n, m in block.named_modules() if any(p in plan.get(prefix + n, ()) for p in previewers)]
-        stats = {n: {s: STATS[s][0](get_module(block, n).in_features) for s in needed} for n in names}
+        stats = _empty_stats(block, names, needed)
 
         def hook_for(name):
             def hook(mod, args):
@@ -476,6 +476,11 @@ def finish_block(block: nn.Module) -> None:
     block.__dict__.pop("_compress_final", None)
 
 
+def _empty_stats(block, names: list[str], needed: set) -> dict[str, dict]:
+    """{Linear name: {statistic: its empty state}} for the Linears ``names`` of ``block``."""
+    return {n: {s: STATS[s][0](get_module(block, n).in_features) for s in needed} for n in names}
+
+
 def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, cursor: list[int],
              limit: dict[str, int | None] | None = None, keep: dict[str, dict] | None = None) -> dict[str, dict]:
     """Run the block on every calibration batch, hooks accumulating statistics for ``names``.
@@ -487,7 +492,7 @@ def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, 
     limit = limit or {}
     if not needed:  # nothing to collect: no forward
         return {n: {} for n in names}
-    stats = {n: {s: STATS[s][0](get_module(block, n).in_features) for s in needed} for n in names}
+    stats = _empty_stats(block, names, needed)
     alias: dict[str, str] = {}  # Linears that read the very same input tensor share statistics
     seen: dict[str, torch.Tensor] = {}
     handles = []
@@ -514,7 +519,7 @@ def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, 
         handles.append(get_module(block, n).register_forward_pre_hook(hook_for(n)))
     try:
         for b, (h, (a, k)) in enumerate(zip(inputs.hidden, inputs.kwargs[i])):
-            if needed and all(limit.get(s) is not None and b >= limit[s] for s in needed):
+            if all(limit.get(s) is not None and b >= limit[s] for s in needed):
                 break
             cursor[0] = b
             seen.clear()

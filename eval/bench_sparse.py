@@ -13,43 +13,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from compress.eval.bench_kernels import timeit
 from compress.kernels.sparse24 import is_n_m, semi_structured_support, to_semi_structured
+from compress.prune.magnitude import magnitude_prune
+from compress.prune.pattern import Pattern
 
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (4096, 14336), (14336, 4096)]  # in x out
 TOKENS = [1, 16, 128, 512, 2048]
 
 
 def prune_2_4(w: torch.Tensor) -> torch.Tensor:
-    """Keep the 2 largest |w| of every 4 consecutive inputs (magnitude 2:4)."""
-    g = w.reshape(w.shape[0], -1, 4)
-    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(2, g.abs().topk(2, dim=2).indices, True)
-    return (g * keep).reshape_as(w)
+    """Keep the 2 largest |w| of every 4 consecutive inputs (magnitude 2:4), in w's dtype."""
+    return magnitude_prune(w, 0.5, Pattern(2, 4))[0].to(w.dtype)
 
 
 def timed(fn, reps: int, device) -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` calls after warm-up."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of ``fn()`` (bench_kernels' timer: warm-up, CUDA events on a GPU)."""
+    return timeit(fn, device, reps) * 1e3
 
 
 def layers(device, dtype, shapes, tokens, reps, sparse: bool):
