@@ -70,9 +70,12 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
         calib = calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, recipe.seed)
 
     check_plan(source, model, passes)  # bad options fail here, before anything is written
+    if recipe.export.lowrank == "merged" and any(p.factorizes for p in passes) and any(p.quantizes for p in passes):
+        raise UsageError("export.lowrank: merged would multiply quantized factors back into dense weights; use "
+                         "export.lowrank: factored (compress.load reads it), or merge a low-rank-only run and quantize that")
     exporter = Exporter(
         Path(recipe.export.path), source, recipe.fingerprint(), blocks_path, len(blocks), dtype,
-        overwrite=recipe.export.overwrite, resume=resume,
+        overwrite=recipe.export.overwrite, resume=resume, lowrank=recipe.export.lowrank,
     )
     start, cached = exporter.begin()
     if start:
@@ -91,6 +94,7 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
         sequential=cal.sequential,
         error_samples=cal.error_samples,
         keep_mlp_inputs=cal.keep_mlp_inputs,
+        propagate=cal.propagate,
     )
     compress_s = time.time() - t0 + sum(exporter.block_seconds[:start])
     report = {
@@ -297,6 +301,10 @@ def inspect_checkpoint(path) -> dict:
         ]
         out["ignore"] = qc.get("ignore", [])
     meta = read_metadata(source.path)
+    if "lowrank" in meta:
+        lr = meta["lowrank"]
+        out["lowrank"] = {k: lr[k] for k in ("export", "method", "parameters_kept", "parameters_dense")}
+        out["lowrank"]["layers"] = sum(1 for v in lr["layers"].values() if v["rank"] is not None)
     if "sparsity" in meta:
         sp = meta["sparsity"]
         out["sparsity"] = {"structure": sp["structure"], "global_sparsity": sp["global_sparsity"], "layers": len(sp["targets"])}

@@ -162,6 +162,16 @@ def plan_targets(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, pass
                     raise UsageError(f"{full}: targeted by two {what} passes ({', '.join(p.name for p in ps)}); use `ignore` on one of them")
             if any(p.prunes for k, p in enumerate(ps) if any(q.quantizes for q in ps[:k])):
                 order.setdefault(name, []).append(i)
+            f = next((k for k, p in enumerate(ps) if p.factorizes), None)
+            if f is not None:
+                bad = [p for p in ps if p.smooths or p.prunes or p.factorizes and p is not ps[f]]
+                bad += [p for p in ps[:f] if p.quantizes] + [p for p in ps[f + 1 :] if not p.quantizes or not set(p.stats) <= {"hessian"}]
+                if bad:
+                    raise UsageError(
+                        f"{full}: {ps[f].name} cannot be combined with {', '.join(sorted({p.name for p in bad}))} on the same layer: "
+                        "only a quantization pass (rtn or gptq) may follow it, quantizing the factors; prune or smooth in a "
+                        "separate run, or use `ignore` on one of them"
+                    )
             for p in ps:
                 reason = p.check(full, mod)
                 if reason:
@@ -208,6 +218,7 @@ def compress_blocks(
     sequential: bool = True,
     error_samples: int | None = None,
     keep_mlp_inputs: bool = False,
+    propagate: bool = True,
 ) -> None:
     """Run the layer-wise sweep. ``model`` is ``source.skeleton()`` (meta parameters).
 
@@ -221,6 +232,11 @@ def compress_blocks(
     ``keep_mlp_inputs``: keep the input down_proj sees while it is calibrated, so the finished
     block is propagated without running gate/up again (llama-style MLPs; about 15% faster on
     the demo model for tokens × intermediate × 4 bytes more memory, at most REPLAY_INPUT_BYTES).
+
+    ``propagate=False`` calibrates every block on the uncompressed model's activations (each
+    block's input is the original block's output, and all its Linears see the original block's
+    inputs at once): each layer is compressed in isolation, as in one-shot scripts; the default
+    calibrates each block on the outputs of the compressed blocks before it.
 
     ``keep=True`` leaves the compressed blocks in ``model`` instead of freeing them (for tests and
     small models that are evaluated in memory)."""
@@ -264,12 +280,19 @@ def compress_blocks(
         materialize(block, prefix, source)
         progress(i, n, "calibrating")
         cursor = [0]  # the calibration batch being run (read by _Replay)
+        original = None
+        if inputs is not None and not propagate:  # the uncompressed block's outputs feed the next block
+            with torch.no_grad():
+                original = [first_output(block(h, *a, **k)).detach().float() for h, (a, k) in zip(inputs.hidden, inputs.kwargs[i])]
         notes, known = _smooth_block(block, prefix, plan, smoothers, inputs, i, model_type, cursor) if smoothers else ({}, {})
-        layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type if sequential else "", cursor, known, error_batches,
-                                 keep_mlp_inputs)
+        layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type if sequential and propagate else "", cursor, known,
+                                 error_batches, keep_mlp_inputs and propagate)
         for rep in layers:
             rep.info.update(notes.get(rep.name, {}))
-        if inputs is not None:
+        if original is not None:
+            inputs.hidden[:] = original
+            del original
+        elif inputs is not None:
             with torch.no_grad():
                 for b, (a, k) in enumerate(inputs.kwargs[i]):
                     cursor[0] = b
@@ -430,7 +453,7 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
             infos, names = {}, []
             st = dict(stats[name])  # twins share one statistics dict; a pass's mask is this Linear's own
             for p in plan[full]:
-                new, info = p.apply(full, mod, st)
+                new, info = _apply_factors(p, full, mod, st) if hasattr(mod, "factors") else p.apply(full, mod, st)
                 infos.update(info)
                 names.append(p.name)
                 mod = new
@@ -464,6 +487,22 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
                 replace_linear(block, path, _ReplayInput(get_module(block, path), lin[len(path) + 1 :], keep_inputs.pop(lin), cursor))
     block._compress_final = final
     return reports
+
+
+def _apply_factors(p: Pass, full: str, mod: nn.Module, st: dict) -> tuple[nn.Module, dict]:
+    """A quantization pass after a factorizing one (lowrank) quantizes each factor in turn, in
+    forward order: A on the layer's input statistics, B on those of A's (quantized) output,
+    H_B = Â·H·Âᵀ (the planner admits only passes whose statistics derive this way)."""
+    infos: dict = {}
+    fst = {k: v for k, v in st.items() if k == "hessian"}
+    for f, sub in mod.factors().items():
+        new, info = p.apply(f"{full}.{f}", sub, fst)
+        setattr(mod, f, new)
+        infos.update({f"{f}.{k}": v for k, v in info.items()})
+        if "hessian" in fst:
+            Aq = dense_weight(new)
+            fst = {"hessian": {"H": Aq @ fst["hessian"]["H"] @ Aq.T, "n": fst["hessian"]["n"]}}
+    return mod, infos
 
 
 def finish_block(block: nn.Module) -> None:

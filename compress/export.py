@@ -84,7 +84,7 @@ class Exporter:
 
     def __init__(
         self, target: Path, source: ModelSource, fingerprint: str, blocks_path: str, n_blocks: int, dtype: torch.dtype,
-        *, overwrite=False, resume=False,
+        *, overwrite=False, resume=False, lowrank: str = "factored",
     ):
         self.target = Path(target)
         self.work = self.target.parent / f".{self.target.name}.partial"
@@ -100,6 +100,7 @@ class Exporter:
         if self.target.exists() and not overwrite:
             raise UsageError(f"{self.target}: already exists; pass --overwrite to replace it, or choose another export path")
         self.resume = resume
+        self.lowrank = lowrank  # "factored" or "merged" (ExportConfig.lowrank)
 
     # ---------------------------------------------------------------- progress / resume
 
@@ -125,8 +126,16 @@ class Exporter:
         return 0, None
 
     def write_block(self, res: BlockResult, inputs: BlockInputs | None) -> None:
+        state = res.module.state_dict()
+        if self.lowrank == "merged":  # B·A back into one dense weight per layer
+            from compress.lowrank.module import LowRankLinear, merged
+
+            for name, mod in res.module.named_modules():
+                if isinstance(mod, LowRankLinear):
+                    state = {k: v for k, v in state.items() if not k.startswith(name + ".")}
+                    state.update({f"{name}.{k}": v for k, v in merged(mod).state_dict().items()})
         tensors = {}
-        for name, t in res.module.state_dict().items():
+        for name, t in state.items():
             if t.is_floating_point() and not name.endswith("weight_scale"):
                 t = t.to(self.dtype)  # norms and unquantized weights go back to the storage dtype
             tensors[res.prefix + name] = t.contiguous()
@@ -191,6 +200,15 @@ class Exporter:
         """Our own description of the checkpoint beyond what compressed-tensors records (it
         declares no sparsity: current vLLM refuses a 2:4 ``sparsity_config``, so ours lives here)."""
         meta: dict = {"format": METADATA_FORMAT}
+        factored = {r.name: r.info for r in self.layers if "rank" in r.info}
+        if factored:
+            meta["lowrank"] = {
+                "export": self.lowrank,
+                "method": sorted({i["method"] for i in factored.values()})[0],
+                "parameters_kept": sum(i["params_kept"] for i in factored.values()),
+                "parameters_dense": sum(i["params_dense"] for i in factored.values()),
+                "layers": {k: {"rank": i["rank"], "params_kept": i["params_kept"]} for k, i in sorted(factored.items())},
+            }
         pruned = {r.name: r.info for r in self.layers if "pattern" in r.info}
         if pruned:
             patterns = sorted({i["pattern"] for i in pruned.values()})

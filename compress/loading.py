@@ -23,12 +23,14 @@ def stored_modules(source: ModelSource) -> dict[str, type[CompressedLinear]]:
     for t in module_types():
         for name in t.stored_layers(source):
             out.setdefault(name, t)
-    return out
+    # a module inside another (a low-rank layer's quantized factor) is built by its owner
+    return {n: t for n, t in out.items() if not any(n.startswith(o + ".") for o in out)}
 
 
 def quantized_layer_names(source: ModelSource) -> list[str]:
-    """Layers stored in a compressed format (packed codes, int8 W8A8, ...)."""
-    return sorted(stored_modules(source))
+    """Layers stored in a quantized format (packed codes, int8 W8A8, ...), low-rank factors
+    included (``<layer>.A``); a low-rank layer itself stores only its factors."""
+    return sorted({n for t in module_types() if not t.container for n in t.stored_layers(source)})
 
 
 def load_source(source: ModelSource, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -36,7 +38,7 @@ def load_source(source: ModelSource, dtype: torch.dtype = torch.float32) -> nn.M
     stored = stored_modules(source)
     if source.quantized or stored:
         qc = getattr(source.config, "quantization_config", None) or {}
-        groups = read_quantization_config(qc if isinstance(qc, dict) else qc.to_dict())
+        groups = read_quantization_config(qc if isinstance(qc, dict) else qc.to_dict()) if qc else {}  # {}: low-rank only
         for name, kind in stored.items():
             try:
                 old = get_module(model, name)

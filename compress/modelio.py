@@ -229,6 +229,11 @@ class ModelSource:
                 f"{self.path}: this checkpoint is already quantized; compress an unquantized "
                 "checkpoint (or evaluate this one with `compress eval`)"
             )
+        if not allow_quantized and read_metadata(self.path).get("lowrank", {}).get("export") == "factored":
+            raise UsageError(
+                f"{self.path}: this checkpoint stores low-rank factors; compress the original checkpoint (a recipe can "
+                "quantize the factors in the same run), or one exported with export.lowrank: merged"
+            )
         with init_empty_weights(include_buffers=False):
             try:
                 model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")

@@ -32,6 +32,8 @@ class CompressedLinear(nn.Module):
     # True when the module also rounds its input at run time (W8A8): the engine then puts it in
     # place at once, so the later layers are calibrated on what it really feeds them
     quantizes_activations = False
+    # True for a module that stores no format of its own, only submodules (low-rank factors)
+    container = False
 
     def dense_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -56,6 +58,7 @@ def register_module_type(cls: type[CompressedLinear]) -> type[CompressedLinear]:
 
 def module_types() -> list[type[CompressedLinear]]:
     import compress.formats  # noqa: F401  (registers the built-in types)
+    import compress.lowrank.module  # noqa: F401
 
     return list(_TYPES)
 

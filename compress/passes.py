@@ -99,6 +99,9 @@ class Pass:
     stats: ClassVar[tuple[str, ...]] = ()  # statistics per Linear group, for ``apply``
     quantizes: ClassVar[bool] = False  # replaces Linears with quantized modules
     prunes: ClassVar[bool] = False  # zeroes weights (a mask the later passes keep)
+    # replaces a Linear by factors (lowrank: B·A); a later quantization pass quantizes each
+    # factor (the engine derives each factor's input statistics), nothing else may follow it
+    factorizes: ClassVar[bool] = False
     # smoothing passes (awq, smoothquant) also transform the whole block before any Linear is
     # quantized: ``smooth(block, prefix, points, plus_one, stats, probe)`` with ``smooth_stats``
     smooths: ClassVar[bool] = False
@@ -155,7 +158,7 @@ def matches_any(full_name: str, module: nn.Module, patterns: list[str]) -> bool:
 
 # The built-in families' adapter modules, imported on the first registry lookup (by name, so
 # this module imports none of them).
-BUILTIN = ("compress.quant.passes", "compress.prune.passes")
+BUILTIN = ("compress.quant.passes", "compress.prune.passes", "compress.lowrank.passes")
 
 _REGISTRY: dict[str, type[Pass]] = {}
 

@@ -46,6 +46,9 @@ class CalibrationConfig(_Strict):
     # keep down_proj's calibration inputs to propagate each finished block without running
     # gate/up again: ~15% faster (demo), + tokens × intermediate × 4 bytes (0.4 GB on the demo)
     keep_mlp_inputs: bool = False
+    # calibrate each block on the outputs of the already compressed blocks before it (false: on
+    # the uncompressed model's, every layer compressed in isolation; for comparison)
+    propagate: bool = True
 
 
 class PerplexityConfig(_Strict):
@@ -135,6 +138,9 @@ class ExportConfig(_Strict):
     path: str | None = None  # the output folder; required by `run`
     format: Literal["compressed-tensors"] = "compressed-tensors"
     overwrite: bool = False  # replace an existing folder at `path`
+    # low-rank layers: factored stores B and A (smaller and faster; compress.load rebuilds them);
+    # merged multiplies them back into dense weights any tool loads (no size or speed gain)
+    lowrank: Literal["factored", "merged"] = "factored"
 
 
 class Recipe(_Strict):

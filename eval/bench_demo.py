@@ -63,6 +63,14 @@ CONFIGS = {
     "sparsegpt-24-gptq-w4g64": ["passes=[{sparsegpt: {pattern: '2:4'}}, {gptq: {bits: 4, group_size: 64}}]"],
     "sparsegpt-24-then-gptq-w4g64": ["passes=[{sparsegpt: {pattern: '2:4', joint: false}}, {gptq: {bits: 4, group_size: 64}}]"],
     "wanda-24-gptq-w4g64": ["passes=[{wanda: {pattern: '2:4'}}, {gptq: {bits: 4, group_size: 64}}]"],
+    # issue 10: low-rank at 10/20/30% of the decoder Linears' parameters, svd/asvd/whitened,
+    # uniform vs sensitivity allocation, with and without propagation (-noprop); -c32: 32 windows
+    **{f"lr-{m}-{a}-{p}{n}": [f"passes=[{{lowrank: {{method: {m}, allocation: {a}, reduction: 0.{p // 10}}}}}]"]
+       + (["calibration.propagate=false"] if n else [])
+       for m in ("whitened", "asvd", "svd") for a in ("uniform", "sensitivity") for p in (10, 20, 30) for n in ("", "-noprop")},
+    "lr-whitened-uniform-20-noprop-c32": ["passes=[{lowrank: {allocation: uniform, reduction: 0.2}}]", "calibration.propagate=false",
+                                          "calibration.samples=32"],
+    "lr-whitened-sensitivity-20-rtn-w8": ["passes=[{lowrank: {reduction: 0.2}}, {rtn: {bits: 8, group_size: -1}}]"],
 }
 
 
@@ -85,6 +93,8 @@ def run(name: str, overrides: list[str], workdir: Path, baseline: bool) -> dict:
         "peak_rss_gb": round(rep["peak_rss_mb"] / 1e3, 2),
         "bits_per_param": rep["export"]["bits_per_parameter"],
         "size_mb": round(rep["export"]["size_bytes"] / 1e6, 1),
+        **({"lowrank_reduction": round(1 - lr["parameters_kept"] / lr["parameters_dense"], 4), "lowrank_layers": lr["layers"]}
+           if (lr := rep["export"].get("lowrank")) else {}),
     }
 
 

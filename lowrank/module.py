@@ -1,0 +1,92 @@
+"""``LowRankLinear``: a Linear replaced by two, y = B(A(x)), and how exports store it.
+
+The factors are ordinary submodules: ``A`` (in → rank, no bias) and ``B`` (rank → out, the
+original bias), plain ``nn.Linear`` with trainable parameters (distillation trains them), or
+compressed modules themselves when a quantization pass ran on the factors (``lowrank`` then
+``rtn``/``gptq`` in one recipe). Their state_dict is the export: ``<layer>.A.weight``,
+``<layer>.B.weight``, ``<layer>.B.bias`` (or the packed tensors of a quantized factor), and
+``compress.json`` lists each layer's rank under ``lowrank.layers`` so ``compress.load`` rebuilds
+the module. A ``merged`` export multiplies the factors back into ``<layer>.weight``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compress.errors import InputError
+from compress.modelio import read_metadata
+from compress.modules import CompressedLinear, dense_weight, module_types, register_module_type
+
+
+@register_module_type
+class LowRankLinear(CompressedLinear):
+    container = True  # stores its factors (plain or quantized Linears), nothing else
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 A: nn.Module | None = None, B: nn.Module | None = None, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.A = A if A is not None else nn.Linear(in_features, rank, bias=False, device=device)
+        self.B = B if B is not None else nn.Linear(rank, out_features, bias=bias, device=device)
+
+    @classmethod
+    def from_factors(cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None) -> "LowRankLinear":
+        """B (out, r), A (r, in) and the bias (out,), copied into new parameters."""
+        m = cls(A.shape[1], B.shape[0], A.shape[0], bias=bias is not None)
+        m.A.weight.data = A.detach().clone().float()
+        m.B.weight.data = B.detach().clone().float()
+        if bias is not None:
+            m.B.bias.data = bias.detach().clone().float()
+        return m
+
+    @property
+    def bias(self):
+        return getattr(self.B, "bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.B(self.A(x))
+
+    def factors(self) -> dict[str, nn.Module]:
+        return {"A": self.A, "B": self.B}
+
+    @property
+    def parameters_kept(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+    # the compressed-module protocol (compress.modules)
+    def dense_weight(self) -> torch.Tensor:
+        return dense_weight(self.B) @ dense_weight(self.A)
+
+    @classmethod
+    def stored_layers(cls, source) -> list[str]:
+        lr = read_metadata(source.path).get("lowrank", {})
+        if lr.get("export") != "factored":
+            return []
+        return sorted(k for k, v in lr.get("layers", {}).items() if v.get("rank") is not None)  # None: left dense
+
+    @classmethod
+    def from_checkpoint(cls, source, name, linear, groups) -> "LowRankLinear":
+        info = read_metadata(source.path)["lowrank"]["layers"][name]
+        r = int(info["rank"])
+        if not 1 <= r <= min(linear.in_features, linear.out_features):
+            raise InputError(f"{source.path / 'compress.json'}: {name} has rank {r}, outside [1, {min(linear.in_features, linear.out_features)}]")
+        m = cls(linear.in_features, linear.out_features, r, bias=linear.bias is not None, device="meta")
+        for f, sub in m.factors().items():
+            for t in module_types():  # a quantized factor comes back as its compressed type
+                if t is not cls and f"{name}.{f}" in t.stored_layers(source):
+                    setattr(m, f, t.from_checkpoint(source, f"{name}.{f}", sub, groups))
+                    break
+        return m  # plain factors stay on the meta device: the loader fills them like any Linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def merged(module: LowRankLinear) -> nn.Linear:
+    """A plain Linear computing B·A (what ``export.lowrank: merged`` stores)."""
+    lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    lin.weight.data = module.dense_weight()
+    if module.bias is not None:
+        lin.bias.data = module.bias.detach().float().clone()
+    return lin

@@ -1,0 +1,147 @@
+"""Pass adapter of the low-rank family: ``lowrank`` replaces each targeted Linear by B·A.
+
+The rank of each layer comes from one of three places:
+
+* ``rank: N``: the same rank everywhere;
+* ``allocation: uniform``: every layer keeps ``1 − reduction`` of its parameters;
+* ``allocation: sensitivity`` (default): a preview sweep over the uncompressed model measures every
+  layer's output error at every rank (the components' gains of ``lowrank.svd``), and
+  ``lowrank.allocate`` water-fills the budget; a layer where no rank below the break-even point
+  is worth its parameters stays dense.
+
+The factors are then computed in the real sweep on the statistics of the already compressed
+model (the engine propagates the compressed blocks' outputs unless ``calibration.propagate`` is
+false), rounded to the checkpoint's storage dtype so the export computes what was measured. A
+quantization pass later in the recipe (``rtn``, ``gptq``) quantizes both factors; the ranks are
+then multiples of its group size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from compress.errors import UsageError
+from compress.lowrank.allocate import LayerShape, parameters, sensitivity_ranks, uniform_ranks
+from compress.lowrank.module import LowRankLinear
+from compress.lowrank.svd import breakeven_rank, decompose
+from compress.passes import Pass, register
+
+
+class LowRankConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # whitened: SVD of W·chol(XᵀX) (SVD-LLM); asvd: W·diag(mean|x|^alpha); svd: plain SVD of W
+    method: Literal["whitened", "asvd", "svd"] = "whitened"
+    # fraction of the targeted Linears' parameters removed overall (e.g. 0.2 or 20%)
+    reduction: float = 0.2
+    # sensitivity: spend the budget where each parameter buys the most output accuracy (measured
+    # on the uncompressed model in a preview sweep); uniform: every layer keeps 1 - reduction
+    allocation: Literal["sensitivity", "uniform"] = "sensitivity"
+    rank: int | None = Field(None, ge=1)  # one rank for every targeted Linear (instead of reduction)
+    rank_multiple: int = Field(8, ge=1)  # ranks are multiples of this (and of a later quantizer's group)
+    damp: float = Field(0.01, gt=0)  # whitened: XᵀX + λI, λ = damp · mean(diag XᵀX), raised if needed
+    alpha: float = Field(0.5, gt=0)  # asvd: channel scale mean|x| ** alpha
+    targets: list[str] = Field(default_factory=lambda: ["Linear"])  # class, name suffix, or re:regex
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+    @field_validator("reduction", mode="before")
+    @classmethod
+    def _reduction(cls, v):
+        if isinstance(v, str) and v.strip().endswith("%"):
+            v = float(v.strip()[:-1]) / 100
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{v!r} is not a fraction; give the share of parameters to remove, e.g. 0.2 or 20%") from None
+        if not 0 < v < 1:
+            raise ValueError(f"{v:g} is outside (0, 1); give the share of the targeted parameters to remove, e.g. 0.2 (20%)")
+        return v
+
+
+@register
+class LowRankPass(Pass):
+    """Truncated (activation-aware) SVD: W → B·A."""
+
+    name = "lowrank"
+    Config = LowRankConfig
+    factorizes = True
+
+    def __init__(self, config, ctx=None):
+        super().__init__(config, ctx)
+        self.multiple = config.rank_multiple
+        self._layers: list[LayerShape] = []  # preview: each targeted layer's shape and gains
+        self.ranks: dict[str, int | None] = {}  # sensitivity allocation: full name -> rank (None: dense)
+
+    @property
+    def stats(self):  # type: ignore[override]
+        return {"whitened": ("hessian",), "asvd": ("absmean",), "svd": ()}[self.config.method]
+
+    @property
+    def preview_stats(self):  # type: ignore[override]
+        if self.config.rank is not None or self.config.allocation != "sensitivity":
+            return ()
+        return ("hessian", "absmean") if self.config.method == "asvd" else ("hessian",)
+
+    def link(self, later):
+        g = next((getattr(q.config, "group_size", -1) for q in later if q.quantizes), -1)
+        if g and g > 0:
+            self.multiple = math.lcm(self.multiple, g)
+            if self.config.rank is not None and self.config.rank % g:
+                raise UsageError(f"lowrank.rank {self.config.rank}: the factors are quantized with group_size {g} after it, "
+                                 f"which must divide the rank; use a multiple of {g}")
+
+    def check(self, full_name, module):
+        lo = min(module.in_features, module.out_features)
+        if self.config.rank is not None and self.config.rank > lo:
+            return f"rank {self.config.rank} is larger than min(in, out) = {lo} at"
+        if self.config.rank is None and self.config.allocation == "uniform" and self.multiple * (module.in_features + module.out_features) > (1 - self.config.reduction) * module.in_features * module.out_features:
+            return f"reduction {self.config.reduction:g} leaves less than one rank-{self.multiple} factorization at"
+        return None
+
+    def fix(self, in_features):
+        if self.config.rank is not None:
+            return "lower `rank`, use `reduction` instead, or list those layers under `ignore`"
+        return "lower `reduction` or `rank_multiple`, or list those layers under `ignore`"
+
+    # ---- sensitivity: a preview sweep measures every layer's error at every rank
+    def preview_block(self, prefix, stats, weights):
+        for n, W in weights.items():
+            st = stats[n]
+            d = decompose(W, self.config.method, st["hessian"]["H"], st.get("absmean", {}).get("sum"), self.config.damp, self.config.alpha,
+                          name=prefix + n)
+            self._layers.append(LayerShape(prefix + n, W.shape[1], W.shape[0], d.gains.float(), d.total))
+
+    def preview_done(self):
+        self.ranks = sensitivity_ranks(self._layers, self.config.reduction, self.multiple)
+        budget = (1 - self.config.reduction) * sum(L.dense for L in self._layers)
+        if parameters(self._layers, self.ranks) > budget:  # only when even one multiple per layer is too much
+            raise UsageError(f"lowrank: reduction {self.config.reduction:g} leaves fewer parameters than one rank-{self.multiple} "
+                             "factorization per layer; lower `reduction` or `rank_multiple`")
+        self._layers = []
+
+    def rank_for(self, full_name: str, module) -> int | None:
+        c = self.config
+        if c.rank is not None:
+            return c.rank
+        if c.allocation == "sensitivity":
+            return self.ranks[full_name]
+        shape = LayerShape(full_name, module.in_features, module.out_features)
+        return uniform_ranks([shape], c.reduction, self.multiple)[full_name]
+
+    def apply(self, full_name, module, stats):
+        c = self.config
+        lo, dense = min(module.in_features, module.out_features), module.in_features * module.out_features
+        rank = self.rank_for(full_name, module)
+        info = {"method": c.method, "max_rank": lo, "breakeven_rank": round(breakeven_rank(module.in_features, module.out_features), 1),
+                "params_dense": dense}
+        if rank is None:
+            return module, {**info, "rank": None, "params_kept": dense}
+        d = decompose(module.weight.detach(), c.method, stats.get("hessian", {}).get("H"), stats.get("absmean", {}).get("sum"),
+                      c.damp, c.alpha, name=full_name)
+        B, A = d.factors(rank)
+        dt = self.ctx.dtype  # the factors as the export stores them
+        new = LowRankLinear.from_factors(B.to(dt).float(), A.to(dt).float(), module.bias)
+        return new, {**info, **d.info, "rank": rank, "params_kept": new.parameters_kept}
