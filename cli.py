@@ -194,6 +194,12 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.5g}" if isinstance(v, float) else str(v)
 
 
+def _lowrank_line(lr: dict) -> str:
+    from compress.eval.report import lowrank_summary
+
+    return lowrank_summary(lr)
+
+
 def _print_report(report: dict) -> None:
     """A report of any kind (run, eval, compare) as rich tables on stdout."""
     out = Console()
@@ -241,6 +247,9 @@ def _print_report(report: dict) -> None:
     sp = (report.get("export") or {}).get("sparsity")
     if sp:
         out.print(f"sparsity: {sp['global_sparsity']:.1%} of {sp['layers']} pruned layers' weights ({sp['structure']})")
+    lr = (report.get("export") or {}).get("lowrank")
+    if lr:
+        out.print(_lowrank_line(lr))
     worst = sorted((l for l in report.get("layers", []) if l["rel_output_error"] is not None), key=lambda l: -l["rel_output_error"])[:5]
     if worst:
         out.print("highest relative output error: " + ", ".join(f"{l['name']} {l['rel_output_error']:.4f}" for l in worst))
@@ -254,7 +263,7 @@ def _print_report(report: dict) -> None:
 
 @app.callback()
 def _main(debug: DebugOpt = False):
-    """Compress Hugging Face LLM checkpoints layer by layer (quantize, prune), evaluate, and export."""
+    """Compress Hugging Face LLM checkpoints layer by layer (quantize, prune, low-rank), evaluate, and export."""
     _state["debug"] = debug
     if not debug:
         warnings.simplefilter("ignore", FutureWarning)
@@ -429,6 +438,61 @@ def prune_cmd(
         gates = _gate_settings(max_ppl_increase, min_recovery, max_drop)
         _run_method(model, output, [{method: opts}], data, samples, seq_len, seed, overwrite, no_eval, tasks, task_file, limit, gates, no_cache, set_, resume, as_json, quiet,
                     dry_run, markdown)
+    except typer.Exit:
+        raise
+    except (Exception, KeyboardInterrupt) as e:
+        _fail(e)
+
+
+@app.command("lowrank")
+def lowrank_cmd(
+    model: Annotated[str, typer.Argument(help="A checkpoint folder, a .gguf file, a hub id, or 'demo'.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Export folder.")],
+    reduction: Annotated[str, typer.Option("--reduction", help="Share of the targeted Linears' parameters to remove overall, in (0, 1): 0.2 or 20%.")] = "0.2",
+    method: Annotated[str, typer.Option("--method", help=(
+        "whitened (SVD of W·chol(XᵀX): the least output error, SVD-LLM), asvd (W scaled by mean|x|) or svd (plain, weights only)."))] = "whitened",
+    allocation: Annotated[str, typer.Option("--allocation", help=(
+        "sensitivity (ranks where each parameter buys the most output accuracy, measured in a preview sweep) or uniform (every layer keeps the same share)."))] = "sensitivity",
+    rank: Annotated[Optional[int], typer.Option("--rank", help="One rank for every targeted Linear, instead of --reduction.")] = None,
+    merged: Annotated[bool, typer.Option("--merged", help="Export B·A multiplied back into dense weights (any tool loads it; no size or speed gain).")] = False,
+    samples: SamplesOpt = 128,
+    seq_len: CalSeqLenOpt = 512,
+    data: CalDataOpt = "builtin:pydoc",
+    ignore: IgnoreOpt = None,
+    no_eval: NoEvalOpt = False,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    dry_run: DryRunOpt = False,
+    seed: SeedOpt = None,
+    tasks: TasksOpt = None,
+    task_file: TaskFileOpt = None,
+    limit: LimitOpt = None,
+    max_ppl_increase: MaxPplOpt = None,
+    min_recovery: MinRecoveryOpt = None,
+    max_drop: MaxDropOpt = None,
+    markdown: MarkdownOpt = None,
+    no_cache: NoCacheOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Replace each Linear by two smaller ones (W ≈ B·A, truncated SVD on the calibration
+    activations) to remove a share of the parameters. The factored export loads with
+    `compress eval` and compress.load; --merged writes plain dense weights. Quantize the factors in
+    the same sweep with a recipe: `- lowrank: {...}` then `- gptq: {...}`."""
+    try:
+        methods = ("whitened", "asvd", "svd")
+        if method not in methods:
+            raise _usage(f"--method {method!r}: choose one of {', '.join(methods)}")
+        opts: dict = {"method": method, "reduction": reduction, "allocation": allocation}
+        if rank is not None:
+            opts["rank"] = rank
+        if ignore:
+            opts["ignore"] = ["lm_head", *ignore]
+        gates = _gate_settings(max_ppl_increase, min_recovery, max_drop)
+        extra = (["export.lowrank=merged"] if merged else []) + list(set_ or [])
+        _run_method(model, output, [{"lowrank": opts}], data, samples, seq_len, seed, overwrite, no_eval, tasks, task_file, limit, gates,
+                    no_cache, extra, resume, as_json, quiet, dry_run, markdown)
     except typer.Exit:
         raise
     except (Exception, KeyboardInterrupt) as e:

@@ -320,10 +320,12 @@ def _preview(source, blocks, blocks_path: str, plan, previewers: list[Pass], inp
         names = [n for n, m in block.named_modules() if any(p in plan.get(prefix + n, ()) for p in previewers)]
         stats = _empty_stats(block, names, needed)
 
+        alias: dict[str, str] = {}
+        seen: dict[str, torch.Tensor] = {}
+
         def hook_for(name):
             def hook(mod, args):
-                for s in needed:
-                    STATS[s][1](stats[name][s], args[0])
+                _accumulate(name, args[0], seen, alias, stats, needed)
 
             return hook
 
@@ -331,10 +333,13 @@ def _preview(source, blocks, blocks_path: str, plan, previewers: list[Pass], inp
         handles = [get_module(block, n).register_forward_pre_hook(hook_for(n)) for n in names]
         try:
             for b, (a, k) in enumerate(inputs.kwargs[i]):
+                seen.clear()
                 view.hidden[b] = first_output(block(view.hidden[b], *a, **k)).detach().float()
         finally:
             for h in handles:
                 h.remove()
+        for n, twin in alias.items():
+            stats[n] = stats[twin]
         for p in previewers:
             mine = [n for n in names if p in plan[prefix + n]]
             p.preview_block(prefix, {n: stats[n] for n in mine}, {n: get_module(block, n).weight.detach().float() for n in mine})
@@ -520,6 +525,19 @@ def _empty_stats(block, names: list[str], needed: set) -> dict[str, dict]:
     return {n: {s: STATS[s][0](get_module(block, n).in_features) for s in needed} for n in names}
 
 
+def _accumulate(name: str, x: torch.Tensor, seen: dict, alias: dict, stats: dict, wanted) -> None:
+    """Add input ``x`` of Linear ``name`` to its statistics ``wanted``, unless another Linear read
+    the very same tensor in this forward (q/k/v, gate/up): then ``name`` shares that one's
+    statistics (``alias``; the caller copies them at the end) and nothing is computed twice."""
+    twin = next((n for n, t in seen.items() if t is x), None)
+    if twin is not None:
+        alias[name] = twin
+    elif name not in alias:
+        for s in wanted:
+            STATS[s][1](stats[name][s], x)
+    seen[name] = x
+
+
 def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, cursor: list[int],
              limit: dict[str, int | None] | None = None, keep: dict[str, dict] | None = None) -> dict[str, dict]:
     """Run the block on every calibration batch, hooks accumulating statistics for ``names``.
@@ -539,14 +557,7 @@ def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, 
     def hook_for(name):
         def hook(mod, args):
             x = args[0]
-            twin = next((n for n, t in seen.items() if t is x), None)
-            if twin is not None:
-                alias[name] = twin
-            elif name not in alias:
-                for s in needed:
-                    if limit.get(s) is None or cursor[0] < limit[s]:
-                        STATS[s][1](stats[name][s], x)
-            seen[name] = x
+            _accumulate(name, x, seen, alias, stats, [s for s in needed if limit.get(s) is None or cursor[0] < limit[s]])
             if name in keep:
                 keep[name][cursor[0]] = x.detach()
             if len(seen) == len(names):

@@ -36,6 +36,13 @@ def _mb(n) -> str:
     return "–" if n is None else f"{n / 1e6:.1f} MB"
 
 
+def lowrank_summary(lr: dict) -> str:
+    """One line on a low-rank checkpoint (``inspect_checkpoint``'s ``lowrank``)."""
+    kept, dense = lr["parameters_kept"], lr["parameters_dense"]
+    return (f"low-rank ({lr['method']}, {lr['export']}): {lr['layers']} layers factored; the targeted Linears keep "
+            f"{kept:,} of {dense:,} parameters ({1 - kept / max(dense, 1):.1%} removed)")
+
+
 def to_markdown(report: dict, worst: int = 10) -> str:
     ev = report.get("eval") or {}
     kind = report.get("kind", "run")
@@ -90,11 +97,20 @@ def to_markdown(report: dict, worst: int = 10) -> str:
             lines.append(f"| {label} | `{path}` | {_mb(size)} | {_num(bpp, 3)} |")
         lines.append("")
 
+    lr = (report.get("export") or {}).get("lowrank")
+    if lr:
+        lines += [lowrank_summary(lr), ""]
     errs = sorted((l for l in report.get("layers", []) if l.get("rel_output_error") is not None), key=lambda l: -l["rel_output_error"])
     if errs:
+        ranked = any("rank" in l.get("info", {}) for l in errs)
         lines += [f"Highest relative output error (worst {min(worst, len(errs))} of {len(errs)} layers):", "",
-                  "| layer | rel. output error |", "|---|---|"]
-        lines += [f"| {l['name']} | {l['rel_output_error']:.4f} |" for l in errs[:worst]]
+                  "| layer | rel. output error |" + (" rank | parameters kept |" if ranked else ""), "|---|---|" + ("---|---|" if ranked else "")]
+        for l in errs[:worst]:
+            row = f"| {l['name']} | {l['rel_output_error']:.4f} |"
+            if ranked:
+                i = l.get("info", {})
+                row += f" {i.get('rank') if i.get('rank') is not None else 'dense'} | {i.get('params_kept', '')} of {i.get('params_dense', '')} |"
+            lines.append(row)
         lines.append("")
 
     tm = report.get("time", {})

@@ -12,7 +12,8 @@ budget is (1 − reduction) · Σ D_ℓ, and the allocation never exceeds it.
   the gains are σ², so this is the exact greedy optimum of Σ_ℓ relative output error under the
   budget (up to one component of slack).
 
-Ranks are multiples of ``multiple`` (rounded down), so quantized factors' groups divide them.
+Ranks are multiples of ``multiple`` (rounded down, at least one), so quantized factors' groups divide
+them; a budget below one multiple per layer raises ``BudgetError``.
 """
 
 from __future__ import annotations
@@ -56,7 +57,17 @@ def uniform_ranks(layers: list[LayerShape], reduction: float, multiple: int = 1)
     for L in layers:
         r = _round(int((1 - reduction) * L.dense / L.unit), multiple, min(L.in_features, L.out_features))
         out[L.name] = None if r * L.unit >= L.dense else r
-    return out
+    return _within_budget(layers, out, reduction, multiple)
+
+
+class BudgetError(ValueError):
+    """The budget is smaller than one ``multiple`` of rank per layer."""
+
+
+def _within_budget(layers, ranks, reduction, multiple):
+    if parameters(layers, ranks) > (1 - reduction) * sum(L.dense for L in layers):
+        raise BudgetError(f"reduction {reduction:g} leaves fewer parameters than a rank-{multiple} factorization of every layer")
+    return ranks
 
 
 def sensitivity_ranks(layers: list[LayerShape], reduction: float, multiple: int = 1) -> dict[str, int | None]:
@@ -83,7 +94,7 @@ def sensitivity_ranks(layers: list[LayerShape], reduction: float, multiple: int 
         else:
             hi = mid
     rs = ranks_at(float(cand[lo])) if lo >= 0 else ranks_at(float("inf"))  # the least: one multiple each
-    return {L.name: (None if r * L.unit >= L.dense else r) for L, r in zip(layers, rs)}
+    return _within_budget(layers, {L.name: (None if r * L.unit >= L.dense else r) for L, r in zip(layers, rs)}, reduction, multiple)
 
 
 def parameters(layers: list[LayerShape], ranks: dict[str, int | None]) -> int:

@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compress.errors import UsageError
-from compress.lowrank.allocate import LayerShape, parameters, sensitivity_ranks, uniform_ranks
+from compress.lowrank.allocate import BudgetError, LayerShape, sensitivity_ranks, uniform_ranks
 from compress.lowrank.module import LowRankLinear
 from compress.lowrank.svd import breakeven_rank, decompose
 from compress.passes import Pass, register
@@ -115,11 +115,10 @@ class LowRankPass(Pass):
             self._layers.append(LayerShape(prefix + n, W.shape[1], W.shape[0], d.gains.float(), d.total))
 
     def preview_done(self):
-        self.ranks = sensitivity_ranks(self._layers, self.config.reduction, self.multiple)
-        budget = (1 - self.config.reduction) * sum(L.dense for L in self._layers)
-        if parameters(self._layers, self.ranks) > budget:  # only when even one multiple per layer is too much
-            raise UsageError(f"lowrank: reduction {self.config.reduction:g} leaves fewer parameters than one rank-{self.multiple} "
-                             "factorization per layer; lower `reduction` or `rank_multiple`")
+        try:
+            self.ranks = sensitivity_ranks(self._layers, self.config.reduction, self.multiple)
+        except BudgetError as e:
+            raise UsageError(f"lowrank: {e}; lower `reduction` or `rank_multiple`") from None
         self._layers = []
 
     def rank_for(self, full_name: str, module) -> int | None:
