@@ -18,6 +18,7 @@ recorder, so masks and position embeddings are exactly what the model would comp
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,7 +31,7 @@ from compress.families import find_blocks, get_module, linear_groups, replay_inp
 from compress.formats import replace_linear
 from compress.modelio import ModelSource, materialize, release
 from compress.modules import dense_weight
-from compress.passes import STATS, Pass
+from compress.passes import PAIRED, STATS, Pass
 from compress.smoothing import first_output
 
 
@@ -63,6 +64,9 @@ class BlockInputs:
 
     hidden: list[torch.Tensor]
     kwargs: list[list[tuple[tuple, dict]]]
+    # the uncompressed model's activations entering the same block, where a paired statistic
+    # (compress.passes.PAIRED) needs them
+    reference: list[torch.Tensor] | None = None
 
 
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]) -> BlockInputs:
@@ -244,6 +248,8 @@ def compress_blocks(
     blocks_path, blocks = find_blocks(model, model_type, getattr(source.config, "num_hidden_layers", None))
     passes, plan = check_plan(source, model, passes)
     needed = {s for p in passes for s in p.stats}
+    if not propagate or calib is None:
+        needed -= PAIRED  # every layer sees the original activations: x̂ = x
     smoothers = [p for p in passes if p.smooths]
     previewers = [p for p in passes if p.preview_stats]
     if (needed or smoothers or previewers) and calib is None:
@@ -271,6 +277,8 @@ def compress_blocks(
             progress(0, len(blocks), "preview")
             _preview(source, blocks, blocks_path, plan, previewers, captured, resume_inputs is None)
         inputs = resume_inputs if resume_inputs is not None else captured
+        if needed & PAIRED and inputs.reference is None:
+            inputs.reference = [h.clone() for h in inputs.hidden]
 
     n = len(blocks)
     for i in range(start, n):
@@ -284,9 +292,15 @@ def compress_blocks(
         if inputs is not None and not propagate:  # the uncompressed block's outputs feed the next block
             with torch.no_grad():
                 original = [first_output(block(h, *a, **k)).detach().float() for h, (a, k) in zip(inputs.hidden, inputs.kwargs[i])]
+        reference = copy.deepcopy(block) if inputs is not None and inputs.reference is not None else None
         notes, known = _smooth_block(block, prefix, plan, smoothers, inputs, i, model_type, cursor) if smoothers else ({}, {})
         layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type if sequential and propagate else "", cursor, known,
-                                 error_batches, keep_mlp_inputs and propagate)
+                                 error_batches, keep_mlp_inputs and propagate, reference)
+        if reference is not None:  # the original model's activations move on to the next block
+            with torch.no_grad():
+                for b, (a, k) in enumerate(inputs.kwargs[i]):
+                    inputs.reference[b] = first_output(reference(inputs.reference[b], *a, **k)).detach().float()
+            del reference
         for rep in layers:
             rep.info.update(notes.get(rep.name, {}))
         if original is not None:
@@ -420,7 +434,7 @@ def _smooth_block(block, prefix, plan, smoothers: list[Pass], inputs, i: int, mo
 
 @torch.no_grad()
 def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type: str, cursor: list[int], known=None,
-                    error_batches: int | None = None, keep_mlp_inputs: bool = False) -> list[LayerReport]:
+                    error_batches: int | None = None, keep_mlp_inputs: bool = False, reference=None) -> list[LayerReport]:
     reports: list[LayerReport] = []
     final: dict[str, nn.Module] = {}  # compressed modules, put in place once the block is done
     replays = replay_points(block, model_type)
@@ -450,7 +464,7 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
                     for path, lin in replay_inputs[gi]:
                         if lin in targeted and tokens * get_module(block, lin).in_features * 4 <= REPLAY_INPUT_BYTES:
                             keep_inputs[lin] = {}
-                stats = _observe(block, targeted, inputs, i, needed | set(extra), cursor, extra, keep_inputs)
+                stats = _observe(block, targeted, inputs, i, needed | set(extra), cursor, extra, keep_inputs, reference)
         for name in targeted:
             full = prefix + name
             mod = get_module(block, name)
@@ -525,26 +539,31 @@ def _empty_stats(block, names: list[str], needed: set) -> dict[str, dict]:
     return {n: {s: STATS[s][0](get_module(block, n).in_features) for s in needed} for n in names}
 
 
-def _accumulate(name: str, x: torch.Tensor, seen: dict, alias: dict, stats: dict, wanted) -> None:
+def _accumulate(name: str, x: torch.Tensor, seen: dict, alias: dict, stats: dict, wanted, ref: torch.Tensor | None = None) -> None:
     """Add input ``x`` of Linear ``name`` to its statistics ``wanted``, unless another Linear read
     the very same tensor in this forward (q/k/v, gate/up): then ``name`` shares that one's
-    statistics (``alias``; the caller copies them at the end) and nothing is computed twice."""
+    statistics (``alias``; the caller copies them at the end) and nothing is computed twice.
+    ``ref``: the original model's input of the same Linear, for the paired statistics."""
     twin = next((n for n, t in seen.items() if t is x), None)
     if twin is not None:
         alias[name] = twin
     elif name not in alias:
         for s in wanted:
-            STATS[s][1](stats[name][s], x)
+            if s in PAIRED:
+                STATS[s][1](stats[name][s], x, ref)
+            else:
+                STATS[s][1](stats[name][s], x)
     seen[name] = x
 
 
 def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, cursor: list[int],
-             limit: dict[str, int | None] | None = None, keep: dict[str, dict] | None = None) -> dict[str, dict]:
+             limit: dict[str, int | None] | None = None, keep: dict[str, dict] | None = None, reference=None) -> dict[str, dict]:
     """Run the block on every calibration batch, hooks accumulating statistics for ``names``.
     The forward of a batch ends as soon as every Linear of the group has seen its input.
     ``limit``: statistics accumulated on only the first that many batches (None: all); the
     loop stops once no statistic wants more. ``keep``: {name: {}} filled with the input each of
-    those Linears saw, per batch."""
+    those Linears saw, per batch. ``reference``: the uncompressed block, run first on the
+    original activations (``inputs.reference``) of each batch for the paired statistics."""
     keep = keep or {}
     limit = limit or {}
     if not needed:  # nothing to collect: no forward
@@ -554,10 +573,21 @@ def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, 
     seen: dict[str, torch.Tensor] = {}
     handles = []
 
+    ref_x: dict[str, torch.Tensor] = {}  # the original block's input of each Linear, this batch
+    paired = reference is not None and bool(needed & PAIRED)
+
+    def ref_hook_for(name):
+        def hook(mod, args):
+            ref_x[name] = args[0]
+            if len(ref_x) == len(names):
+                raise _Stop
+
+        return hook
+
     def hook_for(name):
         def hook(mod, args):
             x = args[0]
-            _accumulate(name, x, seen, alias, stats, [s for s in needed if limit.get(s) is None or cursor[0] < limit[s]])
+            _accumulate(name, x, seen, alias, stats, [s for s in needed if limit.get(s) is None or cursor[0] < limit[s]], ref_x.get(name))
             if name in keep:
                 keep[name][cursor[0]] = x.detach()
             if len(seen) == len(names):
@@ -567,12 +597,20 @@ def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, 
 
     for n in names:
         handles.append(get_module(block, n).register_forward_pre_hook(hook_for(n)))
+        if paired:
+            handles.append(get_module(reference, n).register_forward_pre_hook(ref_hook_for(n)))
     try:
         for b, (h, (a, k)) in enumerate(zip(inputs.hidden, inputs.kwargs[i])):
             if all(limit.get(s) is not None and b >= limit[s] for s in needed):
                 break
             cursor[0] = b
             seen.clear()
+            if paired:
+                ref_x.clear()
+                try:
+                    reference(inputs.reference[b], *a, **k)
+                except _Stop:
+                    pass
             try:
                 block(h, *a, **k)
             except _Stop:

@@ -71,12 +71,28 @@ def sqnorm_accumulate(state: dict, x: torch.Tensor) -> None:
     state["n"] += x.shape[0]
 
 
+def xcov_init(in_features: int) -> dict:
+    """C = Σ x·x̂ᵀ (in, in): the uncompressed model's input x of a Linear against the compressed
+    model's x̂ at the same token (paired: the engine runs the original block alongside)."""
+    return {"C": torch.zeros(in_features, in_features), "n": 0}
+
+
+def xcov_accumulate(state: dict, x_hat: torch.Tensor, x: torch.Tensor) -> None:
+    x_hat = x_hat.reshape(-1, x_hat.shape[-1]).float()
+    state["C"].addmm_(x.reshape(-1, x.shape[-1]).float().T, x_hat)
+    state["n"] += x_hat.shape[0]
+
+
 STATS = {
     "hessian": (hessian_init, hessian_accumulate),
     "absmean": (absmean_init, absmean_accumulate),
     "absmax": (absmax_init, absmax_accumulate),
     "sqnorm": (sqnorm_init, sqnorm_accumulate),
+    "xcov": (xcov_init, xcov_accumulate),
 }
+# statistics whose accumulate also takes the original model's input (x̂, x); the engine provides
+# them only when it propagates compressed activations (else x = x̂ and they equal the Hessian)
+PAIRED = frozenset({"xcov"})
 
 # ---------------------------------------------------------------- protocol
 

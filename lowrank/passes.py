@@ -44,6 +44,10 @@ class LowRankConfig(BaseModel):
     rank_multiple: int = Field(8, ge=1)  # ranks are multiples of this (and of a later quantizer's group)
     damp: float = Field(0.01, gt=0)  # whitened: XᵀX + λI, λ = damp · mean(diag XᵀX), raised if needed
     alpha: float = Field(0.5, gt=0)  # asvd: channel scale mean|x| ** alpha
+    # whitened: fit the uncompressed model's outputs (original: ‖XWᵀ − X̂(BA)ᵀ‖, the original block
+    # runs alongside the compressed one, compensating earlier layers' errors) or the layer's own
+    # outputs on what the compressed model feeds it (propagated: ‖X̂(W − BA)ᵀ‖)
+    objective: Literal["original", "propagated"] = "original"
     targets: list[str] = Field(default_factory=lambda: ["Linear"])  # class, name suffix, or re:regex
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
 
@@ -77,7 +81,9 @@ class LowRankPass(Pass):
 
     @property
     def stats(self):  # type: ignore[override]
-        return {"whitened": ("hessian",), "asvd": ("absmean",), "svd": ()}[self.config.method]
+        if self.config.method == "whitened":
+            return ("hessian", "xcov") if self.config.objective == "original" else ("hessian",)
+        return {"asvd": ("absmean",), "svd": ()}[self.config.method]
 
     @property
     def preview_stats(self):  # type: ignore[override]
@@ -139,7 +145,7 @@ class LowRankPass(Pass):
         if rank is None:
             return module, {**info, "rank": None, "params_kept": dense}
         d = decompose(module.weight.detach(), c.method, stats.get("hessian", {}).get("H"), stats.get("absmean", {}).get("sum"),
-                      c.damp, c.alpha, name=full_name)
+                      c.damp, c.alpha, name=full_name, C=stats.get("xcov", {}).get("C"))
         B, A = d.factors(rank)
         dt = self.ctx.dtype  # the factors as the export stores them
         new = LowRankLinear.from_factors(B.to(dt).float(), A.to(dt).float(), module.bias)

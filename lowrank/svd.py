@@ -96,11 +96,18 @@ def whitening(H: torch.Tensor, damp: float = 0.01, name: str = "layer") -> tuple
 
 
 def decompose(W: torch.Tensor, method: str = "whitened", H: torch.Tensor | None = None, absmean: torch.Tensor | None = None,
-              damp: float = 0.01, alpha: float = 0.5, name: str = "layer") -> Decomposition:
-    """The SVD ``method`` truncates, for W (out, in); H (in, in) = XᵀX and absmean (in,) = mean|x|.
+              damp: float = 0.01, alpha: float = 0.5, name: str = "layer", C: torch.Tensor | None = None) -> Decomposition:
+    """The SVD ``method`` truncates, for W (out, in); H (in, in) = X̂ᵀX̂ and absmean (in,) = mean|x̂|.
 
     ``whitened`` needs H; ``asvd`` needs absmean; H, when given, also yields each component's
-    exact output error (``gains``) for every method."""
+    exact output error (``gains``) for every method.
+
+    ``C`` (whitened only) = XᵀX̂, where X̂ are the inputs the layer gets in the compressed model and
+    X the original model's at the same tokens: the factors then minimise ‖XWᵀ − X̂(BA)ᵀ‖², the
+    distance to the *original* outputs (errors of earlier layers are compensated where the inputs
+    allow). With the damping as a pull towards W, the unconstrained optimum is
+    W* = W(C + λI)(H + λI)⁻¹, and the best rank r truncates W*·S = W(C + λI)S⁻ᵀ. ``gains`` are then
+    the σ² of that matrix (the error beyond what no matrix can fix)."""
     if method not in METHODS:
         raise ValueError(f"unknown low-rank method {method!r}; one of {', '.join(METHODS)}")
     W = W.double()
@@ -109,7 +116,16 @@ def decompose(W: torch.Tensor, method: str = "whitened", H: torch.Tensor | None 
         if H is None:
             raise ValueError("whitened SVD needs the inputs' XᵀX (H)")
         S, unscale, info = whitening(H, damp, name)
-        M = W @ S
+        if C is None:
+            M = W @ S
+        else:
+            lam = info["damp"] * float(torch.diagonal(H.double()).mean())
+            Cd = C.double() + lam * torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
+            if info["whitening"] == "cholesky":
+                M = W @ torch.linalg.solve_triangular(S, Cd.T, upper=False).T  # W·C·S⁻ᵀ
+            else:
+                M = W @ Cd @ unscale(torch.eye(C.shape[0], dtype=torch.float64, device=C.device)).T  # S⁻ᵀ = (I·S⁻¹)ᵀ
+            info = {**info, "target": "original"}
     elif method == "asvd":
         if absmean is None:
             raise ValueError("asvd needs the inputs' mean |x| per channel")

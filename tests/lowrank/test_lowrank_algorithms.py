@@ -153,3 +153,22 @@ def test_uniform_gives_every_layer_the_same_share():
     ranks = uniform_ranks(layers, 0.25)
     for L in layers:
         assert ranks[L.name] == int(0.75 * L.dense / L.unit)
+
+
+@pytest.mark.parametrize("r", [2, 5, 9])
+def test_original_objective_is_the_optimum_towards_the_original_outputs(r):
+    """With C = XᵀX̂ the factors minimise ‖XWᵀ − X̂(BA)ᵀ‖² (X the original inputs, X̂ what the
+    compressed model feeds the layer): against the oracle through the QR of X̂."""
+    W, X = _correlated(seed=4)
+    g = torch.Generator().manual_seed(5)
+    Xh = X + 0.2 * X.std() * torch.randn(X.shape, generator=g, dtype=torch.float64) + 0.1 * X[:, [3]]  # drifted inputs
+    d = decompose(W, "whitened", H=Xh.T @ Xh, damp=1e-12, C=X.T @ Xh)
+    B, A = d.factors(r)
+    err = float(((X @ W.T - Xh @ (B.double() @ A.double()).T) ** 2).sum())
+    Q, _ = torch.linalg.qr(Xh)
+    T = Q.T @ X @ W.T  # the part of XWᵀ any X̂W'ᵀ can reach, in Q's coordinates
+    best = float((X @ W.T).pow(2).sum() - T.pow(2).sum() + torch.linalg.svdvals(T)[r:].pow(2).sum())
+    assert err == pytest.approx(best, rel=1e-4)
+    d0 = decompose(W, "whitened", H=Xh.T @ Xh, damp=1e-12)  # fits W on X̂ instead
+    B0, A0 = d0.factors(r)
+    assert err < float(((X @ W.T - Xh @ (B0.double() @ A0.double()).T) ** 2).sum())

@@ -156,6 +156,20 @@ def test_cli_lowrank_runs_evaluates_and_reports(tiny, tmp_path):
     assert "low-rank (whitened, factored)" in md and "| rank | parameters kept |" in md
 
 
+def test_original_objective_runs_the_original_block_alongside(tiny, tmp_path):
+    def errors(objective, **cal):
+        rep = run(_recipe(tiny, tmp_path / f"{objective}{len(cal)}", [{"lowrank": {"reduction": 0.4, "allocation": "uniform",
+                                                                                    "objective": objective}}], calibration=cal))
+        return {l["name"]: l["rel_output_error"] for l in rep["layers"]}
+
+    orig, prop = errors("original"), errors("propagated")
+    q0 = "model.layers.0.self_attn.q_proj"
+    assert orig[q0] == pytest.approx(prop[q0], rel=1e-5)  # nothing compressed before it: x̂ = x
+    assert any(abs(orig[n] - prop[n]) > 1e-4 for n in orig if ".layers.1." in n)
+    # without propagation every layer sees the original inputs: both objectives are one
+    assert errors("original", propagate=False) == errors("propagated", propagate=False)
+
+
 # ---------------------------------------------------------------- bad input
 
 
