@@ -625,6 +625,8 @@ def inspect_cmd(ckpt: Annotated[str, typer.Argument(help="A checkpoint folder.")
         if info.get("sparsity"):
             sp = info["sparsity"]
             out.print(f"  {sp['layers']} layers pruned: {sp['structure']}, {sp['global_sparsity']:.1%} of their weights are zero (stored dense)")
+        if info.get("lowrank"):
+            out.print("  " + _lowrank_line(info["lowrank"]) + ("" if info["lowrank"]["export"] == "merged" else "; loads with compress only"))
         if info.get("ignore"):
             out.print(f"  left unquantized: {', '.join(info['ignore'][:8])}{' ...' if len(info['ignore']) > 8 else ''}")
     except typer.Exit:

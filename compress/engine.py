@@ -345,6 +345,7 @@ def _preview(source, blocks, blocks_path: str, plan, previewers: list[Pass], inp
 
         # one forward per batch both observes and propagates (the weights do not change here)
         handles = [get_module(block, n).register_forward_pre_hook(hook_for(n)) for n in names]
+        probe_in = view.hidden[0].clone()
         try:
             for b, (a, k) in enumerate(inputs.kwargs[i]):
                 seen.clear()
@@ -354,13 +355,38 @@ def _preview(source, blocks, blocks_path: str, plan, previewers: list[Pass], inp
                 h.remove()
         for n, twin in alias.items():
             stats[n] = stats[twin]
+        probe = _BlockErrorProbe(block, probe_in, view.hidden[0], inputs.kwargs[i][0])
         for p in previewers:
             mine = [n for n in names if p in plan[prefix + n]]
-            p.preview_block(prefix, {n: stats[n] for n in mine}, {n: get_module(block, n).weight.detach().float() for n in mine})
+            p.preview_block(prefix, {n: stats[n] for n in mine}, {n: get_module(block, n).weight.detach().float() for n in mine}, probe)
+        del probe, probe_in
         release(block)
         _trim_heap()
     for p in previewers:
         p.preview_done()
+
+
+class _BlockErrorProbe:
+    """``probe(name, W)`` for ``Pass.preview_block``: runs the block on its first calibration batch
+    with Linear ``name`` computing with W, and returns (‖Δ block output‖², ‖Δ Linear output‖²)."""
+
+    def __init__(self, block, x, y, args_kwargs):
+        self.block, self.x, self.y, (self.args, self.kwargs) = block, x, y, args_kwargs
+
+    @torch.no_grad()
+    def __call__(self, name: str, W: torch.Tensor) -> tuple[float, float]:
+        lin = get_module(self.block, name)
+        W0 = lin.weight.data
+        seen = []
+        h = lin.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+        lin.weight.data = W.to(W0.dtype)
+        try:
+            out = first_output(self.block(self.x, *self.args, **self.kwargs)).float()
+        finally:
+            lin.weight.data = W0
+            h.remove()
+        x = seen[0].reshape(-1, W.shape[1]).float()
+        return float((out - self.y).pow(2).sum()), float((x @ (W.float() - W0.float()).T).pow(2).sum())
 
 
 def check_plan(source: ModelSource, model: nn.Module, passes: list[Pass]) -> tuple[list[Pass], dict[str, list[Pass]]]:

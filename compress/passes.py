@@ -148,8 +148,10 @@ class Pass:
     def link(self, later: list["Pass"]) -> None:
         """Called once before the sweep with the passes after this one in the recipe."""
 
-    def preview_block(self, prefix: str, stats: dict[str, dict], weights: dict[str, torch.Tensor]) -> None:
-        pass
+    def preview_block(self, prefix: str, stats: dict[str, dict], weights: dict[str, torch.Tensor], probe=None) -> None:
+        """``probe(name, W)``: (the block output's squared error, the Linear's output squared
+        error) on one calibration batch when Linear ``name`` alone computes with W instead: how
+        much of a layer's error reaches the residual stream."""
 
     def preview_done(self) -> None:
         pass

@@ -40,6 +40,10 @@ class LowRankConfig(BaseModel):
     # sensitivity: spend the budget where each parameter buys the most output accuracy (measured
     # on the uncompressed model in a preview sweep); uniform: every layer keeps 1 - reduction
     allocation: Literal["sensitivity", "uniform"] = "sensitivity"
+    # sensitivity's unit of error: block (each layer's output error weighted by how much of it
+    # reaches the block's output, measured once per layer on one batch: errors in the residual
+    # stream compare across layers and blocks) or layer (relative output error of each layer)
+    sensitivity: Literal["block", "layer"] = "block"
     rank: int | None = Field(None, ge=1)  # one rank for every targeted Linear (instead of reduction)
     rank_multiple: int = Field(8, ge=1)  # ranks are multiples of this (and of a later quantizer's group)
     damp: float = Field(0.01, gt=0)  # whitened: XᵀX + λI, λ = damp · mean(diag XᵀX), raised if needed
@@ -47,7 +51,8 @@ class LowRankConfig(BaseModel):
     # whitened: fit the uncompressed model's outputs (original: ‖XWᵀ − X̂(BA)ᵀ‖, the original block
     # runs alongside the compressed one, compensating earlier layers' errors) or the layer's own
     # outputs on what the compressed model feeds it (propagated: ‖X̂(W − BA)ᵀ‖)
-    objective: Literal["original", "propagated"] = "original"
+    # (original: 27.84 vs 27.33 at 20% on the demo model, at twice the calibration time; BENCHMARKS.md)
+    objective: Literal["original", "propagated"] = "propagated"
     targets: list[str] = Field(default_factory=lambda: ["Linear"])  # class, name suffix, or re:regex
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
 
@@ -113,12 +118,20 @@ class LowRankPass(Pass):
         return "lower `reduction` or `rank_multiple`, or list those layers under `ignore`"
 
     # ---- sensitivity: a preview sweep measures every layer's error at every rank
-    def preview_block(self, prefix, stats, weights):
+    def preview_block(self, prefix, stats, weights, probe=None):
+        c = self.config
         for n, W in weights.items():
             st = stats[n]
-            d = decompose(W, self.config.method, st["hessian"]["H"], st.get("absmean", {}).get("sum"), self.config.damp, self.config.alpha,
-                          name=prefix + n)
-            self._layers.append(LayerShape(prefix + n, W.shape[1], W.shape[0], d.gains.float(), d.total))
+            d = decompose(W, c.method, st["hessian"]["H"], st.get("absmean", {}).get("sum"), c.damp, c.alpha, name=prefix + n)
+            shape = LayerShape(prefix + n, W.shape[1], W.shape[0], d.gains.float(), d.total)
+            if c.sensitivity == "block" and probe is not None:
+                # the share of this layer's output error that reaches the block output, measured at
+                # the uniform rank: the gains in units of residual-stream error (comparable everywhere)
+                r = min(min(W.shape), max(self.multiple, int((1 - c.reduction) * shape.dense / shape.unit) // self.multiple * self.multiple))
+                B, A = d.factors(r)
+                block_err, layer_err = probe(n, B @ A)
+                shape = LayerShape(shape.name, shape.in_features, shape.out_features, shape.gains * (block_err / max(layer_err, 1e-30)), 1.0)
+            self._layers.append(shape)
 
     def preview_done(self):
         try:

@@ -97,7 +97,7 @@ class _PrunePass(Pass):
         return f"use a pattern whose M divides them ({', '.join(ok) or 'unstructured'}), or list those layers under `ignore`"
 
     # ---- OWL: a preview sweep gives every block its outlier ratio, then its sparsity
-    def preview_block(self, prefix, stats, weights):
+    def preview_block(self, prefix, stats, weights, probe=None):
         scores = [wanda_score(weights[n], stats[n]["sqnorm"]["sq"]) for n in weights]
         self._ratios[prefix] = outlier_ratio(scores, self.config.owl_m)
 
