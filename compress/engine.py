@@ -368,10 +368,12 @@ def _preview(source, blocks, blocks_path: str, plan, previewers: list[Pass], inp
 
 class _BlockErrorProbe:
     """``probe(name, W)`` for ``Pass.preview_block``: runs the block on its first calibration batch
-    with Linear ``name`` computing with W, and returns (‖Δ block output‖², ‖Δ Linear output‖²)."""
+    with Linear ``name`` computing with W, and returns (‖Δ block output‖², ‖Δ Linear output‖²).
+    ``energy``: ‖block output‖² on that batch (the residual stream's size there)."""
 
     def __init__(self, block, x, y, args_kwargs):
         self.block, self.x, self.y, (self.args, self.kwargs) = block, x, y, args_kwargs
+        self.energy = float(y.float().pow(2).sum())
 
     @torch.no_grad()
     def __call__(self, name: str, W: torch.Tensor) -> tuple[float, float]:

@@ -41,9 +41,9 @@ class LowRankConfig(BaseModel):
     # on the uncompressed model in a preview sweep); uniform: every layer keeps 1 - reduction
     allocation: Literal["sensitivity", "uniform"] = "sensitivity"
     # sensitivity's unit of error: block (each layer's output error weighted by how much of it
-    # reaches the block's output, measured once per layer on one batch: errors in the residual
-    # stream compare across layers and blocks) or layer (relative output error of each layer)
-    sensitivity: Literal["block", "layer"] = "block"
+    # reaches the block's output, measured once per layer on one batch, relative to the residual
+    # stream's size there), residual (the same, absolute), or layer (each layer's relative error)
+    sensitivity: Literal["block", "residual", "layer"] = "block"
     rank: int | None = Field(None, ge=1)  # one rank for every targeted Linear (instead of reduction)
     rank_multiple: int = Field(8, ge=1)  # ranks are multiples of this (and of a later quantizer's group)
     damp: float = Field(0.01, gt=0)  # whitened: XᵀX + λI, λ = damp · mean(diag XᵀX), raised if needed
@@ -124,13 +124,14 @@ class LowRankPass(Pass):
             st = stats[n]
             d = decompose(W, c.method, st["hessian"]["H"], st.get("absmean", {}).get("sum"), c.damp, c.alpha, name=prefix + n)
             shape = LayerShape(prefix + n, W.shape[1], W.shape[0], d.gains.float(), d.total)
-            if c.sensitivity == "block" and probe is not None:
+            if c.sensitivity in ("block", "residual") and probe is not None:
                 # the share of this layer's output error that reaches the block output, measured at
                 # the uniform rank: the gains in units of residual-stream error (comparable everywhere)
                 r = min(min(W.shape), max(self.multiple, int((1 - c.reduction) * shape.dense / shape.unit) // self.multiple * self.multiple))
                 B, A = d.factors(r)
                 block_err, layer_err = probe(n, B @ A)
-                shape = LayerShape(shape.name, shape.in_features, shape.out_features, shape.gains * (block_err / max(layer_err, 1e-30)), 1.0)
+                scale = block_err / max(layer_err, 1e-30) / (probe.energy if c.sensitivity == "block" else 1.0)
+                shape = LayerShape(shape.name, shape.in_features, shape.out_features, shape.gains * scale, 1.0)
             self._layers.append(shape)
 
     def preview_done(self):

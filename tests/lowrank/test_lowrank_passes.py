@@ -60,7 +60,8 @@ def _logits(model, x):
         return model(input_ids=x).logits
 
 
-@pytest.mark.parametrize("opts", [{"reduction": 0.3}, {"reduction": 0.25, "allocation": "uniform", "method": "asvd"},
+@pytest.mark.parametrize("opts", [{"reduction": 0.3}, {"reduction": 0.3, "sensitivity": "layer"},
+                                  {"reduction": 0.25, "allocation": "uniform", "method": "asvd"},
                                   {"rank": 8, "method": "svd"}])
 def test_factored_export_reloads_to_the_in_memory_logits(tiny, tmp_path, opts):
     out = tmp_path / "out"
@@ -213,3 +214,29 @@ def test_a_layer_that_sees_no_signal_is_named(tmp_path):
     with pytest.raises(UsageError, match=r"model.layers.1.mlp.gate_proj: XᵀX of its calibration inputs is all zeros"):
         run(_recipe(path, tmp_path / "o", [{"lowrank": {"reduction": 0.3, "allocation": "uniform"}}]))
     assert not (tmp_path / "o").exists()
+
+
+def test_block_error_probe_measures_what_reaches_the_block_output():
+    from transformers import AutoModelForCausalLM
+
+    from compress.engine import _BlockErrorProbe
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).eval()
+    block = model.model.layers[0]
+    x = torch.randn(2, 8, 64)
+    pos = model.model.rotary_emb(x, torch.arange(8)[None])
+    kw = {"position_embeddings": pos, "attention_mask": None}
+    with torch.no_grad():
+        y = block(x, **kw)
+    y = y[0] if isinstance(y, tuple) else y
+    probe = _BlockErrorProbe(block, x, y, ((), kw))
+    W = block.mlp.down_proj.weight.detach().clone()
+    assert probe("mlp.down_proj", W) == (0.0, 0.0)
+    out_err, layer_err = probe("mlp.down_proj", W * 1.1)
+    # down_proj writes straight into the residual stream: all of its error reaches the output
+    assert out_err == pytest.approx(layer_err, rel=1e-4) and layer_err > 0
+    torch.testing.assert_close(block.mlp.down_proj.weight, W)  # restored
+    out_err, layer_err = probe("self_attn.k_proj", block.self_attn.k_proj.weight * 1.5)
+    assert layer_err > 0 and out_err != pytest.approx(layer_err, rel=1e-2)  # through softmax: not one to one
