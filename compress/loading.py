@@ -18,13 +18,13 @@ from compress.modelio import ModelSource, materialize, read_metadata, resolve_mo
 
 
 def stored_modules(source: ModelSource) -> dict[str, type[CompressedLinear]]:
-    """Each layer the checkpoint stores in a compressed module type's format -> that type."""
+    """Each layer the checkpoint stores in a compressed module type's format -> that type, owners
+    before the modules inside them (a low-rank layer before its quantized factors ``<layer>.A``)."""
     out: dict[str, type[CompressedLinear]] = {}
     for t in module_types():
         for name in t.stored_layers(source):
             out.setdefault(name, t)
-    # a module inside another (a low-rank layer's quantized factor) is built by its owner
-    return {n: t for n, t in out.items() if not any(n.startswith(o + ".") for o in out)}
+    return {n: out[n] for n in sorted(out, key=lambda n: (n.count("."), n))}
 
 
 def quantized_layer_names(source: ModelSource) -> list[str]:

@@ -53,11 +53,20 @@ def uniform_ranks(layers: list[LayerShape], reduction: float, multiple: int = 1)
     """{name: rank} with every layer at (1 − reduction) of its parameters; None = stays dense
     (only when reduction is 0 in effect: the rank reaches the break-even point). Every layer
     keeps at least ``multiple`` components."""
-    out: dict[str, int | None] = {}
-    for L in layers:
-        r = _round(int((1 - reduction) * L.dense / L.unit), multiple, min(L.in_features, L.out_features))
-        out[L.name] = None if r * L.unit >= L.dense else r
-    return _within_budget(layers, out, reduction, multiple)
+    return _within_budget(layers, {L.name: uniform_rank(L, reduction, multiple) for L in layers}, reduction, multiple)
+
+
+def share_rank(L: LayerShape, reduction: float, multiple: int = 1) -> int:
+    """The rank keeping (1 − reduction) of the layer's parameters, ⌊(1 − reduction)·D/(in + out)⌋,
+    rounded as every rank is (it may reach the break-even point)."""
+    return _round(int((1 - reduction) * L.dense / L.unit), multiple, min(L.in_features, L.out_features))
+
+
+def uniform_rank(L: LayerShape, reduction: float, multiple: int = 1) -> int | None:
+    """One layer's uniform rank: ``share_rank``, or None where that reaches the break-even point
+    (no budget check: ``uniform_ranks`` does it)."""
+    r = share_rank(L, reduction, multiple)
+    return None if r * L.unit >= L.dense else r
 
 
 class BudgetError(ValueError):

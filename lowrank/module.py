@@ -16,7 +16,7 @@ from torch import nn
 
 from compress.errors import InputError
 from compress.modelio import read_metadata
-from compress.modules import CompressedLinear, dense_weight, module_types, register_module_type
+from compress.modules import CompressedLinear, dense_weight, register_module_type
 
 
 @register_module_type
@@ -71,13 +71,9 @@ class LowRankLinear(CompressedLinear):
         r = int(info["rank"])
         if not 1 <= r <= min(linear.in_features, linear.out_features):
             raise InputError(f"{source.path / 'compress.json'}: {name} has rank {r}, outside [1, {min(linear.in_features, linear.out_features)}]")
-        m = cls(linear.in_features, linear.out_features, r, bias=linear.bias is not None, device="meta")
-        for f, sub in m.factors().items():
-            for t in module_types():  # a quantized factor comes back as its compressed type
-                if t is not cls and f"{name}.{f}" in t.stored_layers(source):
-                    setattr(m, f, t.from_checkpoint(source, f"{name}.{f}", sub, groups))
-                    break
-        return m  # plain factors stay on the meta device: the loader fills them like any Linear
+        # plain meta factors: the loader fills them like any Linear, and replaces a quantized one
+        # (``<name>.A`` among its stored layers) with its compressed type, as it does any layer
+        return cls(linear.in_features, linear.out_features, r, bias=linear.bias is not None, device="meta")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compress.errors import UsageError
-from compress.lowrank.allocate import BudgetError, LayerShape, sensitivity_ranks, uniform_ranks
+from compress.lowrank.allocate import BudgetError, LayerShape, sensitivity_ranks, share_rank, uniform_rank
 from compress.lowrank.module import LowRankLinear
 from compress.lowrank.svd import breakeven_rank, decompose
 from compress.passes import Pass, register
@@ -127,7 +127,7 @@ class LowRankPass(Pass):
             if c.sensitivity in ("block", "residual") and probe is not None:
                 # the share of this layer's output error that reaches the block output, measured at
                 # the uniform rank: the gains in units of residual-stream error (comparable everywhere)
-                r = min(min(W.shape), max(self.multiple, int((1 - c.reduction) * shape.dense / shape.unit) // self.multiple * self.multiple))
+                r = share_rank(shape, c.reduction, self.multiple)
                 B, A = d.factors(r)
                 block_err, layer_err = probe(n, B @ A)
                 scale = block_err / max(layer_err, 1e-30) / (probe.energy if c.sensitivity == "block" else 1.0)
@@ -147,8 +147,7 @@ class LowRankPass(Pass):
             return c.rank
         if c.allocation == "sensitivity":
             return self.ranks[full_name]
-        shape = LayerShape(full_name, module.in_features, module.out_features)
-        return uniform_ranks([shape], c.reduction, self.multiple)[full_name]
+        return uniform_rank(LayerShape(full_name, module.in_features, module.out_features), c.reduction, self.multiple)
 
     def apply(self, full_name, module, stats):
         c = self.config
