@@ -1,7 +1,7 @@
 """`compress`: the command line. Wiring only: build a recipe, call the library, print.
 
 Exit codes (stable): 0 ok; 1 internal error; 2 bad usage or recipe; 3 input missing or
-unreadable; 4 a quality gate failed; 130 interrupted.
+unreadable; 4 a quality gate failed; 5 training diverged (a non-finite loss; nothing exported); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help=(
         "Compress Hugging Face LLM checkpoints layer by layer (quantize: GPTQ, AWQ, SmoothQuant W8A8, RTN; prune: SparseGPT, "
-        "Wanda, magnitude, unstructured or N:M), evaluate them against the original, and export checkpoints that vLLM and "
+        "Wanda, magnitude, unstructured or N:M; low-rank factors; knowledge distillation from the original), evaluate them against the "
+        "original, and export checkpoints that vLLM and "
         "transformers load.\n\n"
         "Exit codes: 0 ok; 1 internal error; 2 bad usage or recipe; 3 input missing or unreadable; "
-        "4 a quality gate failed; 130 interrupted (rerun with --resume)."
+        "4 a quality gate failed; 5 training diverged (nothing exported); 130 interrupted (rerun with --resume)."
     ),
 )
 err = Console(stderr=True)
@@ -80,12 +81,12 @@ class _RichHooks:
         if not self.quiet:
             (self.bar.console if self.bar else err).print(f"[dim]{msg}[/dim]")
 
-    def progress(self, task: str, done: int, total: int) -> None:
+    def progress(self, task: str, done: int, total: int, info: str = "") -> None:
         if not self.bar:
             return
         if task not in self.tasks:
             self.tasks[task] = self.bar.add_task(task, total=total)
-        self.bar.update(self.tasks[task], completed=done, total=total)
+        self.bar.update(self.tasks[task], completed=done, total=total, description=f"{task} {info}" if info else task)
 
 
 def _fail(e: BaseException) -> None:
@@ -250,13 +251,18 @@ def _print_report(report: dict) -> None:
     lr = (report.get("export") or {}).get("lowrank")
     if lr:
         out.print(_lowrank_line(lr))
+    if report.get("distill"):
+        from compress.eval.report import distill_summary
+
+        out.print(distill_summary(report["distill"]), highlight=False)
     worst = sorted((l for l in report.get("layers", []) if l["rel_output_error"] is not None), key=lambda l: -l["rel_output_error"])[:5]
     if worst:
         out.print("highest relative output error: " + ", ".join(f"{l['name']} {l['rel_output_error']:.4f}" for l in worst))
     for g in ev.get("gates", []):
         out.print(("[green]pass[/green] " if g["passed"] else "[bold red]FAIL[/bold red] ") + g["message"], highlight=False)
     tm = report.get("time", {})
-    parts = [f"{k.removesuffix('_s').replace('compress', 'compression')} {tm[k]:.0f} s" for k in ("compress_s", "eval_s", "total_s") if k in tm]
+    parts = [f"{k.removesuffix('_s').replace('compress', 'compression').replace('distill', 'distillation')} {tm[k]:.0f} s"
+             for k in ("compress_s", "distill_s", "eval_s", "total_s") if k in tm]
     cached = sorted({c for label in ("baseline", "model") for c in ev.get(label, {}).get("cached", [])})
     out.print(", ".join(parts) + f", peak RSS {report['peak_rss_mb']:.0f} MB" + (f"; cached: {', '.join(cached)}" if cached else ""))
 
@@ -523,6 +529,65 @@ SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per perplexity
 MaxWindowsOpt = Annotated[Optional[int], typer.Option("--max-windows", help="Perplexity on at most this many windows.")]
 PplOpt = Annotated[Optional[bool], typer.Option("--perplexity/--no-perplexity", help="Windowed perplexity (default: on, unless only --tasks/--task-file are given).")]
 EvalBatchOpt = Annotated[int, typer.Option("--batch-size", help="lm-eval requests per forward pass.")]
+
+
+@app.command("distill")
+def distill_cmd(
+    student: Annotated[str, typer.Argument(help="The compressed checkpoint to train (an export of compress, or any copy of the teacher's architecture).")],
+    teacher: Annotated[str, typer.Option("--teacher", help="The original model it was compressed from: a folder, a .gguf file, a hub id, or 'demo'.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Where to write the trained student (same format as STUDENT).")],
+    loss: Annotated[str, typer.Option("--loss", help="forward_kl, reverse_kl (MiniLLM), jsd (GKD, --set beta), skew_kl (DistiLLM, --set alpha).")] = "forward_kl",
+    temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature of both distributions.")] = 1.0,
+    train: Annotated[str, typer.Option("--train", help=(
+        "auto (quantized layers train their scales, pruned layers their surviving weights, low-rank factors their weights; norms "
+        "always), scales, weights, or qat (latent weights through fake quantization, re-quantized at the end)."))] = "auto",
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default: one pass over the training windows).")] = None,
+    minutes: Annotated[Optional[float], typer.Option("--minutes", help="Stop after this many minutes of training.")] = None,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate of weights, factors and norms (scales: --set scale_lr=...).")] = 1e-4,
+    teacher_cache: Annotated[str, typer.Option("--teacher-cache", help="online (teacher logits per batch) or topk (its top-k cached once, then freed).")] = "online",
+    scope: Annotated[str, typer.Option("--scope", help="model (the only scope for a finished checkpoint; scope block runs in a recipe).")] = "model",
+    samples: SamplesOpt = 128,
+    seq_len: CalSeqLenOpt = 512,
+    data: CalDataOpt = "builtin:pydoc",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any other distill option: --set grad_accum=8 (repeatable; see the recipe's distill pass).")] = None,
+    no_eval: NoEvalOpt = False,
+    overwrite: OverwriteOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted distillation from its last checkpoint.")] = False,
+    seed: SeedOpt = None,
+    max_ppl_increase: MaxPplOpt = None,
+    markdown: MarkdownOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Train a compressed checkpoint to match the model it came from (knowledge distillation on
+    calibration text; the evaluation split is never read while training). Prints perplexity of
+    the original, the student before and after. In a recipe, `- distill: {}` after the
+    compressing passes does the same in one run."""
+    try:
+        from compress.api import distill
+        from compress.recipe import load_recipe
+
+        opts: dict = {"scope": scope, "loss": loss, "temperature": temperature, "train": train, "lr": lr, "teacher": teacher_cache}
+        if steps is not None:
+            opts["steps"] = steps
+        if minutes is not None:
+            opts["minutes"] = minutes
+        gates = _gate_settings(max_ppl_increase, None, None)
+        raw = {"model": teacher, "calibration": {"data": data, "samples": samples, "seq_len": seq_len},
+               "passes": [{"distill": opts}], "eval": {"perplexity": None} if no_eval else {"gates": gates}}
+        recipe = load_recipe(raw, [f"passes.0.distill.{a}" for a in set_ or []])
+        (_, cfg), = recipe.pass_configs()
+
+        def produce():
+            with _RichHooks(quiet) as hooks:
+                return distill(student, teacher, output, cfg, calibration=recipe.calibration, eval_cfg=recipe.eval, seed=seed or 0,
+                               overwrite=overwrite, resume=resume, hooks=hooks)
+
+        _with_gates(produce, as_json, markdown)
+    except typer.Exit:
+        raise
+    except (Exception, KeyboardInterrupt) as e:
+        _fail(e)
 
 
 @app.command("eval")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,8 +39,8 @@ class Hooks:
     def log(self, msg: str) -> None:
         pass
 
-    def progress(self, task: str, done: int, total: int) -> None:
-        pass
+    def progress(self, task: str, done: int, total: int, info: str = "") -> None:
+        """``info``: a short status beside the bar (e.g. distillation's loss and tokens/s)."""
 
 
 def _storage_dtype(config) -> torch.dtype:
@@ -59,7 +60,8 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
     source = ModelSource(resolve_model(recipe.model, log=hooks.log))
     _check_eval_config(recipe.eval, recipe.eval.baseline)  # before minutes of compression, not after
     dtype = _storage_dtype(source.config)
-    passes = [get_pass(name)(cfg, Context(dtype=dtype)) for name, cfg in recipe.pass_configs()]
+    passes = [get_pass(name)(cfg, Context(dtype=dtype, seed=recipe.seed)) for name, cfg in recipe.pass_configs()]
+    distill = _distill_pass(passes)
     model = source.skeleton()
     blocks_path, blocks = find_blocks(model, source.config.model_type, getattr(source.config, "num_hidden_layers", None))
 
@@ -68,18 +70,123 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
     if cal.samples > 0:
         ids = tokenize(load_texts(cal.data, "calibration", cal.text_field), source.tokenizer)
         calib = calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, recipe.seed)
+    if distill is not None and calib is None:
+        raise UsageError("calibration.samples: distillation trains on the calibration windows; set calibration.samples > 0")
+    if distill is not None and distill.config.scope == "model":
+        from compress.distill.loop import split_windows
+
+        split_windows(calib, distill.config.holdout, f"passes.{len(passes) - 1}.distill.holdout")
 
     check_plan(source, model, passes)  # bad options fail here, before anything is written
     if recipe.export.lowrank == "merged" and any(p.factorizes for p in passes) and any(p.quantizes for p in passes):
         raise UsageError("export.lowrank: merged would multiply quantized factors back into dense weights; use "
                          "export.lowrank: factored (compress.load reads it), or merge a low-rank-only run and quantize that")
+    target = Path(recipe.export.path)
+    # model-scope distillation trains the exported student: the compressing passes export to a
+    # staging folder beside the target (kept until the end, so --resume skips them), the trained
+    # student goes to the target
+    staged = distill is not None and distill.config.scope == "model"
+    if staged and target.exists() and not recipe.export.overwrite:
+        raise UsageError(f"{target}: already exists; pass --overwrite to replace it, or choose another export path")
+    stage = target.parent / f".{target.name}.student" if staged else target
+    stage_key = recipe.fingerprint(passes=len(passes) - 1)
+    report = None
+    if staged and resume and _stage_matches(stage, stage_key):
+        hooks.log(f"the compressed student in {stage} is complete: resuming with distillation")
+        report = json.loads((stage / "report.json").read_text())
+        out = stage
+    if report is None:
+        report, out = _compress(recipe, source, model, passes, calib, blocks_path, len(blocks), dtype, stage, resume or False,
+                                staged, hooks)
+        if staged:
+            (stage / STAGE_FILE).write_text(json.dumps({"fingerprint": stage_key}))
+    del model
+    if staged:
+        from compress.distill.run import distill_checkpoint, write_trained
+
+        student, rec = distill_checkpoint(stage, source.path, calib, distill.config, seed=recipe.seed, work=stage, resume=resume,
+                                          hooks=hooks)
+        report["distill"] = {"scope": "model", **rec}
+        out = write_trained(stage, student, target, report["distill"], overwrite=recipe.export.overwrite)
+        del student
+    elif distill is not None:
+        report["distill"] = _block_distill_summary(report["layers"], distill)
+    report["export"] = inspect_checkpoint(out)
+
+    if recipe.eval.perplexity is not None or recipe.eval.tasks:
+        t1 = time.time()
+        report["eval"] = evaluate(out, source.path if recipe.eval.baseline else None, recipe.eval, seed=recipe.seed, hooks=hooks)
+        if staged and recipe.eval.perplexity is not None:  # the student before its training, same protocol
+            before = evaluate(stage, None, recipe.eval.perplexity, seed=recipe.seed, hooks=hooks)
+            report["distill"]["perplexity"] = distill_perplexities(report["eval"], before)
+        report["time"]["eval_s"] = round(time.time() - t1, 1)
+    report["time"]["total_s"] = round(time.time() - t_start, 1)
+    report["peak_rss_mb"] = peak_rss_mb()
+    write_reports(report, out)
+    if staged:
+        shutil.rmtree(stage, ignore_errors=True)
+    check_gates(report)
+    return report
+
+
+STAGE_FILE = "stage.json"  # in the staging folder of a distilled run: the compressing passes' fingerprint
+
+
+def _stage_matches(stage: Path, key: str) -> bool:
+    f = stage / STAGE_FILE
+    try:
+        return (stage / "report.json").is_file() and json.loads(f.read_text())["fingerprint"] == key
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _distill_pass(passes):
+    """The recipe's distill pass (last, once, after a compressing pass), or None."""
+    at = [k for k, p in enumerate(passes) if p.distills]
+    if not at:
+        return None
+    if len(at) > 1 or at[0] != len(passes) - 1:
+        raise UsageError(f"passes.{at[0]}.{passes[at[0]].name}: distillation comes once, as the last pass, after the compressing passes")
+    if at[0] == 0:
+        raise UsageError(f"passes.0.{passes[0].name}: distillation trains a compressed student; put a compressing pass before it "
+                         "(e.g. `- gptq: {bits: 3, group_size: 64}` then `- distill: {}`), or distill an existing compressed "
+                         "checkpoint with `compress distill STUDENT --teacher MODEL -o OUT`")
+    return passes[-1]
+
+
+def _block_distill_summary(layers: list[dict], distill) -> dict:
+    """scope: block: each block's relative output error before and after its training."""
+    import re
+
+    blocks: dict[str, list[float]] = {}
+    for r in layers:
+        if "block_distill" in r.get("info", {}):
+            m = re.match(r"(.*?\.\d+)\.", r["name"])
+            blocks.setdefault(m.group(1) if m else r["name"], r["info"]["block_distill"])
+    return {"scope": "block", "train": distill.config.train, "blocks": {k: {"error_before": v[0], "error_after": v[1]} for k, v in blocks.items()}}
+
+
+def distill_perplexities(ev: dict, before: dict) -> dict:
+    """Perplexity of the original (the baseline), of the compressed student before training and
+    after it, and the share of the loss the training won back."""
+    out = {"compressed": before["model"]["perplexity"], "distilled": ev["model"]["perplexity"]}
+    if "baseline" in ev:
+        out["original"] = ev["baseline"]["perplexity"]
+        lost = out["compressed"] - out["original"]
+        out["recovered"] = round((out["compressed"] - out["distilled"]) / lost, 4) if lost > 0 else None
+    return out
+
+
+def _compress(recipe, source, model, passes, calib, blocks_path, n_blocks, dtype, target, resume, overwrite, hooks):
+    """The layer-wise sweep into an export at ``target``; returns (report so far, its path)."""
+    cal = recipe.calibration
     exporter = Exporter(
-        Path(recipe.export.path), source, recipe.fingerprint(), blocks_path, len(blocks), dtype,
-        overwrite=recipe.export.overwrite, resume=resume, lowrank=recipe.export.lowrank,
+        target, source, recipe.fingerprint(), blocks_path, n_blocks, dtype,
+        overwrite=recipe.export.overwrite or overwrite, resume=resume, lowrank=recipe.export.lowrank,
     )
     start, cached = exporter.begin()
     if start:
-        hooks.log(f"resuming after block {start - 1} of {len(blocks)} from {exporter.work}")
+        hooks.log(f"resuming after block {start - 1} of {n_blocks} from {exporter.work}")
     t0 = time.time()
     compress_blocks(
         source,
@@ -107,18 +214,7 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
         "compress_peak_rss_mb": peak_rss_mb(),  # before evaluation loads whole models
     }
     out = exporter.finalize(model, dump_recipe(recipe), report)
-    del model
-    report["export"] = inspect_checkpoint(out)
-
-    if recipe.eval.perplexity is not None or recipe.eval.tasks:
-        t1 = time.time()
-        report["eval"] = evaluate(out, source.path if recipe.eval.baseline else None, recipe.eval, seed=recipe.seed, hooks=hooks)
-        report["time"]["eval_s"] = round(time.time() - t1, 1)
-    report["time"]["total_s"] = round(time.time() - t_start, 1)
-    report["peak_rss_mb"] = peak_rss_mb()
-    write_reports(report, out)
-    check_gates(report)
-    return report
+    return report, out
 
 
 def write_reports(report: dict, folder: Path) -> None:
@@ -309,3 +405,60 @@ def inspect_checkpoint(path) -> dict:
         sp = meta["sparsity"]
         out["sparsity"] = {"structure": sp["structure"], "global_sparsity": sp["global_sparsity"], "layers": len(sp["targets"])}
     return out
+
+
+def distill(student_ref, teacher_ref, output, cfg=None, *, calibration=None, eval_cfg=None, seed: int = 0, overwrite: bool = False,
+            resume: bool = False, hooks: Hooks | None = None) -> dict:
+    """Distill an existing checkpoint (``compress distill``): train ``student_ref`` (a compressed
+    copy of the teacher) against ``teacher_ref`` on ``calibration`` windows, write the trained
+    student to ``output`` in the student's own format, and evaluate it against the teacher and the
+    student as it was. Returns the report (kind ``distill``; saved in ``output``)."""
+    from compress.distill.config import DistillConfig
+    from compress.distill.loop import split_windows
+    from compress.distill.run import distill_checkpoint, write_trained
+    from compress.recipe import CalibrationConfig, EvalConfig
+
+    hooks = hooks or Hooks()
+    cfg = cfg or DistillConfig()
+    cal = calibration or CalibrationConfig()
+    eval_cfg = eval_cfg if eval_cfg is not None else EvalConfig()
+    t0 = time.time()
+    torch.manual_seed(seed)
+    if cfg.scope != "model":
+        raise UsageError("--scope block trains each block inside the layer-wise sweep, so it runs in a recipe after the compressing "
+                         "passes (`- distill: {scope: block}`); `compress distill` trains a finished checkpoint (scope model)")
+    if cal.samples < 2:
+        raise UsageError("--samples: distillation trains on calibration windows and holds some out; use at least 2")
+    target = Path(output)
+    if target.exists() and not overwrite:
+        raise UsageError(f"{target}: already exists; pass --overwrite to replace it, or choose another export path")
+    _check_eval_config(eval_cfg, True)
+    student = ModelSource(resolve_model(student_ref, log=hooks.log))
+    teacher = ModelSource(resolve_model(teacher_ref, log=hooks.log))
+    from compress.distill.run import check_pair
+
+    check_pair(student, teacher)
+    ids = tokenize(load_texts(cal.data, "calibration", cal.text_field), teacher.tokenizer)
+    windows = calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, seed)
+    split_windows(windows, cfg.holdout)
+    work = target.parent / f".{target.name}.distill"
+    if not resume and work.exists():
+        shutil.rmtree(work)
+    model, rec = distill_checkpoint(student.path, teacher.path, windows, cfg, seed=seed, work=work, resume=resume, hooks=hooks)
+    report = {"schema": REPORT_SCHEMA, "kind": "distill", "distill": {"scope": "model", **rec},
+              "settings": {"student": str(student_ref), "teacher": str(teacher_ref), "calibration": cal.model_dump(mode="json"),
+                           "distill": cfg.model_dump(mode="json"), "seed": seed}}
+    out = write_trained(student.path, model, target, report["distill"], overwrite=overwrite)
+    del model
+    report["checkpoints"] = {"model": inspect_checkpoint(out), "baseline": inspect_checkpoint(teacher.path)}
+    if eval_cfg.perplexity is not None or eval_cfg.tasks:
+        report["eval"] = evaluate(out, teacher.path, eval_cfg, seed=seed, hooks=hooks)
+        if eval_cfg.perplexity is not None:
+            before = evaluate(student.path, None, eval_cfg.perplexity, seed=seed, hooks=hooks)
+            report["distill"]["perplexity"] = distill_perplexities(report["eval"], before)
+    report["time"] = {"distill_s": rec["total_s"], "total_s": round(time.time() - t0, 1)}
+    report["peak_rss_mb"] = peak_rss_mb()
+    write_reports(report, out)
+    shutil.rmtree(work, ignore_errors=True)
+    check_gates(report)
+    return report

@@ -251,9 +251,10 @@ def compress_blocks(
     if not propagate or calib is None:
         needed -= PAIRED  # every layer sees the original activations: x̂ = x
     smoothers = [p for p in passes if p.smooths]
+    distiller = next((p for p in passes if p.distills and p.config.scope == "block"), None)
     previewers = [p for p in passes if p.preview_stats]
-    if (needed or smoothers or previewers) and calib is None:
-        names = ", ".join(p.name for p in passes if p.stats or p.smooths or p.preview_stats)
+    if (needed or smoothers or previewers or distiller) and calib is None:
+        names = ", ".join(p.name for p in passes if p.stats or p.smooths or p.preview_stats or p is distiller)
         raise UsageError(f"passes {names} need calibration data; set calibration.samples > 0")
     if smoothers:
         smooth_points(blocks[0], model_type)  # an unknown family fails now, not at block 0's end
@@ -293,6 +294,7 @@ def compress_blocks(
             with torch.no_grad():
                 original = [first_output(block(h, *a, **k)).detach().float() for h, (a, k) in zip(inputs.hidden, inputs.kwargs[i])]
         reference = copy.deepcopy(block) if inputs is not None and inputs.reference is not None else None
+        teacher = copy.deepcopy(block) if distiller is not None and inputs is not None else None  # the original block
         notes, known = _smooth_block(block, prefix, plan, smoothers, inputs, i, model_type, cursor) if smoothers else ({}, {})
         layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type if sequential and propagate else "", cursor, known,
                                  error_batches, keep_mlp_inputs and propagate, reference)
@@ -303,6 +305,14 @@ def compress_blocks(
             del reference
         for rep in layers:
             rep.info.update(notes.get(rep.name, {}))
+        if teacher is not None:  # block-scope distillation: the compressed modules train against the original block
+            finish_block(block)
+            pruned = {r.name[len(prefix) :] for r in layers if "pattern" in r.info}
+            rec = distiller.train_block(block, teacher, inputs.hidden, inputs.kwargs[i], prefix, pruned, distiller.ctx.seed)
+            for rep in layers:  # the block's output error (relative) before and after its training
+                rep.passes.append(distiller.name)
+                rep.info["block_distill"] = [rec["error_before"], rec["error_after"]]
+            del teacher
         if original is not None:
             inputs.hidden[:] = original
             del original

@@ -29,3 +29,9 @@ class GateError(CompressError):
     """A quality gate failed (exit 4)."""
 
     exit_code = 4
+
+
+class TrainingError(CompressError):
+    """Training (distillation) diverged: a non-finite loss (exit 5). Nothing is exported."""
+
+    exit_code = 5

@@ -102,6 +102,7 @@ class Context:
     """What a pass may know about the job beyond its own options."""
 
     dtype: torch.dtype = torch.bfloat16  # the checkpoint's storage dtype (scales are stored in it)
+    seed: int = 0  # the recipe's seed (passes that draw random numbers, e.g. distillation's data order)
 
 
 class Pass:
@@ -126,6 +127,9 @@ class Pass:
     # sparsity: the engine runs one preview sweep collecting ``preview_stats`` of every targeted
     # Linear, calling ``preview_block`` per block and ``preview_done`` at the end
     preview_stats: ClassVar[tuple[str, ...]] = ()
+    # distillation: trains what the compressing passes left (scope block: the engine calls
+    # ``train_block`` on each finished block; scope model: the API runs it after the sweep)
+    distills: ClassVar[bool] = False
     absorbed: bool = False  # set by an earlier pass's ``link`` that does this pass's work too
 
     def __init__(self, config: BaseModel, ctx: Context | None = None):
@@ -176,7 +180,7 @@ def matches_any(full_name: str, module: nn.Module, patterns: list[str]) -> bool:
 
 # The built-in families' adapter modules, imported on the first registry lookup (by name, so
 # this module imports none of them).
-BUILTIN = ("compress.quant.passes", "compress.prune.passes", "compress.lowrank.passes")
+BUILTIN = ("compress.quant.passes", "compress.prune.passes", "compress.lowrank.passes", "compress.distill.passes")
 
 _REGISTRY: dict[str, type[Pass]] = {}
 

@@ -172,10 +172,13 @@ class Recipe(_Strict):
                 raise UsageError(_format_validation(e, f"passes.{i}.{name}")) from None
         return out
 
-    def fingerprint(self) -> str:
-        """Hash of what determines the compressed weights (not eval or export settings)."""
+    def fingerprint(self, passes: int | None = None) -> str:
+        """Hash of what determines the compressed weights (not eval or export settings);
+        ``passes``: of the first that many passes only."""
         r = self.resolved()
         key = {k: r[k] for k in ("model", "seed", "calibration", "passes")}
+        if passes is not None:
+            key["passes"] = key["passes"][:passes]
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

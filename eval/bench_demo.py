@@ -71,6 +71,12 @@ CONFIGS = {
     "lr-whitened-uniform-20-noprop-c32": ["passes=[{lowrank: {allocation: uniform, reduction: 0.2}}]", "calibration.propagate=false",
                                           "calibration.samples=32"],
     "lr-whitened-sensitivity-20-rtn-w8": ["passes=[{lowrank: {reduction: 0.2}}, {rtn: {bits: 8, group_size: -1}}]"],
+    # issue 11: distillation (defaults: scope model, forward KL, train auto, one pass over the
+    # calibration windows) after GPTQ W3 g64, Wanda 2:4 and low-rank 20%; scope block on W3
+    "gptq-w3g64-distill": ["passes=[{gptq: {bits: 3, group_size: 64, symmetric: true}}, {distill: {}}]"],
+    "gptq-w3g64-distill-block": ["passes=[{gptq: {bits: 3, group_size: 64, symmetric: true}}, {distill: {scope: block}}]"],
+    "wanda-24-distill": ["passes=[{wanda: {pattern: '2:4'}}, {distill: {}}]"],
+    "lr-20-distill": ["passes=[{lowrank: {reduction: 0.2}}, {distill: {}}]"],
 }
 
 
@@ -93,6 +99,9 @@ def run(name: str, overrides: list[str], workdir: Path, baseline: bool) -> dict:
         "peak_rss_gb": round(rep["peak_rss_mb"] / 1e3, 2),
         "bits_per_param": rep["export"]["bits_per_parameter"],
         "size_mb": round(rep["export"]["size_bytes"] / 1e6, 1),
+        **({"distill": {k: d.get(k) for k in ("scope", "steps", "tokens", "seconds", "stopped", "best_step", "heldout_ppl_start",
+                                              "heldout_ppl_best", "perplexity") if k in d}}
+           if (d := rep.get("distill")) else {}),
         **({"lowrank_reduction": round(1 - lr["parameters_kept"] / lr["parameters_dense"], 4), "lowrank_layers": lr["layers"]}
            if (lr := rep["export"].get("lowrank")) else {}),
     }

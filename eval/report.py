@@ -43,12 +43,43 @@ def lowrank_summary(lr: dict) -> str:
             f"{kept:,} of {dense:,} parameters ({1 - kept / max(dense, 1):.1%} removed)")
 
 
+def distill_summary(d: dict) -> str:
+    """One line on a distillation (the report's ``distill``)."""
+    if d.get("scope") == "block":
+        b = list(d.get("blocks", {}).values())
+        gain = sum(x["error_before"] - x["error_after"] for x in b) / max(sum(x["error_before"] for x in b), 1e-30)
+        return f"distillation (block, train {d.get('train')}): {len(b)} blocks trained; their output error {gain:.1%} lower on average"
+    line = (f"distillation (model, {d['loss']}, train {d['train']}): {d['steps']} steps, {d['tokens']:,} tokens, {d['seconds']:.0f} s "
+            f"({d['stopped']}); held-out perplexity {d['heldout_ppl_start']:.4g} -> {d['heldout_ppl_best']:.4g} (best at step {d['best_step']})")
+    pp = d.get("perplexity")
+    if pp:
+        line += f"; perplexity: compressed {pp['compressed']:.4g} -> distilled {pp['distilled']:.4g}"
+        if pp.get("original") is not None:
+            line += f" (original {pp['original']:.4g}" + (f", {pp['recovered']:.0%} of the loss recovered)" if pp.get("recovered") is not None else ")")
+    return line
+
+
+def loss_chart(curve: list[dict], points: int = 40) -> list[str]:
+    """The training loss (and held-out perplexity) per step as a Mermaid xychart (GitHub, GitLab
+    and most Markdown viewers draw it; elsewhere it reads as the numbers it is)."""
+    rows = [r for r in curve if r.get("loss") is not None]
+    if len(rows) < 2:
+        return []
+    stride = max(1, -(-len(rows) // points))
+    rows = rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
+    return ["```mermaid", "xychart-beta", '    title "distillation loss per step"',
+            f"    x-axis [{', '.join(str(r['step']) for r in rows)}]", '    y-axis "loss"',
+            f"    line [{', '.join(f'{r['loss']:.5g}' for r in rows)}]", "```"]
+
+
 def to_markdown(report: dict, worst: int = 10) -> str:
     ev = report.get("eval") or {}
     kind = report.get("kind", "run")
     lines: list[str] = []
     if kind == "run":
         title = f"compress run: {report['model']['path']} → {report['export']['path']}"
+    elif kind == "distill":
+        title = f"compress distill: {ev['model']['ref']}" + (f" (teacher {ev['baseline']['ref']})" if "baseline" in ev else "")
     elif kind == "compare":
         title = f"compress compare: {ev['baseline']['ref']} vs {ev['model']['ref']}"
     else:
@@ -100,6 +131,11 @@ def to_markdown(report: dict, worst: int = 10) -> str:
     lr = (report.get("export") or {}).get("lowrank")
     if lr:
         lines += [lowrank_summary(lr), ""]
+    if report.get("distill"):
+        lines += [distill_summary(report["distill"]), ""]
+        chart = loss_chart(report["distill"].get("curve", []))
+        if chart:
+            lines += chart + [""]
     errs = sorted((l for l in report.get("layers", []) if l.get("rel_output_error") is not None), key=lambda l: -l["rel_output_error"])
     if errs:
         ranked = any("rank" in l.get("info", {}) for l in errs)

@@ -1,0 +1,260 @@
+"""The training loop of model-scope distillation: the student (a compressed model, made trainable
+by ``compress.distill.trainable``) learns to match the teacher on calibration windows.
+
+* torch's AdamW and LambdaLR (linear warmup, then cosine to ``min_lr`` of each group's rate);
+  quantization scales (log space) and weights are two parameter groups with their own rates;
+* gradient accumulation, optional gradient checkpointing (transformers' own), bf16 autocast where
+  the device has it;
+* the teacher online (its logits per batch, exact) or cached once as its top-k (then freed);
+* early stopping on the student's perplexity on a held-out slice of the calibration windows,
+  measured before training too: the weights returned are the best seen, never worse than the start;
+* deterministic for a seed (the window order of each epoch is a permutation seeded by it, and the
+  loop keeps no other randomness), and resumable: every ``save_every`` steps, and on Ctrl-C, the
+  state (trained tensors, optimizer, scheduler, best weights, curve) goes to ``state_path``
+  atomically; ``resume=True`` continues from it and reaches the same weights as an
+  uninterrupted run;
+* a non-finite loss stops with ``TrainingError`` (exit 5), the model back at its best weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.distill import losses
+from compress.distill.config import DistillConfig
+from compress.distill.trainable import Prepared, restore, state
+from compress.errors import TrainingError, UsageError
+
+
+def split_windows(windows: torch.Tensor, holdout: float, field: str = "distill.holdout") -> tuple[torch.Tensor, torch.Tensor]:
+    """(training windows, held-out windows): ``holdout`` of them, evenly spread, held out."""
+    n = len(windows)
+    k = max(1, round(n * holdout))
+    if n - k < 1:
+        raise UsageError(f"{field}: {n} calibration window(s) leave none to train on once {k} are held out for early "
+                         "stopping; use more calibration.samples (at least 2)")
+    held = torch.linspace(0, n - 1, k).round().long().unique()
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[held] = False
+    return windows[keep], windows[held]
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast where asked for (auto: on a CUDA GPU that supports it), else nothing."""
+    use = precision == "bf16" or precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
+
+
+def lr_lambda(total: int, warmup: float, min_lr: float) -> Callable[[int], float]:
+    """Linear warmup over ``warmup`` of the steps, then a cosine from 1 to ``min_lr``."""
+    w = int(total * warmup)
+
+    def f(step: int) -> float:
+        if step < w:
+            return (step + 1) / (w + 1)
+        t = min(1.0, (step - w) / max(1, total - w))
+        return min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+@torch.no_grad()
+def teacher_topk(teacher: nn.Module, windows: torch.Tensor, k: int, T: float, batch_size: int, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k log-probabilities (float16) and token ids (int32) at every position of
+    every window: (N, seq, k) each."""
+    vals, idx = [], []
+    dev = next(teacher.parameters()).device
+    for b in range(0, len(windows), batch_size):
+        logits = teacher(input_ids=windows[b : b + batch_size].to(dev), use_cache=False).logits
+        v, i = losses.teacher_topk(logits, k, T)
+        vals.append(v.cpu())
+        idx.append(i.cpu())
+        if progress:
+            progress(min(b + batch_size, len(windows)), len(windows))
+    return torch.cat(vals), torch.cat(idx)
+
+
+@torch.no_grad()
+def heldout_ppl(model: nn.Module, windows: torch.Tensor, batch_size: int, precision: str) -> float:
+    """The model's perplexity on ``windows`` (next-token cross-entropy over every position)."""
+    dev = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    nll, n = 0.0, 0
+    for b in range(0, len(windows), batch_size):
+        x = windows[b : b + batch_size].to(dev)
+        with autocast(dev, precision):
+            logits = model(input_ids=x, use_cache=False).logits
+        nll += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
+        n += x[:, 1:].numel()
+    model.train(was)
+    return math.exp(nll / max(n, 1))
+
+
+def _fingerprint(cfg: DistillConfig, train: torch.Tensor, held: torch.Tensor, seed: int) -> str:
+    h = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
+    for t in (train, held):
+        h.update(t.numpy().tobytes())
+    h.update(str(seed).encode())
+    return h.hexdigest()[:16]
+
+
+def _save(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def train_model(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    train: torch.Tensor,
+    held: torch.Tensor,
+    cfg: DistillConfig,
+    prep: Prepared,
+    *,
+    seed: int = 0,
+    topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    state_path: Path | None = None,
+    resume: bool = False,
+    progress: Callable[[int, int, str], None] = lambda done, total, info: None,
+    log: Callable[[str], None] = lambda msg: None,
+    interrupt_at: int | None = None,
+) -> dict:
+    """Distill ``teacher`` (or its cached ``topk`` over ``train``) into ``student`` on ``train``
+    windows, early-stopping on ``held``. Returns the run's record: curve, steps, tokens, seconds,
+    why it stopped, held-out perplexity before and at the best step. ``interrupt_at``: raise
+    KeyboardInterrupt after that step (tests of resume)."""
+    params = prep.parameters()
+    if not params:
+        raise UsageError("distill.train: nothing to train in this model (no quantized, pruned or low-rank layer and no norm); "
+                         "use train: weights to train the dense Linears")
+    dev = next(student.parameters()).device
+    n_micro = math.ceil(len(train) / cfg.batch_size)
+    total = cfg.steps or max(1, math.ceil(cfg.epochs * n_micro / cfg.grad_accum))
+    groups = [{"params": prep.groups["scales"], "lr": cfg.scale_lr}, {"params": prep.groups["weights"] + prep.groups["norms"], "lr": cfg.lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup, cfg.min_lr))
+    if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train(cfg.grad_checkpointing)  # checkpointing only acts in train mode; the demo family has no dropout
+    fp = _fingerprint(cfg, train, held, seed)
+
+    st: dict
+    if resume and state_path is not None and state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        if st["fingerprint"] != fp:
+            raise UsageError(f"{state_path}: the interrupted distillation used other options or data; run without --resume to start over")
+        restore(student, st["params"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        log(f"distillation resumes at step {st['step']} of {total}")
+    else:
+        ppl0 = heldout_ppl(student, held, cfg.batch_size, cfg.precision)
+        st = {"fingerprint": fp, "step": 0, "tokens": 0, "seconds": 0.0, "curve": [{"step": 0, "heldout_ppl": round(ppl0, 4)}],
+              "best": {"step": 0, "ppl": ppl0, "params": state(student)}, "bad": 0, "stopped": None, "heldout_ppl_start": ppl0}
+
+    def checkpoint():
+        if state_path is not None:
+            _save(state_path, {**st, "params": state(student), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+
+    def batch_of(m: int) -> torch.Tensor:
+        epoch, j = divmod(m, n_micro)
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        return perm[j * cfg.batch_size : (j + 1) * cfg.batch_size]
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        x = train[idx].to(dev)
+        hidden = cfg.hidden_weight > 0
+        with autocast(dev, cfg.precision):
+            out = student(input_ids=x, use_cache=False, output_hidden_states=hidden)
+            if topk is not None:
+                loss = losses.topk_forward_kl(out.logits, topk[0][idx].to(dev), topk[1][idx].to(dev), cfg.temperature,
+                                              cfg.alpha if cfg.loss == "skew_kl" else 0.0)
+            else:
+                with torch.no_grad():
+                    t_out = teacher(input_ids=x, use_cache=False, output_hidden_states=hidden)
+                loss = losses.logit_loss(cfg.loss, out.logits, t_out.logits, cfg.temperature, cfg.beta, cfg.alpha)
+                if hidden:
+                    loss = loss + cfg.hidden_weight * losses.hidden_mse(list(out.hidden_states[1:]), list(t_out.hidden_states[1:]))
+            if cfg.lm_weight > 0:
+                lm = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]), x[:, 1:].reshape(-1))
+                loss = loss + cfg.lm_weight * lm
+        return loss
+
+    t_start = time.time() - st["seconds"]
+    try:
+        while st["step"] < total and st["stopped"] is None:
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for a in range(cfg.grad_accum):
+                idx = batch_of(st["step"] * cfg.grad_accum + a)
+                loss = loss_of(idx)
+                if not torch.isfinite(loss):
+                    restore(student, st["best"]["params"])
+                    raise TrainingError(
+                        f"distillation: the loss became {float(loss)} at step {st['step'] + 1}; training stopped and the model "
+                        f"is back at its best weights (step {st['best']['step']}); nothing was exported. Lower distill.lr "
+                        f"({cfg.lr}) or distill.scale_lr ({cfg.scale_lr}), or use precision: fp32"
+                    )
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+                st["tokens"] += idx.numel() * train.shape[1]
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            prep.apply_masks()
+            st["step"] += 1
+            st["seconds"] = time.time() - t_start
+            row = {"step": st["step"], "loss": round(step_loss, 6), "lr": opt.param_groups[-1]["lr"]}
+            st["curve"].append(row)
+            tps = st["tokens"] / max(st["seconds"], 1e-9)
+            progress(st["step"], total, f"loss {step_loss:.4f} · {tps:,.0f} tok/s")
+            if st["step"] % cfg.eval_every == 0 or st["step"] == total:
+                ppl = heldout_ppl(student, held, cfg.batch_size, cfg.precision)
+                row["heldout_ppl"] = round(ppl, 4)
+                if ppl < st["best"]["ppl"]:
+                    st["best"] = {"step": st["step"], "ppl": ppl, "params": state(student)}
+                    st["bad"] = 0
+                else:
+                    st["bad"] += 1
+                    if st["bad"] >= cfg.patience:
+                        st["stopped"] = "early stop"
+                log(f"distill step {st['step']}/{total}: loss {step_loss:.4f}, held-out perplexity {ppl:.3f} "
+                    f"(best {st['best']['ppl']:.3f} at step {st['best']['step']}), {tps:,.0f} tokens/s")
+            if cfg.minutes is not None and st["seconds"] >= cfg.minutes * 60 and st["stopped"] is None:
+                st["stopped"] = "time"
+            if st["step"] % cfg.save_every == 0:
+                checkpoint()
+            if interrupt_at is not None and st["step"] == interrupt_at:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        checkpoint()
+        raise
+    if st["best"]["step"] != st["step"]:
+        restore(student, st["best"]["params"])
+    if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_disable"):
+        student.gradient_checkpointing_disable()
+    student.eval()
+    return {
+        "steps": st["step"],
+        "planned_steps": total,
+        "tokens": st["tokens"],
+        "seconds": round(st["seconds"], 1),
+        "stopped": st["stopped"] or "steps",
+        "best_step": st["best"]["step"],
+        "heldout_ppl_start": round(st["heldout_ppl_start"], 4),
+        "heldout_ppl_best": round(st["best"]["ppl"], 4),
+        "curve": st["curve"],
+    }

@@ -1,0 +1,147 @@
+"""Model-scope distillation of a checkpoint: load the compressed student and the teacher, train,
+and write the trained student as a checkpoint of the same format (the tensors that trained
+replaced, shard by shard, everything else copied), atomically.
+
+Used by ``compress.run`` (a recipe whose last pass is ``- distill: {}``, on the export of the
+compressing passes) and by ``compress distill STUDENT --teacher MODEL -o OUT``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compress.distill.config import DistillConfig
+from compress.distill.loop import split_windows, teacher_topk, train_model
+from compress.distill.trainable import commit, prepare
+from compress.errors import UsageError
+from compress.families import find_blocks
+from compress.modelio import METADATA, ModelSource, read_metadata
+
+# config fields a student must share with its teacher (the architecture and the vocabulary)
+SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def check_pair(student: ModelSource, teacher: ModelSource) -> None:
+    """The student must be the teacher's architecture with the teacher's vocabulary."""
+    diffs = []
+    for f in SHAPE_FIELDS:
+        a, b = getattr(student.config, f, None), getattr(teacher.config, f, None)
+        if a != b:
+            diffs.append(f"{f} {a} vs {b}")
+    if not diffs:
+        vs, vt = student.tokenizer.get_vocab(), teacher.tokenizer.get_vocab()
+        if vs != vt:
+            diffs.append(f"tokenizer vocabularies differ ({len(vs)} vs {len(vt)} entries, {len(set(vs.items()) ^ set(vt.items()))} differing)")
+    if diffs:
+        raise UsageError(
+            f"--teacher: the student {student.path} and the teacher {teacher.path} differ ({'; '.join(diffs)}); distillation "
+            "here matches logits token by token, so the student must be a compressed copy of the teacher's architecture "
+            "and vocabulary"
+        )
+
+
+def distill_checkpoint(student_path: Path, teacher_path: Path, windows: torch.Tensor, cfg: DistillConfig, *, seed: int, work: Path,
+                       resume: bool = False, hooks=None) -> tuple[torch.nn.Module, dict]:
+    """Train the student at ``student_path`` against the teacher on calibration ``windows``
+    (N, seq_len). ``work``: the folder for the resumable state and the teacher's top-k cache.
+    Returns the trained student (compressed modules committed) and the run's record."""
+    from compress.loading import load_source
+
+    log = getattr(hooks, "log", lambda m: None)
+    sp, tp = ModelSource(student_path), ModelSource(teacher_path)
+    check_pair(sp, tp)
+    train, held = split_windows(windows, cfg.holdout)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    student = load_source(sp)
+    teacher = load_source(tp)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    blocks_path, _ = find_blocks(student, sp.config.model_type, getattr(sp.config, "num_hidden_layers", None))
+    pruned = set(read_metadata(student_path).get("sparsity", {}).get("targets", []))
+    prep = prepare(student, cfg.train, pruned, blocks_path)
+    topk = None
+    if cfg.teacher == "topk":
+        cache = work / "teacher_topk.pt"
+        key = {"k": cfg.top_k, "T": cfg.temperature, "windows": train.shape, "sum": int(train.sum())}
+        saved = torch.load(cache, weights_only=False) if cache.exists() else None
+        if saved is not None and saved["key"] == key:
+            topk = saved["topk"]
+        else:
+            log(f"teacher top-{cfg.top_k} on {len(train)} windows")
+            topk = teacher_topk(teacher, train, cfg.top_k, cfg.temperature, cfg.batch_size,
+                                lambda d, n: _progress(hooks, "teacher top-k", d, n, ""))
+            torch.save({"key": key, "topk": topk}, cache)
+        del teacher
+        teacher = None
+    log(f"distilling {student_path} ({prep.numel():,} trainable values: {_counts(prep.counts)}) on {len(train)} windows, "
+        f"{len(held)} held out")
+    rec = train_model(student, teacher, train, held, cfg, prep, seed=seed, topk=topk, state_path=work / "distill_state.pt",
+                      resume=resume, progress=lambda d, n, info: _progress(hooks, "distill", d, n, info), log=log)
+    commit(student)
+    rec.update({"trainable_values": prep.numel(), "trained": prep.counts, "train": cfg.train, "loss": cfg.loss,
+                "teacher": cfg.teacher, "windows": {"train": len(train), "heldout": len(held), "seq_len": int(windows.shape[1])},
+                "total_s": round(time.time() - t0, 1)})
+    return student, rec
+
+
+def _counts(c: dict) -> str:
+    return ", ".join(f"{v} {k}" for k, v in c.items() if v) or "nothing"
+
+
+def _progress(hooks, task, done, total, info):
+    if hooks is None:
+        return
+    try:
+        hooks.progress(task, done, total, info=info)
+    except TypeError:  # a Hooks implementation without the info argument
+        hooks.progress(task, done, total)
+
+
+def write_trained(src: Path, model: torch.nn.Module, target: Path, record: dict, *, overwrite: bool = False) -> Path:
+    """``src`` with every tensor that ``model`` holds under the same name replaced by the model's
+    value (cast to the stored dtype), the distillation ``record`` added to compress.json;
+    written into ``.<target>.partial`` and renamed to ``target`` once complete."""
+    src, target = Path(src), Path(target)
+    if target.exists() and not overwrite:
+        raise UsageError(f"{target}: already exists; pass --overwrite to replace it, or choose another export path")
+    work = target.parent / f".{target.name}.partial"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    trained = model.state_dict()
+    shards = sorted({p.name for p in ModelSource(src).weight_map.values()})
+    for f in src.iterdir():
+        if f.is_file() and f.name not in shards and not f.name.startswith(("distill_state", "teacher_topk", "stage.json")):
+            shutil.copy2(f, work / f.name)
+    changed = 0
+    for name in shards:
+        tensors = load_file(src / name)
+        for k, t in tensors.items():
+            if k in trained:
+                new = trained[k].detach().to(t.dtype).contiguous()
+                if new.shape != t.shape:
+                    raise UsageError(f"{src / name}: {k} has shape {tuple(t.shape)} in the checkpoint but {tuple(new.shape)} in the model")
+                if not torch.equal(new, t):
+                    changed += 1
+                tensors[k] = new
+        save_file(tensors, work / name, metadata={"format": "pt"})
+    meta = read_metadata(src) or {"format": "compress.checkpoint/1"}
+    meta["distill"] = {k: v for k, v in record.items() if k != "curve"} | {"tensors_changed": changed}
+    (work / METADATA).write_text(json.dumps(meta, indent=2))
+    if target.exists():
+        old = target.parent / f".{target.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        target.rename(old)
+        work.rename(target)
+        shutil.rmtree(old)
+    else:
+        work.rename(target)
+    return target
