@@ -69,7 +69,7 @@ def loss_chart(curve: list[dict], points: int = 40) -> list[str]:
     rows = rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
     return ["```mermaid", "xychart-beta", '    title "distillation loss per step"',
             f"    x-axis [{', '.join(str(r['step']) for r in rows)}]", '    y-axis "loss"',
-            f"    line [{', '.join(f'{r['loss']:.5g}' for r in rows)}]", "```"]
+            f"    line [{', '.join(format(r['loss'], '.5g') for r in rows)}]", "```"]
 
 
 def to_markdown(report: dict, worst: int = 10) -> str:
