@@ -69,7 +69,7 @@ def distill_block(block: nn.Module, teacher: nn.Module, hidden: list[torch.Tenso
                 loss = _nmse(first_output(block(hidden[b], *a, **kw)), targets[b])
             if not torch.isfinite(loss):
                 restore(block, best[1])
-                raise TrainingError(f"distillation of {name}: the loss became {float(loss)} at step {step + 1}; nothing was "
+                raise TrainingError(f"distillation of {name}: the loss became {loss.item()} at step {step + 1}; nothing was "
                                     f"exported. Lower distill.lr ({cfg.lr}) or distill.scale_lr ({cfg.scale_lr})")
             loss.backward()
             if cfg.max_grad_norm is not None:
@@ -78,7 +78,7 @@ def distill_block(block: nn.Module, teacher: nn.Module, hidden: list[torch.Tenso
             sched.step()
             prep.apply_masks()
     after = held_error()
-    if after > best[0]:
+    if cfg.restore_best and after > best[0]:
         restore(block, best[1])
         after = best[0]
     return {"steps": steps, "error_before": round(before, 8), "error_after": round(after, 8)}

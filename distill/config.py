@@ -46,6 +46,7 @@ class DistillConfig(BaseModel):
     holdout: float = Field(0.1, gt=0, lt=1)  # share of the calibration windows held out for early stopping
     eval_every: int = Field(8, ge=1)  # steps between held-out evaluations
     patience: int = Field(3, ge=1)  # evaluations without improvement before stopping early
+    restore_best: bool = True  # end with the weights best on the held-out slice (false: the last ones)
     teacher: Literal["online", "topk"] = "online"  # topk: the teacher's top-k cached once (to disk), then freed
     top_k: int = Field(64, ge=1)
     save_every: int = Field(16, ge=1)  # steps between resumable checkpoints

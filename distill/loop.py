@@ -6,8 +6,9 @@ by ``compress.distill.trainable``) learns to match the teacher on calibration wi
 * gradient accumulation, optional gradient checkpointing (transformers' own), bf16 autocast where
   the device has it;
 * the teacher online (its logits per batch, exact) or cached once as its top-k (then freed);
-* early stopping on the student's perplexity on a held-out slice of the calibration windows,
-  measured before training too: the weights returned are the best seen, never worse than the start;
+* early stopping on the distillation gap (forward KL to the teacher's top-k, cached once) over a
+  held-out slice of the calibration windows, measured before training too: the weights returned
+  are the best seen there, never worse than the start; the held-out perplexity is recorded beside it;
 * deterministic for a seed (the window order of each epoch is a permutation seeded by it, and the
   loop keeps no other randomness), and resumable: every ``save_every`` steps, and on Ctrl-C, the
   state (trained tensors, optimizer, scheduler, best weights, curve) goes to ``state_path``
@@ -70,7 +71,7 @@ def lr_lambda(total: int, warmup: float, min_lr: float) -> Callable[[int], float
 
 @torch.no_grad()
 def teacher_topk(teacher: nn.Module, windows: torch.Tensor, k: int, T: float, batch_size: int, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's top-k log-probabilities (float16) and token ids (int32) at every position of
+    """The teacher's top-k log-probabilities (float32) and token ids (int32) at every position of
     every window: (N, seq, k) each."""
     vals, idx = [], []
     dev = next(teacher.parameters()).device
@@ -85,20 +86,22 @@ def teacher_topk(teacher: nn.Module, windows: torch.Tensor, k: int, T: float, ba
 
 
 @torch.no_grad()
-def heldout_ppl(model: nn.Module, windows: torch.Tensor, batch_size: int, precision: str) -> float:
-    """The model's perplexity on ``windows`` (next-token cross-entropy over every position)."""
+def heldout(model: nn.Module, windows: torch.Tensor, topk: tuple[torch.Tensor, torch.Tensor], cfg: DistillConfig) -> tuple[float, float]:
+    """On the held-out windows: the distillation gap (forward KL to the teacher's cached top-k,
+    at the training temperature) and the model's perplexity (next-token cross-entropy)."""
     dev = next(model.parameters()).device
     was = model.training
     model.eval()
-    nll, n = 0.0, 0
-    for b in range(0, len(windows), batch_size):
-        x = windows[b : b + batch_size].to(dev)
-        with autocast(dev, precision):
+    kl, nll, n = 0.0, 0.0, 0
+    for b in range(0, len(windows), cfg.batch_size):
+        x = windows[b : b + cfg.batch_size].to(dev)
+        with autocast(dev, cfg.precision):
             logits = model(input_ids=x, use_cache=False).logits
+        kl += float(losses.topk_forward_kl(logits, topk[0][b : b + len(x)].to(dev), topk[1][b : b + len(x)].to(dev), cfg.temperature)) * len(x)
         nll += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
         n += x[:, 1:].numel()
     model.train(was)
-    return math.exp(nll / max(n, 1))
+    return kl / len(windows), math.exp(nll / max(n, 1))
 
 
 def _fingerprint(cfg: DistillConfig, train: torch.Tensor, held: torch.Tensor, seed: int) -> str:
@@ -125,6 +128,7 @@ def train_model(
     *,
     seed: int = 0,
     topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    held_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
     state_path: Path | None = None,
     resume: bool = False,
     progress: Callable[[int, int, str], None] = lambda done, total, info: None,
@@ -132,9 +136,10 @@ def train_model(
     interrupt_at: int | None = None,
 ) -> dict:
     """Distill ``teacher`` (or its cached ``topk`` over ``train``) into ``student`` on ``train``
-    windows, early-stopping on ``held``. Returns the run's record: curve, steps, tokens, seconds,
-    why it stopped, held-out perplexity before and at the best step. ``interrupt_at``: raise
-    KeyboardInterrupt after that step (tests of resume)."""
+    windows, early-stopping on the distillation gap over ``held`` (against the teacher's top-k
+    there, ``held_topk``, computed here when not given). Returns the run's record: curve, steps,
+    tokens, seconds, why it stopped, held-out gap and perplexity before and at the best step.
+    ``interrupt_at``: raise KeyboardInterrupt after that step (tests of resume)."""
     params = prep.parameters()
     if not params:
         raise UsageError("distill.train: nothing to train in this model (no quantized, pruned or low-rank layer and no norm); "
@@ -156,13 +161,18 @@ def train_model(
         if st["fingerprint"] != fp:
             raise UsageError(f"{state_path}: the interrupted distillation used other options or data; run without --resume to start over")
         restore(student, st["params"])
+        held_topk = st["held_topk"]
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         log(f"distillation resumes at step {st['step']} of {total}")
     else:
-        ppl0 = heldout_ppl(student, held, cfg.batch_size, cfg.precision)
-        st = {"fingerprint": fp, "step": 0, "tokens": 0, "seconds": 0.0, "curve": [{"step": 0, "heldout_ppl": round(ppl0, 4)}],
-              "best": {"step": 0, "ppl": ppl0, "params": state(student)}, "bad": 0, "stopped": None, "heldout_ppl_start": ppl0}
+        if held_topk is None:
+            held_topk = teacher_topk(teacher, held, cfg.top_k, cfg.temperature, cfg.batch_size)
+        kl0, ppl0 = heldout(student, held, held_topk, cfg)
+        st = {"fingerprint": fp, "step": 0, "tokens": 0, "seconds": 0.0,
+              "curve": [{"step": 0, "heldout_kl": round(kl0, 6), "heldout_ppl": round(ppl0, 4)}],
+              "best": {"step": 0, "kl": kl0, "ppl": ppl0, "params": state(student)}, "bad": 0, "stopped": None,
+              "start": {"kl": kl0, "ppl": ppl0}, "held_topk": held_topk}
 
     def checkpoint():
         if state_path is not None:
@@ -203,7 +213,7 @@ def train_model(
                 if not torch.isfinite(loss):
                     restore(student, st["best"]["params"])
                     raise TrainingError(
-                        f"distillation: the loss became {float(loss)} at step {st['step'] + 1}; training stopped and the model "
+                        f"distillation: the loss became {loss.item()} at step {st['step'] + 1}; training stopped and the model "
                         f"is back at its best weights (step {st['best']['step']}); nothing was exported. Lower distill.lr "
                         f"({cfg.lr}) or distill.scale_lr ({cfg.scale_lr}), or use precision: fp32"
                     )
@@ -222,17 +232,17 @@ def train_model(
             tps = st["tokens"] / max(st["seconds"], 1e-9)
             progress(st["step"], total, f"loss {step_loss:.4f} · {tps:,.0f} tok/s")
             if st["step"] % cfg.eval_every == 0 or st["step"] == total:
-                ppl = heldout_ppl(student, held, cfg.batch_size, cfg.precision)
-                row["heldout_ppl"] = round(ppl, 4)
-                if ppl < st["best"]["ppl"]:
-                    st["best"] = {"step": st["step"], "ppl": ppl, "params": state(student)}
+                kl, ppl = heldout(student, held, held_topk, cfg)
+                row.update(heldout_kl=round(kl, 6), heldout_ppl=round(ppl, 4))
+                if kl < st["best"]["kl"]:
+                    st["best"] = {"step": st["step"], "kl": kl, "ppl": ppl, "params": state(student)}
                     st["bad"] = 0
                 else:
                     st["bad"] += 1
-                    if st["bad"] >= cfg.patience:
+                    if st["bad"] >= cfg.patience and cfg.restore_best:
                         st["stopped"] = "early stop"
-                log(f"distill step {st['step']}/{total}: loss {step_loss:.4f}, held-out perplexity {ppl:.3f} "
-                    f"(best {st['best']['ppl']:.3f} at step {st['best']['step']}), {tps:,.0f} tokens/s")
+                log(f"distill step {st['step']}/{total}: loss {step_loss:.4f}, held-out gap {kl:.4f} and perplexity {ppl:.3f} "
+                    f"(best gap {st['best']['kl']:.4f} at step {st['best']['step']}), {tps:,.0f} tokens/s")
             if cfg.minutes is not None and st["seconds"] >= cfg.minutes * 60 and st["stopped"] is None:
                 st["stopped"] = "time"
             if st["step"] % cfg.save_every == 0:
@@ -242,7 +252,7 @@ def train_model(
     except KeyboardInterrupt:
         checkpoint()
         raise
-    if st["best"]["step"] != st["step"]:
+    if cfg.restore_best and st["best"]["step"] != st["step"]:
         restore(student, st["best"]["params"])
     if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_disable"):
         student.gradient_checkpointing_disable()
@@ -254,7 +264,9 @@ def train_model(
         "seconds": round(st["seconds"], 1),
         "stopped": st["stopped"] or "steps",
         "best_step": st["best"]["step"],
-        "heldout_ppl_start": round(st["heldout_ppl_start"], 4),
+        "heldout_kl_start": round(st["start"]["kl"], 6),
+        "heldout_kl_best": round(st["best"]["kl"], 6),
+        "heldout_ppl_start": round(st["start"]["ppl"], 4),
         "heldout_ppl_best": round(st["best"]["ppl"], 4),
         "curve": st["curve"],
     }

@@ -12,8 +12,12 @@ gradient keeps the same scale whatever T (Hinton et al. 2015).
 * ``skew_kl``     KL(p ‖ α·p + (1−α)·q) (DistiLLM, Ko et al. 2024): forward KL against a mixture
                   that keeps the student's log-probabilities bounded where p has mass and q has
                   none, so early gradients stay stable.
-* ``topk_forward_kl`` forward KL with the teacher kept only as its top-k probabilities
-                  (renormalised), what a cached teacher stores for a large vocabulary.
+* ``topk_forward_kl`` forward KL with the teacher kept only as its top-k probabilities, what a
+                  cached teacher stores for a large vocabulary: KL over k + 1 outcomes, the k
+                  tokens and "any other token" (mass 1 − Σ top-k for each side). Unlike a KL
+                  against the top-k renormalised, it is minimised by q = p, so it does not pull the
+                  student's mass onto the teacher's top tokens; it equals the full KL when k is the
+                  vocabulary.
 * ``hidden_mse``  per-block hidden-state MSE, normalised by the teacher's mean square (TED-style
                   layer-wise distillation), so blocks with a large residual stream do not dominate.
 
@@ -92,24 +96,28 @@ def logit_loss(name: str, student: torch.Tensor, teacher: torch.Tensor, T: float
 
 
 def teacher_topk(teacher: torch.Tensor, k: int, T: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's k most likely tokens per position: (log-probabilities renormalised over
-    those k, float16 to store compactly; indices int32), each (..., k)."""
-    logp = _logp(teacher, T)
-    vals, idx = logp.topk(k, dim=-1)
-    return (vals - vals.logsumexp(-1, keepdim=True)).to(torch.float16), idx.to(torch.int32)
+    """The teacher's k most likely tokens per position: (their log-probabilities at temperature
+    T, float32; their ids, int32), each (..., k)."""
+    vals, idx = _logp(teacher, T).topk(k, dim=-1)
+    return vals, idx.to(torch.int32)
+
+
+def _with_rest(logp_k: torch.Tensor) -> torch.Tensor:
+    """k log-probabilities -> k + 1: the last one is log(1 − Σ p_k), "any other token"."""
+    rest = (1 - logp_k.exp().sum(-1, keepdim=True)).clamp_min(1e-12).log()
+    return torch.cat([logp_k, rest], dim=-1)
 
 
 def topk_forward_kl(student: torch.Tensor, top_logp: torch.Tensor, top_idx: torch.Tensor, T: float = 1.0,
                     alpha: float = 0.0, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(p_k ‖ q) with p_k the teacher's renormalised top-k distribution (``teacher_topk``);
-    ``alpha`` > 0: the skew variant, KL(p_k ‖ α·p_k + (1−α)·q) (the mixture needs p only on its
-    support, so it works from the cache as well)."""
-    logq = _logp(student, T).gather(-1, top_idx.long())
-    logp = top_logp.float()
+    """KL(p ‖ q) over the teacher's top-k tokens plus one outcome for all the others
+    (``teacher_topk`` gives the teacher's side); ``alpha`` > 0: the skew variant,
+    KL(p ‖ α·p + (1−α)·q) on the same k + 1 outcomes."""
+    logp = _with_rest(top_logp.float())
+    logq = _with_rest(_logp(student, T).gather(-1, top_idx.long()))
     if alpha > 0:
         logq = _mixture(logp, logq, alpha)
-    per = (logp.exp() * (logp - logq)).sum(-1)
-    return _mean(per, mask) * T * T
+    return _mean(_kl(logp, logq), mask) * T * T
 
 
 def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:

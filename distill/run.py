@@ -66,23 +66,24 @@ def distill_checkpoint(student_path: Path, teacher_path: Path, windows: torch.Te
     blocks_path, _ = find_blocks(student, sp.config.model_type, getattr(sp.config, "num_hidden_layers", None))
     pruned = set(read_metadata(student_path).get("sparsity", {}).get("targets", []))
     prep = prepare(student, cfg.train, pruned, blocks_path)
-    topk = None
-    if cfg.teacher == "topk":
+    topk = held_topk = None
+    if cfg.teacher == "topk":  # the teacher's top-k of every window, once (kept on disk for --resume), then the teacher goes
         cache = work / "teacher_topk.pt"
-        key = {"k": cfg.top_k, "T": cfg.temperature, "windows": train.shape, "sum": int(train.sum())}
+        key = {"k": cfg.top_k, "T": cfg.temperature, "windows": list(windows.shape), "sum": int(windows.sum())}
         saved = torch.load(cache, weights_only=False) if cache.exists() else None
         if saved is not None and saved["key"] == key:
-            topk = saved["topk"]
+            topk, held_topk = saved["topk"], saved["held_topk"]
         else:
-            log(f"teacher top-{cfg.top_k} on {len(train)} windows")
+            log(f"teacher top-{cfg.top_k} on {len(train) + len(held)} windows")
             topk = teacher_topk(teacher, train, cfg.top_k, cfg.temperature, cfg.batch_size,
                                 lambda d, n: _progress(hooks, "teacher top-k", d, n, ""))
-            torch.save({"key": key, "topk": topk}, cache)
+            held_topk = teacher_topk(teacher, held, cfg.top_k, cfg.temperature, cfg.batch_size)
+            torch.save({"key": key, "topk": topk, "held_topk": held_topk}, cache)
         del teacher
         teacher = None
     log(f"distilling {student_path} ({prep.numel():,} trainable values: {_counts(prep.counts)}) on {len(train)} windows, "
         f"{len(held)} held out")
-    rec = train_model(student, teacher, train, held, cfg, prep, seed=seed, topk=topk, state_path=work / "distill_state.pt",
+    rec = train_model(student, teacher, train, held, cfg, prep, seed=seed, topk=topk, held_topk=held_topk, state_path=work / "distill_state.pt",
                       resume=resume, progress=lambda d, n, info: _progress(hooks, "distill", d, n, info), log=log)
     commit(student)
     rec.update({"trainable_values": prep.numel(), "trained": prep.counts, "train": cfg.train, "loss": cfg.loss,

@@ -50,7 +50,8 @@ def distill_summary(d: dict) -> str:
         gain = sum(x["error_before"] - x["error_after"] for x in b) / max(sum(x["error_before"] for x in b), 1e-30)
         return f"distillation (block, train {d.get('train')}): {len(b)} blocks trained; their output error {gain:.1%} lower on average"
     line = (f"distillation (model, {d['loss']}, train {d['train']}): {d['steps']} steps, {d['tokens']:,} tokens, {d['seconds']:.0f} s "
-            f"({d['stopped']}); held-out perplexity {d['heldout_ppl_start']:.4g} -> {d['heldout_ppl_best']:.4g} (best at step {d['best_step']})")
+            f"({d['stopped']}); held-out gap to the teacher {d['heldout_kl_start']:.4g} -> {d['heldout_kl_best']:.4g} (best at step "
+            f"{d['best_step']}), held-out perplexity {d['heldout_ppl_start']:.4g} -> {d['heldout_ppl_best']:.4g}")
     pp = d.get("perplexity")
     if pp:
         line += f"; perplexity: compressed {pp['compressed']:.4g} -> distilled {pp['distilled']:.4g}"
