@@ -316,3 +316,27 @@ def test_cli_distill_refuses_a_different_architecture(tiny, tmp_path):
     assert not (tmp_path / "d").exists()
     r = runner.invoke(app, ["distill", str(other), "--teacher", str(tiny), "-o", str(tmp_path / "d"), "--scope", "block"])
     assert r.exit_code == 2 and "scope block" in r.output.replace("\n", " ")
+
+
+def test_a_run_interrupted_while_distilling_resumes_without_compressing_again(tiny, tmp_path, monkeypatch):
+    import compress.api as api_mod
+    import compress.distill.run as run_mod
+
+    out = tmp_path / "o"
+    passes = [{"rtn": {"bits": 4, "group_size": 32}}, {"distill": {"steps": 4, "save_every": 1, "restore_best": False}}]
+    real = run_mod.train_model
+    monkeypatch.setattr(run_mod, "train_model", lambda *a, **k: real(*a, **{**k, "interrupt_at": 2}))
+    with pytest.raises(KeyboardInterrupt):
+        api.run(_recipe(tiny, out, passes))
+    stage = tmp_path / ".o.student"
+    assert (stage / "distill_state.pt").exists() and not out.exists()
+
+    monkeypatch.setattr(run_mod, "train_model", real)
+    monkeypatch.setattr(api_mod, "compress_blocks", lambda *a, **k: pytest.fail("the compressing passes ran again"))
+    rep = api.run(_recipe(tiny, out, passes), resume=True)
+    assert rep["distill"]["steps"] == 4 and out.exists() and not stage.exists()
+
+    monkeypatch.undo()
+    fresh = api.run(_recipe(tiny, tmp_path / "fresh", passes))
+    a, b = _codes(out), _codes(tmp_path / "fresh")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same checkpoint as a run never interrupted
