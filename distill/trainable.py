@@ -61,53 +61,59 @@ def _codes(q: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     return v, z
 
 
-class ScaleTuned(nn.Module):
-    """A ``QuantLinear`` whose codes are fixed and whose scales train: Ŵ = (q − z)·exp(θ)[group]."""
+class _ScaleView(nn.Module):
+    """What every trainable view of a quantized module shares: the module it stands for
+    (``inner``), its scales as a trainable log-space parameter, its bias (trainable too)."""
 
-    def __init__(self, q: QuantLinear, train_bias: bool = True):
+    def __init__(self, q: nn.Module, train_bias: bool = True):
         super().__init__()
         self.inner = q
-        v, z = _codes(q)
-        self.g = q.g_idx()
-        self.register_buffer("diff", v - z[:, self.g], persistent=False)  # q − z, int16 (out, in)
         self.log_scale = nn.Parameter(q.weight_scale.float().clamp_min(1e-30).log())
         self.scale_dtype = q.weight_scale.dtype
         self.bias = q.bias
         if self.bias is not None:
             self.bias.requires_grad_(train_bias)
 
-    def weight(self) -> torch.Tensor:
-        return self.diff.float() * _stored(self.log_scale, self.scale_dtype)[:, self.g]
-
-    def forward(self, x):
-        return F.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+    def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
-    def commit(self) -> QuantLinear:
+    def commit(self) -> nn.Module:
+        """The quantized module again, holding the trained scales."""
         self.inner.weight_scale.copy_(self.log_scale.exp().to(self.scale_dtype))
         if self.bias is not None:
             self.bias.requires_grad_(False)
         return self.inner
 
 
-class QatLinear(nn.Module):
+class ScaleTuned(_ScaleView):
+    """A ``QuantLinear`` whose codes are fixed and whose scales train: Ŵ = (q − z)·exp(θ)[group]."""
+
+    def __init__(self, q: QuantLinear, train_bias: bool = True):
+        super().__init__(q, train_bias)
+        v, z = _codes(q)
+        self.g = q.g_idx()
+        self.register_buffer("diff", v - z[:, self.g], persistent=False)  # q − z, int16 (out, in)
+
+    def weight(self) -> torch.Tensor:
+        return self.diff.float() * _stored(self.log_scale, self.scale_dtype)[:, self.g]
+
+    def forward(self, x):
+        return self._linear(x, self.weight())
+
+
+class QatLinear(_ScaleView):
     """Quantization-aware training of a ``QuantLinear``: a latent float weight W, fake-quantized
     in the forward, q = clamp(round(W / s) + z, 0, 2^b − 1), Ŵ = (q − z)·s, rounding straight
     through; scales train too (log space). ``commit`` stores the new codes and scales."""
 
     def __init__(self, q: QuantLinear, train_bias: bool = True):
-        super().__init__()
-        self.inner = q
+        super().__init__(q, train_bias)
         _, z = _codes(q)
         self.g = q.g_idx()
         self.register_buffer("zero", z.float()[:, self.g], persistent=False)
         self.weight = nn.Parameter(q.dequantize())
-        self.log_scale = nn.Parameter(q.weight_scale.float().clamp_min(1e-30).log())
-        self.scale_dtype = q.weight_scale.dtype
         self.qmax = (1 << q.bits) - 1
-        self.bias = q.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(train_bias)
 
     def fake_weight(self) -> torch.Tensor:
         s = _stored(self.log_scale, self.scale_dtype)[:, self.g]
@@ -116,47 +122,29 @@ class QatLinear(nn.Module):
         return (q - self.zero) * s
 
     def forward(self, x):
-        return F.linear(x, self.fake_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return self._linear(x, self.fake_weight())
 
     @torch.no_grad()
     def commit(self) -> QuantLinear:
         q = self.inner
         s = self.log_scale.exp().to(self.scale_dtype)
         codes = (self.weight / s.float()[:, self.g]).round().add(self.zero).clamp(0, self.qmax).to(torch.int32)
-        half = 1 << (q.bits - 1)
-        q.weight_packed.copy_(pack_int32(codes - half, q.bits, dim=1, dense=q.dense))
-        q.weight_scale.copy_(s)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        return q
+        q.weight_packed.copy_(pack_int32(codes - (1 << (q.bits - 1)), q.bits, dim=1, dense=q.dense))
+        return super().commit()
 
 
-class Int8ScaleTuned(nn.Module):
+class Int8ScaleTuned(_ScaleView):
     """A W8A8 ``Int8Linear`` with fixed int8 codes and trainable per-channel scales; the per-token
     int8 rounding of the input is straight through."""
 
     def __init__(self, q: Int8Linear, train_bias: bool = True):
-        super().__init__()
-        self.inner = q
+        super().__init__(q, train_bias)
         self.register_buffer("codes", q.weight.to(torch.int16), persistent=False)
-        self.log_scale = nn.Parameter(q.weight_scale.float().clamp_min(1e-30).log())
-        self.scale_dtype = q.weight_scale.dtype
-        self.bias = q.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(train_bias)
 
     def forward(self, x):
         s_x = x.detach().abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127
         xq = _ste(x, (x / s_x).round().clamp(-127, 127) * s_x)
-        w = self.codes.float() * _stored(self.log_scale, self.scale_dtype)
-        return F.linear(xq, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-    @torch.no_grad()
-    def commit(self) -> Int8Linear:
-        self.inner.weight_scale.copy_(self.log_scale.exp().to(self.scale_dtype))
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        return self.inner
+        return self._linear(xq, self.codes.float() * _stored(self.log_scale, self.scale_dtype))
 
 
 WRAPPERS = (ScaleTuned, QatLinear, Int8ScaleTuned)

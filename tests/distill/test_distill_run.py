@@ -340,3 +340,13 @@ def test_a_run_interrupted_while_distilling_resumes_without_compressing_again(ti
     fresh = api.run(_recipe(tiny, tmp_path / "fresh", passes))
     a, b = _codes(out), _codes(tmp_path / "fresh")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same checkpoint as a run never interrupted
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny, w3):
+    out = []
+    for ckpt in (False, True):
+        student, teacher, train, held, cfg, prep = _setup(tiny, w3, steps=2, restore_best=False, grad_checkpointing=ckpt)
+        train_model(student, teacher, train, held, cfg, prep)
+        assert not student.training
+        out.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
+    assert torch.allclose(out[0], out[1], atol=1e-6)
