@@ -324,7 +324,9 @@ def quantize_cmd(
         "smoothquant (SmoothQuant then GPTQ W8A8: int8 weights per channel, int8 activations per token; "
         "--bits/--group-size/--asym do not apply) or w8a8 (GPTQ W8A8 without smoothing)."))] = "gptq",
     bits: Annotated[int, typer.Option("--bits", help="Weight bits, 2-8 (vLLM serves 4 and 8).")] = 4,
-    group_size: Annotated[int, typer.Option("--group-size", help="Columns per scale; -1 per channel.")] = 128,
+    group_size: Annotated[str, typer.Option("--group-size", help=(
+        "Columns per scale: auto (per layer: 128 where it divides in_features, else the largest power of two down to 16 that "
+        "does, else per channel), a number that divides every targeted layer, or -1 (per channel)."))] = "auto",
     asymmetric: Annotated[bool, typer.Option("--asym/--sym", help="Asymmetric (zero points) or symmetric.")] = False,
     act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ: visit columns by activation order.")] = True,
     g_idx: Annotated[bool, typer.Option("--g-idx", help="GPTQ act-order with groups in visiting order, exported as g_idx (default: static groups, no g_idx).")] = False,

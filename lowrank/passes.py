@@ -98,7 +98,7 @@ class LowRankPass(Pass):
 
     def link(self, later):
         g = next((getattr(q.config, "group_size", -1) for q in later if q.quantizes), -1)
-        if g and g > 0:
+        if isinstance(g, int) and g > 0:  # auto: each factor gets a size that divides it
             self.multiple = math.lcm(self.multiple, g)
             if self.config.rank is not None and self.config.rank % g:
                 raise UsageError(f"lowrank.rank {self.config.rank}: the factors are quantized with group_size {g} after it, "

@@ -180,11 +180,11 @@ class SparseGPTPass(_PrunePass):
             blocksize=q.config.block_size if q else c.block_size,
             damp=q.config.damp if q else c.damp,
             act_order=q.config.act_order if q else (self.pattern.structured if c.act_order is None else c.act_order),
-            scheme=q.config.scheme(self.ctx.dtype) if q else None,
+            scheme=q.config.scheme(self.ctx.dtype, module.in_features) if q else None,
             static_groups=q.config.static_groups if q else True,
             name=full_name,
         )
         info = {"damp": res.info["damp"]}
         if q is None:
             return module, res.weight, res.mask, info
-        return q._module(module, res.quant), res.weight, res.mask, {**info, "joint": "sparsegpt+gptq"}
+        return q._module(module, res.quant), res.weight, res.mask, {**info, "joint": "sparsegpt+gptq", "group_size": res.quant.scheme.group_size}

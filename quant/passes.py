@@ -36,11 +36,28 @@ class ActivationConfig(BaseModel):
     symmetric: Literal[True] = True
 
 
+AUTO_GROUP = 128  # what group_size: auto takes where it divides a layer's in_features
+MIN_AUTO_GROUP = 16  # below this, scales cost more than a bit per weight: auto uses -1 instead
+
+
+def auto_group_size(in_features: int) -> int:
+    """``group_size: auto`` for one layer: 128 where it divides ``in_features``, else the largest
+    power of two below it that does (down to 16), else -1 (one scale per output channel)."""
+    g = AUTO_GROUP
+    while g >= MIN_AUTO_GROUP:
+        if in_features % g == 0:
+            return g
+        g //= 2
+    return -1
+
+
 class QuantConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bits: int = Field(4, ge=2, le=8)  # 4 and 8 are what vLLM serves; others run in our runtime
-    group_size: int = 128  # input columns per scale; -1 = one scale per output channel
+    # input columns per scale; -1 = one scale per output channel; auto: per layer, 128 where it
+    # divides in_features, else the largest power of two (>= 16) that does, else -1
+    group_size: int | Literal["auto"] = "auto"
     symmetric: bool = True  # asymmetric stores a zero point per group
     observer: Literal["minmax", "mse"] = "mse"  # mse: search a clipping ratio per group
     targets: list[str] = Field(default_factory=lambda: ["Linear"])  # class, name suffix, or re:regex
@@ -50,24 +67,32 @@ class QuantConfig(BaseModel):
     # needs bits 8, group_size -1, symmetric (the compressed-tensors int-quantized scheme)
     activations: ActivationConfig | None = None
 
-    @field_validator("group_size")
+    @field_validator("group_size", mode="before")
     @classmethod
     def _group(cls, v):
-        if v != -1 and v < 1:
-            raise ValueError("must be -1 (per channel) or a positive divisor of in_features")
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            v = int(v)
+        if v != "auto" and (not isinstance(v, int) or v != -1 and v < 1):
+            raise ValueError("must be auto, -1 (per channel) or a positive divisor of in_features")
         return v
 
     @model_validator(mode="after")
     def _w8a8(self):
+        if self.activations is not None and self.group_size == "auto":
+            self.group_size = -1  # W8A8 is per channel
         if self.activations is not None:
             bad = [f"{k} is {getattr(self, k)}" for k, want in (("bits", 8), ("group_size", -1), ("symmetric", True)) if getattr(self, k) != want]
             if bad:
                 raise ValueError(f"activations (W8A8) needs bits 8, group_size -1 and symmetric true; here {', '.join(bad)}")
         return self
 
-    def scheme(self, dtype: torch.dtype):
+    def group_for(self, in_features: int) -> int:
+        """The group size of a layer with ``in_features`` columns."""
+        return auto_group_size(in_features) if self.group_size == "auto" else self.group_size
+
+    def scheme(self, dtype: torch.dtype, in_features: int):
         return QuantScheme(
-            bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, observer=self.observer, scale_dtype=dtype
+            bits=self.bits, group_size=self.group_for(in_features), symmetric=self.symmetric, observer=self.observer, scale_dtype=dtype
         )
 
 
@@ -76,7 +101,7 @@ class _QuantPass(Pass):
 
     def check(self, full_name, module):
         g = self.config.group_size
-        if g != -1 and module.in_features % g:
+        if g != "auto" and g != -1 and module.in_features % g:
             return f"group_size {g} does not divide in_features {module.in_features}"
         return None
 
@@ -99,8 +124,8 @@ class RTNPass(_QuantPass):
     Config = QuantConfig
 
     def apply(self, full_name, module, stats):
-        res = rtn_quantize(module.weight.detach().float(), self.config.scheme(self.ctx.dtype))
-        return self._module(module, res), {}
+        res = rtn_quantize(module.weight.detach().float(), self.config.scheme(self.ctx.dtype, module.in_features))
+        return self._module(module, res), {"group_size": res.scheme.group_size}
 
 
 class GPTQConfig(QuantConfig):
@@ -129,7 +154,7 @@ class GPTQPass(_QuantPass):
         res = gptq_quantize(
             module.weight.detach().float(),
             stats["hessian"]["H"],
-            c.scheme(self.ctx.dtype),
+            c.scheme(self.ctx.dtype, module.in_features),
             blocksize=c.block_size,
             damp=c.damp,
             act_order=c.act_order,
@@ -137,7 +162,7 @@ class GPTQPass(_QuantPass):
             mask=stats.get("mask"),  # an earlier pruning pass's zeros stay zeros
             name=full_name,
         )
-        return self._module(module, res), {"damp": res.info["damp"]}
+        return self._module(module, res), {"damp": res.info["damp"], "group_size": res.scheme.group_size}
 
 
 # ---------------------------------------------------------------- scale folding
@@ -191,19 +216,19 @@ class AWQPass(_SmoothPass, _QuantPass):
     def link(self, later):
         self.defer = any(q.quantizes for q in later if not q.smooths)
 
-    def _search_scheme(self):
-        return replace(self.config.scheme(self.ctx.dtype), observer="minmax")
+    def _search_scheme(self, in_features: int):
+        return replace(self.config.scheme(self.ctx.dtype, in_features), observer="minmax")
 
     @torch.no_grad()
     def smooth(self, block, prefix, points, plus_one, stats, probe) -> dict[str, dict]:
         c = self.config
-        scheme = self._search_scheme()
         info: dict[str, dict] = {}
         hess = {n: st["hessian"]["H"] for n, st in stats.items()}
         for point in points:
             if not self.targets_point(prefix, block, point):
                 continue
             lins = [get_module(block, n) for n in point.linears]
+            scheme = self._search_scheme(lins[0].in_features)  # the point's Linears share their input
             weights = [l.weight.detach().float().clone() for l in lins]
             st = stats[point.linears[0]]
             x_mean = awq_alg.activation_mean(st["absmean"]["sum"], st["absmean"]["n"])
@@ -226,7 +251,7 @@ class AWQPass(_SmoothPass, _QuantPass):
                 mod = get_module(block, n)
                 if not self.matches(full, mod) or any(full.endswith("." + k) for k in c.clip_skip):
                     continue
-                lo, hi = awq_alg.search_clip(mod.weight.float(), H, scheme, c.clip_grid, c.clip_max_shrink)
+                lo, hi = awq_alg.search_clip(mod.weight.float(), H, self._search_scheme(mod.in_features), c.clip_grid, c.clip_max_shrink)
                 mod.weight.copy_(awq_alg.clamp_to(mod.weight.float(), lo, hi))
                 info.setdefault(full, {})["awq_clipped"] = True
         return info
