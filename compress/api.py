@@ -58,6 +58,7 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
     if not recipe.passes:
         raise UsageError("passes: the recipe has no passes; add e.g. `- gptq: {bits: 4, group_size: 64}`")
     source = ModelSource(resolve_model(recipe.model, log=hooks.log))
+    source.verify()  # a truncated or corrupt weights file stops here (exit 3), not minutes into the run
     _check_eval_config(recipe.eval, recipe.eval.baseline)  # before minutes of compression, not after
     dtype = _storage_dtype(source.config)
     passes = [get_pass(name)(cfg, Context(dtype=dtype, seed=recipe.seed)) for name, cfg in recipe.pass_configs()]
@@ -335,6 +336,8 @@ def evaluate(model_ref, baseline_ref=None, cfg=None, *, seed: int = 0, hooks: Ho
     sources = {"model": ModelSource(resolve_model(model_ref, log=hooks.log))}
     if baseline_ref is not None:
         sources["baseline"] = ModelSource(resolve_model(baseline_ref, log=hooks.log))
+    for s in sources.values():
+        s.verify()
     for label in ("baseline", "model"):  # the baseline first: it is the one most often cached
         if label in sources:
             ref = baseline_ref if label == "baseline" else model_ref
@@ -435,6 +438,8 @@ def distill(student_ref, teacher_ref, output, cfg=None, *, calibration=None, eva
     _check_eval_config(eval_cfg, True)
     student = ModelSource(resolve_model(student_ref, log=hooks.log))
     teacher = ModelSource(resolve_model(teacher_ref, log=hooks.log))
+    student.verify()
+    teacher.verify()
     from compress.distill.run import check_pair
 
     check_pair(student, teacher)

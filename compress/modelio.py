@@ -176,9 +176,17 @@ class ModelSource:
 
         out = {}
         for f in files:
+            check_safetensors(f)
             with safe_open(f, "pt") as h:
                 out.update({k: f for k in h.keys()})
         return out
+
+    def verify(self) -> None:
+        """Every safetensors file of the checkpoint is whole: a readable header, and as many bytes
+        as the header's tensors need. Raises InputError naming the file and what is wrong (a
+        truncated download, a corrupt header) before any work starts. Reads headers only."""
+        for f in sorted(set(self.weight_map.values())):
+            check_safetensors(f)
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
@@ -243,12 +251,50 @@ class ModelSource:
         return model
 
 
+def check_safetensors(path: Path) -> None:
+    """Raise InputError when ``path`` is not a whole safetensors file (see ``ModelSource.verify``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: the checkpoint's index names this file, but it does not exist")
+    size = path.stat().st_size
+    what = None
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            what = f"bad header: it declares {n} header bytes in a file of {size} bytes" if n >= 0 else "shorter than a header"
+        else:
+            try:
+                header = json.loads(fh.read(n))
+                ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                what = f"bad header: not the JSON table of tensors safetensors writes ({type(e).__name__})"
+            else:
+                need = 8 + n + max(ends, default=0)
+                if size < need:
+                    what = f"truncated: the header's tensors need {need:,} bytes, the file has {size:,}"
+    if what:
+        raise InputError(f"{path}: {what}. Download or copy the checkpoint again")
+
+
+def check_finite(name: str, t: torch.Tensor, source: Path | None = None) -> None:
+    """Raise InputError when a weight holds NaN or inf values (naming it and how many)."""
+    if t.is_floating_point():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise InputError(f"{source or 'the checkpoint'}: tensor {name} holds {bad:,} NaN or infinite value(s) of {t.numel():,}; "
+                             "the checkpoint is corrupt or was saved after training diverged: use another copy")
+
+
 def materialize(module: nn.Module, prefix: str, source: ModelSource, dtype=torch.float32, skip=()) -> None:
-    """Fill ``module``'s meta parameters from the checkpoint (names ``prefix + local name``)."""
+    """Fill ``module``'s meta parameters from the checkpoint (names ``prefix + local name``);
+    a weight holding NaN or inf stops here (InputError, exit 3), before anything uses it."""
     from accelerate.utils import set_module_tensor_to_device
 
     names = [n for n, p in module.named_parameters() if p.is_meta and n not in skip]
     tensors = source.read([prefix + n for n in names])
+    for n in names:
+        check_finite(prefix + n, tensors[prefix + n], source.path)
     for n in names:
         set_module_tensor_to_device(module, n, "cpu", value=tensors[prefix + n].to(dtype))
 
