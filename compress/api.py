@@ -70,7 +70,7 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
     calib = None
     if cal.samples > 0:
         ids = tokenize(load_texts(cal.data, "calibration", cal.text_field), source.tokenizer)
-        calib = calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, recipe.seed)
+        calib = calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, recipe.seed, source=cal.data)
     if distill is not None and calib is None:
         raise UsageError("calibration.samples: distillation trains on the calibration windows; set calibration.samples > 0")
     if distill is not None and distill.config.scope == "model":
@@ -444,7 +444,7 @@ def distill(student_ref, teacher_ref, output, cfg=None, *, calibration=None, eva
 
     check_pair(student, teacher)
     ids = tokenize(load_texts(cal.data, "calibration", cal.text_field), teacher.tokenizer)
-    windows = calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, seed)
+    windows = calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, seed, source=cal.data)
     split_windows(windows, cfg.holdout)
     work = target.parent / f".{target.name}.distill"
     if not resume and work.exists():

@@ -81,8 +81,11 @@ def _hub_texts(spec: str, split: str, text_field: str) -> list[str]:
         import datasets
     except ImportError as e:
         raise InputError(f"{spec}: not a local file, and hub datasets need `pip install 'compress[datasets]'`") from e
+    from compress.eval.harness import offline_unless_reachable
+
     try:
-        ds = datasets.load_dataset(name, config, split=hf_split)
+        with offline_unless_reachable():  # unreachable hub: fail at once instead of half a minute of retries per file
+            ds = datasets.load_dataset(name, config, split=hf_split)
     except Exception as e:
         raise InputError(
             f"{spec}: could not load the dataset {name!r} (config {config}, split {hf_split}) from the hub "
@@ -99,14 +102,19 @@ def tokenize(texts: list[str], tokenizer) -> torch.Tensor:
     return ids
 
 
-def calibration_windows(ids: torch.Tensor, samples: int, seq_len: int, sampling: str = "even", seed: int = 0) -> torch.Tensor:
+def calibration_windows(ids: torch.Tensor, samples: int, seq_len: int, sampling: str = "even", seed: int = 0,
+                        source: str = "the calibration text") -> torch.Tensor:
     """``samples`` windows of ``seq_len`` tokens -> (samples, seq_len) int64.
 
     ``even``: starts evenly spaced over the text (the peer's protocol; independent of the seed).
-    ``random``: starts drawn uniformly with ``seed``."""
+    ``random``: starts drawn uniformly with ``seed``. ``source`` names the data in errors."""
     n = len(ids)
+    if n == 0:
+        raise InputError(f"{source}: no text to calibrate on (the file is empty, or its records' text fields are); "
+                         "use another calibration.data")
     if n < seq_len:
-        raise UsageError(f"the calibration text has {n} tokens, fewer than seq_len={seq_len}; use more text or a shorter seq_len")
+        raise UsageError(f"{source}: {n} tokens of calibration text, fewer than calibration.seq_len={seq_len}; use more text or a "
+                         "shorter seq_len")
     if sampling == "even":
         step = max(1, (n - seq_len) // samples)
         starts = [min(i * step, n - seq_len) for i in range(samples)]

@@ -160,16 +160,23 @@ class Recipe(_Strict):
     def pass_configs(self) -> list[tuple[str, BaseModel]]:
         from compress.passes import get_pass
 
-        out = []
-        for i, item in enumerate(self.passes):
+        out, errors = [], []
+        for i, item in enumerate(self.passes):  # every bad pass is named, not only the first
             if len(item) != 1:
-                raise UsageError(f"passes.{i}: each pass is one `name: {{options}}` item, got keys {list(item)}")
+                errors.append(f"passes.{i}: each pass is one `name: {{options}}` item, got keys {list(item)}")
+                continue
             (name, opts), = item.items()
-            cls = get_pass(name, where=f"passes.{i}")
             try:
+                cls = get_pass(name, where=f"passes.{i}")
                 out.append((name, cls.Config.model_validate(opts or {})))
+            except UsageError as e:
+                errors.append(str(e))
             except ValidationError as e:
-                raise UsageError(_format_validation(e, f"passes.{i}.{name}")) from None
+                errors.append(_format_validation(e, f"passes.{i}.{name}"))
+        if len(errors) == 1:
+            raise UsageError(errors[0])
+        if errors:
+            raise UsageError("invalid recipe: " + "; ".join(m.removeprefix("invalid recipe: ") for m in errors))
         return out
 
     def fingerprint(self, passes: int | None = None) -> str:

@@ -62,3 +62,23 @@ def test_nan_weights_exit_3_naming_the_tensor_and_count(tiny, tmp_path):
     assert not out.exists()
     r = runner.invoke(app, ["eval", str(tiny), "--max-windows", "1", "--seq-len", "32"])
     assert r.exit_code == 3 and "up_proj.weight" in r.output
+
+
+def test_every_bad_pass_is_named(tiny, tmp_path):
+    r = runner.invoke(app, ["run", "--set", f"model={tiny}", "--set",
+                            "passes=[{gptq: {bits: 1}}, {rtn: {bits: 4}}, {wanda: {sparsity: 2}}, {nosuch: {}}]", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    text = " ".join(r.output.split())
+    assert "passes.0.gptq.bits" in text and "passes.2.wanda" in text and "passes.3: unknown pass 'nosuch'" in text
+    assert "passes.1" not in text
+
+
+def test_empty_or_short_calibration_text_names_the_file(tiny, tmp_path):
+    empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
+    empty.write_text("")
+    short.write_text("a few words")
+    for f, code, what in ((empty, 3, "no text"), (short, 2, "tokens of calibration text")):
+        r = runner.invoke(app, ["quantize", str(tiny), "-o", str(tmp_path / "o"), "--data", str(f), "--seq-len", "32", "--no-eval"])
+        assert r.exit_code == code, r.output
+        assert f.name in r.output and what in " ".join(r.output.split())
+        assert not (tmp_path / "o").exists()

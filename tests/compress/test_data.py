@@ -49,5 +49,5 @@ def test_windows_deterministic():
     assert not torch.equal(r1, calibration_windows(ids, 16, 64, "random", seed=2))
     e = eval_windows(ids, 512)
     assert e.shape == (19, 512) and torch.equal(e.flatten(), ids[: 19 * 512])
-    with pytest.raises(UsageError, match="fewer than seq_len"):
+    with pytest.raises(UsageError, match="fewer than calibration.seq_len"):
         calibration_windows(ids[:10], 1, 64)
