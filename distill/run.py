@@ -88,8 +88,14 @@ def distill_checkpoint(student_path: Path, teacher_path: Path, windows: torch.Te
     commit(student)
     rec.update({"trainable_values": prep.numel(), "trained": prep.counts, "train": cfg.train, "loss": cfg.loss,
                 "teacher": cfg.teacher, "windows": {"train": len(train), "heldout": len(held), "seq_len": int(windows.shape[1])},
-                "total_s": round(time.time() - t0, 1)})
+                "total_s": round(time.time() - t0, 1), "peak_rss_mb": _peak_rss_mb()})
     return student, rec
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _counts(c: dict) -> str:
