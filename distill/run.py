@@ -51,6 +51,7 @@ def distill_checkpoint(student_path: Path, teacher_path: Path, windows: torch.Te
     """Train the student at ``student_path`` against the teacher on calibration ``windows``
     (N, seq_len). ``work``: the folder for the resumable state and the teacher's top-k cache.
     Returns the trained student (compressed modules committed) and the run's record."""
+    from compress.api import peak_rss_mb
     from compress.loading import load_source
 
     log = getattr(hooks, "log", lambda m: None)
@@ -88,14 +89,8 @@ def distill_checkpoint(student_path: Path, teacher_path: Path, windows: torch.Te
     commit(student)
     rec.update({"trainable_values": prep.numel(), "trained": prep.counts, "train": cfg.train, "loss": cfg.loss,
                 "teacher": cfg.teacher, "windows": {"train": len(train), "heldout": len(held), "seq_len": int(windows.shape[1])},
-                "total_s": round(time.time() - t0, 1), "peak_rss_mb": _peak_rss_mb()})
+                "total_s": round(time.time() - t0, 1), "peak_rss_mb": peak_rss_mb()})
     return student, rec
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _counts(c: dict) -> str:
