@@ -255,9 +255,11 @@ def _print_report(report: dict) -> None:
         from compress.eval.report import distill_summary
 
         out.print(distill_summary(report["distill"]), highlight=False)
-    worst = sorted((l for l in report.get("layers", []) if l["rel_output_error"] is not None), key=lambda l: -l["rel_output_error"])[:5]
+    from compress.eval.report import layer_errors
+
+    kind_err, worst = layer_errors(report.get("layers", []))
     if worst:
-        out.print("highest relative output error: " + ", ".join(f"{l['name']} {l['rel_output_error']:.4f}" for l in worst))
+        out.print(f"highest relative {kind_err} error: " + ", ".join(f"{l['name']} {e:.4f}" for l, e in worst[:5]))
     for g in ev.get("gates", []):
         out.print(("[green]pass[/green] " if g["passed"] else "[bold red]FAIL[/bold red] ") + g["message"], highlight=False)
     tm = report.get("time", {})

@@ -68,7 +68,11 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
 
     cal = recipe.calibration
     calib = None
-    if cal.samples > 0:
+    needs_data = any(p.stats or p.smooths or p.preview_stats or p.distills for p in passes)
+    if not needs_data and recipe.report.layer_error != "output" and cal.samples > 0:
+        hooks.log("no pass needs calibration data: skipping calibration (the report gives each layer's weight error; "
+                  "report.layer_error: output measures output errors on calibration data)")
+    elif cal.samples > 0:
         ids = tokenize(load_texts(cal.data, "calibration", cal.text_field), source.tokenizer)
         calib = calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, recipe.seed, source=cal.data)
     if distill is not None and calib is None:

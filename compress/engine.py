@@ -519,10 +519,12 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
                 infos["sparsity"] = round(float((Wq == 0).float().mean()), 6)
                 infos["weights"] = Wq.numel()
             err = None
+            D = Wq - W0
             if "hessian" in stats[name]:
                 H = stats[name]["hessian"]["H"]
-                D = Wq - W0
                 err = float(torch.sum((D @ H) * D) / torch.sum((W0 @ H) * W0).clamp_min(1e-30))
+            elif inputs is None:  # no calibration data: the weight's own relative error
+                infos["rel_weight_error"] = float(D.pow(2).sum() / W0.pow(2).sum().clamp_min(1e-30))
             reports.append(LayerReport(full, names, err, infos))
             final[name] = mod
             # Until the block is finished, later groups and the propagation see the compressed

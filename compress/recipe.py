@@ -143,6 +143,13 @@ class ExportConfig(_Strict):
     lowrank: Literal["factored", "merged"] = "factored"
 
 
+class ReportConfig(_Strict):
+    # each layer's error in the report: output (‖X(Ŵ−W)ᵀ‖²/‖XWᵀ‖² on calibration inputs; needs
+    # calibration), weight (‖Ŵ−W‖²/‖W‖², no data), auto: output where a pass calibrates anyway,
+    # else weight (a data-free recipe such as RTN or RTN W8A8 then reads no calibration data)
+    layer_error: Literal["auto", "output", "weight"] = "auto"
+
+
 class Recipe(_Strict):
     model: str = "demo"  # a folder, a .gguf file, a hub id, or `demo` (SmolLM2-135M-Instruct)
     seed: int = 0
@@ -150,6 +157,7 @@ class Recipe(_Strict):
     passes: list[dict[str, dict[str, Any]]] = Field(default_factory=list)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     def resolved(self) -> dict:
         """The recipe with every default filled in, as plain data (saved with every result)."""

@@ -43,6 +43,16 @@ def lowrank_summary(lr: dict) -> str:
             f"{kept:,} of {dense:,} parameters ({1 - kept / max(dense, 1):.1%} removed)")
 
 
+def layer_errors(layers: list[dict]) -> tuple[str, list[tuple[dict, float]]]:
+    """("output" or "weight", [(layer, its relative error)] worst first): the output errors
+    measured on calibration data, or where there was none, the weights' own errors."""
+    out = [(l, l["rel_output_error"]) for l in layers if l.get("rel_output_error") is not None]
+    if out:
+        return "output", sorted(out, key=lambda x: -x[1])
+    w = [(l, l["info"]["rel_weight_error"]) for l in layers if "rel_weight_error" in l.get("info", {})]
+    return "weight", sorted(w, key=lambda x: -x[1])
+
+
 def distill_summary(d: dict) -> str:
     """One line on a distillation (the report's ``distill``)."""
     if d.get("scope") == "block":
@@ -137,13 +147,13 @@ def to_markdown(report: dict, worst: int = 10) -> str:
         chart = loss_chart(report["distill"].get("curve", []))
         if chart:
             lines += chart + [""]
-    errs = sorted((l for l in report.get("layers", []) if l.get("rel_output_error") is not None), key=lambda l: -l["rel_output_error"])
+    kind_err, errs = layer_errors(report.get("layers", []))
     if errs:
-        ranked = any("rank" in l.get("info", {}) for l in errs)
-        lines += [f"Highest relative output error (worst {min(worst, len(errs))} of {len(errs)} layers):", "",
-                  "| layer | rel. output error |" + (" rank | parameters kept |" if ranked else ""), "|---|---|" + ("---|---|" if ranked else "")]
-        for l in errs[:worst]:
-            row = f"| {l['name']} | {l['rel_output_error']:.4f} |"
+        ranked = any("rank" in l.get("info", {}) for l, _ in errs)
+        lines += [f"Highest relative {kind_err} error (worst {min(worst, len(errs))} of {len(errs)} layers):", "",
+                  f"| layer | rel. {kind_err} error |" + (" rank | parameters kept |" if ranked else ""), "|---|---|" + ("---|---|" if ranked else "")]
+        for l, e in errs[:worst]:
+            row = f"| {l['name']} | {e:.4f} |"
             if ranked:
                 i = l.get("info", {})
                 row += f" {i.get('rank') if i.get('rank') is not None else 'dense'} | {i.get('params_kept', '')} of {i.get('params_dense', '')} |"

@@ -82,3 +82,21 @@ def test_empty_or_short_calibration_text_names_the_file(tiny, tmp_path):
         assert r.exit_code == code, r.output
         assert f.name in r.output and what in " ".join(r.output.split())
         assert not (tmp_path / "o").exists()
+
+
+def test_data_free_recipes_read_no_calibration_data(tiny, tmp_path, monkeypatch):
+    import compress.api as api_mod
+    from compress.recipe import load_recipe
+
+    def no_data(*a, **k):
+        raise AssertionError("calibration data was read")
+
+    rec = {"model": str(tiny), "passes": [{"rtn": {"bits": 4}}], "eval": {"perplexity": None}, "export": {"path": str(tmp_path / "o")}}
+    with monkeypatch.context() as m:
+        m.setattr(api_mod, "load_texts", no_data)
+        rep = api_mod.run(load_recipe(rec))
+    assert all(l["rel_output_error"] is None and 0 < l["info"]["rel_weight_error"] < 0.1 for l in rep["layers"])
+    assert "relative weight error" in (tmp_path / "o" / "report.md").read_text()
+    rep = api_mod.run(load_recipe({**rec, "report": {"layer_error": "output"}, "calibration": {"samples": 4, "seq_len": 32},
+                                   "export": {"path": str(tmp_path / "o2")}}))
+    assert all(l["rel_output_error"] is not None for l in rep["layers"])
