@@ -286,7 +286,10 @@ def _evaluate_one(ref, source: ModelSource, cfg, tasks, seed: int, label: str, h
     todo_tasks = [t for t in tasks if t.name not in found]
     model = None
     if "perplexity" in keys and "perplexity" not in found or todo_tasks:
+        from compress.kernels import keep_dequantized
+
         model = load_source(source)
+        keep_dequantized(model)  # dequantize each packed layer once, not on every forward
     if "perplexity" in keys:
         if "perplexity" in found:
             res = found["perplexity"]

@@ -178,6 +178,35 @@ def kernel_weights(qlinear) -> KernelWeights:
     return kw
 
 
+def keep_dequantized(model, on: bool = True) -> int:
+    """Let every ``QuantLinear`` of ``model`` on the CPU keep its dequantized weight after the
+    first forward instead of dequantizing on every call (the torch path): evaluation's many
+    forwards then cost what the dense model's do, for the dense model's memory (fp32 weights).
+    Rebuilt if the packed buffers change. Returns how many modules it applies to."""
+    from compress.formats import QuantLinear
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.weight_packed.device.type == "cpu":
+            m.__dict__["_keep_dense"] = on
+            if not on:
+                m.__dict__.pop("_dense", None)
+            n += 1
+    return n
+
+
+def dense_weight_cached(qlinear) -> torch.Tensor:
+    """The dequantized weight, kept per module when ``keep_dequantized`` asked for it."""
+    if not qlinear.__dict__.get("_keep_dense"):
+        return qlinear.dequantize()
+    key = _key(qlinear)
+    hit = qlinear.__dict__.get("_dense")
+    if hit is None or hit[0] != key:
+        hit = (key, qlinear.dequantize())
+        qlinear.__dict__["_dense"] = hit
+    return hit[1]
+
+
 def wna16_linear(x: torch.Tensor, qlinear, backend: str | None = None) -> torch.Tensor:
     """y = x @ Ŵᵀ (+ bias) for a ``QuantLinear``; x (..., K) bf16/fp16/fp32 -> (..., N) in x.dtype.
 

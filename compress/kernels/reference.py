@@ -22,8 +22,11 @@ import torch.nn.functional as F
 
 
 def wna16_linear(x: torch.Tensor, qlinear) -> torch.Tensor:
-    """x (..., K) float -> (..., N) in x.dtype, through the dequantized weight."""
-    w = qlinear.dequantize().to(x.dtype)  # (N, K)
+    """x (..., K) float -> (..., N) in x.dtype, through the dequantized weight (kept between
+    calls where ``compress.kernels.keep_dequantized`` asked for it)."""
+    from compress.kernels import dense_weight_cached
+
+    w = dense_weight_cached(qlinear).to(x.dtype)  # (N, K)
     return F.linear(x, w, None if qlinear.bias is None else qlinear.bias.to(x.dtype))
 
 

@@ -311,3 +311,20 @@ def test_replace_linear_sets_a_dotted_submodule():
     assert model.get_submodule("0.mlp.0") is new
     replace_linear(model, "0", torch.nn.Identity())
     assert isinstance(model[0], torch.nn.Identity)
+
+
+def test_keep_dequantized_computes_the_same_and_follows_buffer_changes():
+    from compress.kernels import keep_dequantized
+    from compress.quant.rtn import QuantScheme, rtn_quantize
+
+    W = torch.randn(8, 32)
+    q = QuantLinear.from_result(rtn_quantize(W, QuantScheme(bits=4, group_size=16)))
+    holder = torch.nn.Sequential(q)
+    x = torch.randn(3, 32)
+    ref = q(x)
+    assert keep_dequantized(holder) == 1
+    assert torch.equal(q(x), ref) and "_dense" in q.__dict__
+    q.weight_scale.mul_(2)  # an in-place change of the packed buffers rebuilds the kept weight
+    assert torch.allclose(q(x), 2 * ref, atol=1e-5)
+    keep_dequantized(holder, False)
+    assert "_dense" not in q.__dict__
