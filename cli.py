@@ -58,6 +58,98 @@ NoEvalOpt = Annotated[bool, typer.Option("--no-eval", help="Skip the before/afte
 
 _state = {"debug": False}
 
+# ---------------------------------------------------------------- option groups
+# Each concept's options are declared once, in a group class; `@options(name=Group, ...)` adds
+# them to a command's signature (Typer reads the signature) and hands the command one Group
+# object per name. A new option of a concept is one line in its group.
+
+
+class Report:
+    """How the report is shown."""
+
+    markdown: MarkdownOpt = None
+    as_json: JsonOpt = False
+    quiet: QuietOpt = False
+
+
+class Gates:
+    """Quality gates against the baseline."""
+
+    max_ppl_increase: MaxPplOpt = None
+    min_recovery: MinRecoveryOpt = None
+    max_drop: MaxDropOpt = None
+
+    def settings(self) -> dict:
+        return _gate_settings(self.max_ppl_increase, self.min_recovery, self.max_drop)
+
+
+class Tasks:
+    """lm-eval tasks and the evaluation cache."""
+
+    tasks: TasksOpt = None
+    task_file: TaskFileOpt = None
+    limit: LimitOpt = None
+    no_cache: NoCacheOpt = False
+
+
+class Job:
+    """A compressing job's recipe overrides, output policy and seed."""
+
+    set_: SetOpt = None
+    overwrite: OverwriteOpt = False
+    resume: ResumeOpt = False
+    dry_run: DryRunOpt = False
+    seed: SeedOpt = None
+
+
+class Calibration:
+    """Calibration data of the one-method commands."""
+
+    samples: SamplesOpt = 128
+    seq_len: CalSeqLenOpt = 512
+    data: CalDataOpt = "builtin:pydoc"
+
+
+class Targets:
+    """Which layers a one-method command leaves alone, and whether it evaluates."""
+
+    ignore: IgnoreOpt = None
+    no_eval: NoEvalOpt = False
+
+
+def options(**groups):
+    """Add the options of each group class to the decorated command's signature; the command
+    receives one instance per keyword (``@options(report=Report)`` -> ``report.as_json``)."""
+    import functools
+    import inspect
+    import typing
+
+    fields = {g: typing.get_type_hints(cls, include_extras=True) for g, cls in groups.items()}
+
+    def deco(fn):
+        sig = inspect.signature(fn)
+        own = [p for n, p in sig.parameters.items() if n not in groups]
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=getattr(groups[g], n))
+                 for g in groups for n, ann in fields[g].items()]
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            for g, cls in groups.items():
+                obj = cls()
+                for n in fields[g]:
+                    setattr(obj, n, kwargs.pop(n, getattr(cls, n)))
+                kwargs[g] = obj
+            return fn(*args, **kwargs)
+
+        hints = typing.get_type_hints(fn, include_extras=True)
+        wrapper.__signature__ = sig.replace(parameters=[p.replace(annotation=hints.get(p.name, p.annotation)) for p in own] + extra)
+        wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
+        return wrapper
+
+    return deco
+
+
+
 
 class _RichHooks:
     """Progress bars per block on stderr; silent with --quiet."""
@@ -127,25 +219,26 @@ def _task_list(tasks: str | None, task_files: list[str] | None) -> list[str]:
     return [t.strip() for t in (tasks or "").split(",") if t.strip()] + list(task_files or [])
 
 
-def _eval_overrides(tasks, task_files, limit, num_fewshot, gates: dict, no_cache: bool) -> list[str]:
+def _eval_overrides(tasks: "Tasks", num_fewshot, gates: dict) -> list[str]:
     """Evaluation options of run/quantize as --set overrides (so the saved recipe holds them)."""
     out = []
-    names = _task_list(tasks, task_files)
+    names = _task_list(tasks.tasks, tasks.task_file)
     if names:
         out.append("eval.tasks=" + json.dumps(names))
-    if limit is not None:
-        out.append(f"eval.limit={limit}")
+    if tasks.limit is not None:
+        out.append(f"eval.limit={tasks.limit}")
     if num_fewshot is not None:
         out.append(f"eval.num_fewshot={num_fewshot}")
     if gates:
         out.append("eval.gates=" + json.dumps(gates))
-    if no_cache:
+    if tasks.no_cache:
         out.append("eval.cache=false")
     return out
 
 
-def _emit(report: dict, as_json: bool, markdown: Path | None) -> None:
+def _emit(report: dict, shown: "Report") -> None:
     """The report on stdout (JSON or tables) and, with --markdown, as Markdown in a file."""
+    as_json, markdown = shown.as_json, shown.markdown
     if markdown is not None:
         from compress.eval.report import to_markdown
 
@@ -157,7 +250,7 @@ def _emit(report: dict, as_json: bool, markdown: Path | None) -> None:
         _print_report(report)
 
 
-def _with_gates(produce, as_json: bool, markdown: Path | None) -> None:
+def _with_gates(produce, shown: "Report") -> None:
     """Run ``produce()`` -> report; print it; a failed gate still prints and saves the report,
     then exits 4 naming every failing gate on stderr."""
     from compress.api import check_gates
@@ -167,28 +260,28 @@ def _with_gates(produce, as_json: bool, markdown: Path | None) -> None:
         report = produce()
     except GateError as e:  # run/quantize: the report is saved in the export; show it too
         if getattr(e, "report", None) is not None:
-            _emit(e.report, as_json, markdown)
+            _emit(e.report, shown)
         raise
-    _emit(report, as_json, markdown)
+    _emit(report, shown)
     check_gates(report)
 
 
-def _run_recipe(recipe, resume: bool, as_json: bool, quiet: bool, dry_run: bool, markdown: Path | None = None) -> None:
+def _run_recipe(recipe, resume: bool, shown: "Report", dry_run: bool) -> None:
     from compress.api import run
     from compress.recipe import dump_recipe
 
     if dry_run:
-        if as_json:
+        if shown.as_json:
             print(json.dumps(recipe.resolved()))
         else:
             print(dump_recipe(recipe), end="")
         return
 
     def produce():
-        with _RichHooks(quiet) as hooks:
+        with _RichHooks(shown.quiet) as hooks:
             return run(recipe, resume=resume, hooks=hooks)  # raises GateError after saving the report
 
-    _with_gates(produce, as_json, markdown)
+    _with_gates(produce, shown)
 
 
 def _fmt(v) -> str:
@@ -278,39 +371,26 @@ def _main(debug: DebugOpt = False):
 
 
 @app.command("run")
+@options(job=Job, tasks=Tasks, gates=Gates, report=Report)
 def run_cmd(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML; omitted: the embedded default (demo model, GPTQ W4 g64).")] = None,
-    set_: SetOpt = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Export folder (export.path).")] = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    dry_run: DryRunOpt = False,
-    seed: SeedOpt = None,
-    tasks: TasksOpt = None,
-    task_file: TaskFileOpt = None,
-    limit: LimitOpt = None,
-    max_ppl_increase: MaxPplOpt = None,
-    min_recovery: MinRecoveryOpt = None,
-    max_drop: MaxDropOpt = None,
-    markdown: MarkdownOpt = None,
-    no_cache: NoCacheOpt = False,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    *, job: Job, tasks: Tasks, gates: Gates, report: Report,
 ):
     """Run a recipe: compress, export, evaluate before vs after (gates: exit 4), print the report."""
     try:
         from compress.recipe import DEFAULT_RECIPE, load_recipe
 
-        overrides = list(set_ or [])
+        overrides = list(job.set_ or [])
         if output:
             overrides.append(f"export.path={output}")
-        if overwrite:
+        if job.overwrite:
             overrides.append("export.overwrite=true")
-        if seed is not None:
-            overrides.append(f"seed={seed}")
-        overrides += _eval_overrides(tasks, task_file, limit, None, _gate_settings(max_ppl_increase, min_recovery, max_drop), no_cache)
+        if job.seed is not None:
+            overrides.append(f"seed={job.seed}")
+        overrides += _eval_overrides(tasks, None, gates.settings())
         rec = load_recipe(recipe if recipe is not None else DEFAULT_RECIPE, overrides)
-        _run_recipe(rec, resume, as_json, quiet, dry_run, markdown)
+        _run_recipe(rec, job.resume, report, job.dry_run)
     except typer.Exit:
         raise
     except (Exception, KeyboardInterrupt) as e:
@@ -318,6 +398,7 @@ def run_cmd(
 
 
 @app.command("quantize")
+@options(calibration=Calibration, targets=Targets, job=Job, tasks=Tasks, gates=Gates, report=Report)
 def quantize_cmd(
     model: Annotated[str, typer.Argument(help="A checkpoint folder, a .gguf file, a hub id, or 'demo'.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Export folder.")],
@@ -332,27 +413,8 @@ def quantize_cmd(
     asymmetric: Annotated[bool, typer.Option("--asym/--sym", help="Asymmetric (zero points) or symmetric.")] = False,
     act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ: visit columns by activation order.")] = True,
     g_idx: Annotated[bool, typer.Option("--g-idx", help="GPTQ act-order with groups in visiting order, exported as g_idx (default: static groups, no g_idx).")] = False,
-    samples: SamplesOpt = 128,
-    seq_len: CalSeqLenOpt = 512,
-    data: CalDataOpt = "builtin:pydoc",
-    ignore: IgnoreOpt = None,
-    no_eval: NoEvalOpt = False,
     alpha: Annotated[float, typer.Option("--alpha", help="SmoothQuant migration strength (0-1).")] = 0.5,
-    set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    dry_run: DryRunOpt = False,
-    seed: SeedOpt = None,
-    tasks: TasksOpt = None,
-    task_file: TaskFileOpt = None,
-    limit: LimitOpt = None,
-    max_ppl_increase: MaxPplOpt = None,
-    min_recovery: MinRecoveryOpt = None,
-    max_drop: MaxDropOpt = None,
-    markdown: MarkdownOpt = None,
-    no_cache: NoCacheOpt = False,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    *, calibration: Calibration, targets: Targets, job: Job, tasks: Tasks, gates: Gates, report: Report,
 ):
     """Quantize one model with one method (builds a recipe and runs it)."""
     try:
@@ -362,8 +424,8 @@ def quantize_cmd(
         opts = {"bits": bits, "group_size": group_size, "symmetric": not asymmetric}
         if method in ("smoothquant", "w8a8"):
             opts = {"bits": 8, "group_size": -1, "symmetric": True, "activations": {"bits": 8, "dynamic": True}}
-        if ignore:
-            opts["ignore"] = ["lm_head", *ignore]
+        if targets.ignore:
+            opts["ignore"] = ["lm_head", *targets.ignore]
         gptq = {**opts, "act_order": act_order, "static_groups": not g_idx}
         if g_idx and "gptq" not in method and method not in ("smoothquant", "w8a8"):
             raise _usage("--g-idx applies to the GPTQ methods only")
@@ -372,37 +434,36 @@ def quantize_cmd(
             "rtn": [{"rtn": opts}],
             "awq": [{"awq": opts}],
             "awq+gptq": [{"awq": opts}, {"gptq": gptq}],
-            "smoothquant": [{"smoothquant": {"alpha": alpha, **({"ignore": opts["ignore"]} if ignore else {})}}, {"gptq": gptq}],
+            "smoothquant": [{"smoothquant": {"alpha": alpha, **({"ignore": opts["ignore"]} if targets.ignore else {})}}, {"gptq": gptq}],
             "w8a8": [{"gptq": gptq}],
         }[method]
-        gates = _gate_settings(max_ppl_increase, min_recovery, max_drop)
-        _run_method(model, output, passes, data, samples, seq_len, seed, overwrite, no_eval, tasks, task_file, limit, gates,
-                    no_cache, set_, resume, as_json, quiet, dry_run, markdown)
+        _run_method(model, output, passes, calibration, targets, job, tasks, gates, report)
     except typer.Exit:
         raise
     except (Exception, KeyboardInterrupt) as e:
         _fail(e)
 
 
-def _run_method(model, output, passes, data, samples, seq_len, seed, overwrite, no_eval, tasks, task_file, limit, gates,
-                no_cache, set_, resume, as_json, quiet, dry_run, markdown) -> None:
-    """The recipe a one-method command (quantize, prune) builds, with its --set overrides, run."""
+def _run_method(model, output, passes, calibration: "Calibration", targets: "Targets", job: "Job", tasks: "Tasks", gates: "Gates",
+                report: "Report", extra: list[str] = ()) -> None:
+    """The recipe a one-method command (quantize, prune, lowrank) builds, with its --set overrides, run."""
     from compress.recipe import load_recipe
 
     raw = {
         "model": model,
-        "seed": seed or 0,
-        "calibration": {"data": data, "samples": samples, "seq_len": seq_len},
+        "seed": job.seed or 0,
+        "calibration": {"data": calibration.data, "samples": calibration.samples, "seq_len": calibration.seq_len},
         "passes": passes,
-        "export": {"path": output, "overwrite": overwrite},
+        "export": {"path": output, "overwrite": job.overwrite},
     }
-    if no_eval:
+    if targets.no_eval:
         raw["eval"] = {"perplexity": None}
-    evo = _eval_overrides(tasks, task_file, limit, None, gates, no_cache)
-    _run_recipe(load_recipe(raw, evo + list(set_ or [])), resume, as_json, quiet, dry_run, markdown)
+    evo = _eval_overrides(tasks, None, gates.settings())
+    _run_recipe(load_recipe(raw, evo + list(extra) + list(job.set_ or [])), job.resume, report, job.dry_run)
 
 
 @app.command("prune")
+@options(calibration=Calibration, targets=Targets, job=Job, tasks=Tasks, gates=Gates, report=Report)
 def prune_cmd(
     model: Annotated[str, typer.Argument(help="A checkpoint folder, a .gguf file, a hub id, or 'demo'.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Export folder.")],
@@ -413,26 +474,7 @@ def prune_cmd(
     allocation: Annotated[str, typer.Option("--allocation", help="uniform (every layer the same) or owl (blocks with more activation outliers keep more; unstructured only).")] = "uniform",
     owl_lambda: Annotated[float, typer.Option("--owl-lambda", help="OWL: block sparsities span sparsity ± this.")] = 0.08,
     owl_m: Annotated[float, typer.Option("--owl-m", help="OWL: an outlier is a score above this × the block's mean.")] = 5.0,
-    samples: SamplesOpt = 128,
-    seq_len: CalSeqLenOpt = 512,
-    data: CalDataOpt = "builtin:pydoc",
-    ignore: IgnoreOpt = None,
-    no_eval: NoEvalOpt = False,
-    set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    dry_run: DryRunOpt = False,
-    seed: SeedOpt = None,
-    tasks: TasksOpt = None,
-    task_file: TaskFileOpt = None,
-    limit: LimitOpt = None,
-    max_ppl_increase: MaxPplOpt = None,
-    min_recovery: MinRecoveryOpt = None,
-    max_drop: MaxDropOpt = None,
-    markdown: MarkdownOpt = None,
-    no_cache: NoCacheOpt = False,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    *, calibration: Calibration, targets: Targets, job: Job, tasks: Tasks, gates: Gates, report: Report,
 ):
     """Prune one model with one method (builds a recipe and runs it). Quantize afterwards in one
     sweep with a recipe: `- sparsegpt: {...}` then `- gptq: {...}` runs both in a joint solve."""
@@ -443,11 +485,9 @@ def prune_cmd(
         opts: dict = {"pattern": pattern, "allocation": allocation, "owl_lambda": owl_lambda, "owl_m": owl_m}
         if pattern.strip().lower() in ("unstructured", "none", "") or sparsity != 0.5:
             opts["sparsity"] = sparsity  # an N:M pattern sets its own, unless --sparsity says otherwise
-        if ignore:
-            opts["ignore"] = ["lm_head", *ignore]
-        gates = _gate_settings(max_ppl_increase, min_recovery, max_drop)
-        _run_method(model, output, [{method: opts}], data, samples, seq_len, seed, overwrite, no_eval, tasks, task_file, limit, gates, no_cache, set_, resume, as_json, quiet,
-                    dry_run, markdown)
+        if targets.ignore:
+            opts["ignore"] = ["lm_head", *targets.ignore]
+        _run_method(model, output, [{method: opts}], calibration, targets, job, tasks, gates, report)
     except typer.Exit:
         raise
     except (Exception, KeyboardInterrupt) as e:
@@ -455,6 +495,7 @@ def prune_cmd(
 
 
 @app.command("lowrank")
+@options(calibration=Calibration, targets=Targets, job=Job, tasks=Tasks, gates=Gates, report=Report)
 def lowrank_cmd(
     model: Annotated[str, typer.Argument(help="A checkpoint folder, a .gguf file, a hub id, or 'demo'.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Export folder.")],
@@ -465,26 +506,7 @@ def lowrank_cmd(
         "sensitivity (ranks where each parameter buys the most output accuracy, measured in a preview sweep) or uniform (every layer keeps the same share)."))] = "sensitivity",
     rank: Annotated[Optional[int], typer.Option("--rank", help="One rank for every targeted Linear, instead of --reduction.")] = None,
     merged: Annotated[bool, typer.Option("--merged", help="Export B·A multiplied back into dense weights (any tool loads it; no size or speed gain).")] = False,
-    samples: SamplesOpt = 128,
-    seq_len: CalSeqLenOpt = 512,
-    data: CalDataOpt = "builtin:pydoc",
-    ignore: IgnoreOpt = None,
-    no_eval: NoEvalOpt = False,
-    set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    dry_run: DryRunOpt = False,
-    seed: SeedOpt = None,
-    tasks: TasksOpt = None,
-    task_file: TaskFileOpt = None,
-    limit: LimitOpt = None,
-    max_ppl_increase: MaxPplOpt = None,
-    min_recovery: MinRecoveryOpt = None,
-    max_drop: MaxDropOpt = None,
-    markdown: MarkdownOpt = None,
-    no_cache: NoCacheOpt = False,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    *, calibration: Calibration, targets: Targets, job: Job, tasks: Tasks, gates: Gates, report: Report,
 ):
     """Replace each Linear by two smaller ones (W ≈ B·A, truncated SVD on the calibration
     activations) to remove a share of the parameters. The factored export loads with
@@ -497,12 +519,10 @@ def lowrank_cmd(
         opts: dict = {"method": method, "reduction": reduction, "allocation": allocation}
         if rank is not None:
             opts["rank"] = rank
-        if ignore:
-            opts["ignore"] = ["lm_head", *ignore]
-        gates = _gate_settings(max_ppl_increase, min_recovery, max_drop)
-        extra = (["export.lowrank=merged"] if merged else []) + list(set_ or [])
-        _run_method(model, output, [{"lowrank": opts}], data, samples, seq_len, seed, overwrite, no_eval, tasks, task_file, limit, gates,
-                    no_cache, extra, resume, as_json, quiet, dry_run, markdown)
+        if targets.ignore:
+            opts["ignore"] = ["lm_head", *targets.ignore]
+        _run_method(model, output, [{"lowrank": opts}], calibration, targets, job, tasks, gates, report,
+                    extra=["export.lowrank=merged"] if merged else [])
     except typer.Exit:
         raise
     except (Exception, KeyboardInterrupt) as e:
@@ -515,15 +535,17 @@ def _usage(msg: str):
     return UsageError(msg)
 
 
-def _eval_config(data, seq_len, max_windows, perplexity, tasks, task_file, limit, num_fewshot, batch_size, gates, no_cache):
+def _eval_config(ev: "EvalData", tasks: "Tasks", gates: "Gates"):
     from compress.recipe import load_recipe
 
-    names = _task_list(tasks, task_file)
+    names = _task_list(tasks.tasks, tasks.task_file)
+    perplexity = ev.perplexity
     if perplexity is None:
-        perplexity = not names or data != "builtin:pydoc"  # with tasks only, perplexity on request
+        perplexity = not names or ev.data != "builtin:pydoc"  # with tasks only, perplexity on request
     raw = {
-        "perplexity": {"data": data, "seq_len": seq_len, "max_windows": max_windows} if perplexity else None,
-        "tasks": names, "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "gates": gates, "cache": not no_cache,
+        "perplexity": {"data": ev.data, "seq_len": ev.seq_len, "max_windows": ev.max_windows} if perplexity else None,
+        "tasks": names, "limit": tasks.limit, "num_fewshot": ev.num_fewshot, "batch_size": ev.batch_size, "gates": gates.settings(),
+        "cache": not tasks.no_cache,
     }
     return load_recipe({"eval": raw}).eval  # validated like a recipe: errors name eval.<field>
 
@@ -535,7 +557,20 @@ PplOpt = Annotated[Optional[bool], typer.Option("--perplexity/--no-perplexity", 
 EvalBatchOpt = Annotated[int, typer.Option("--batch-size", help="lm-eval requests per forward pass.")]
 
 
+class EvalData:
+    """What eval and compare measure, and how."""
+
+    data: DataOpt = "builtin:pydoc"
+    seq_len: SeqLenOpt = 512
+    max_windows: MaxWindowsOpt = None
+    perplexity: PplOpt = None
+    num_fewshot: FewshotOpt = None
+    batch_size: EvalBatchOpt = 1
+    seed: SeedOpt = None
+
+
 @app.command("distill")
+@options(calibration=Calibration, gates=Gates, report=Report)
 def distill_cmd(
     student: Annotated[str, typer.Argument(help="The compressed checkpoint to train (an export of compress, or any copy of the teacher's architecture).")],
     teacher: Annotated[str, typer.Option("--teacher", help="The original model it was compressed from: a folder, a .gguf file, a hub id, or 'demo'.")],
@@ -550,18 +585,12 @@ def distill_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Learning rate of weights, factors and norms (scales: --set scale_lr=...).")] = 1e-4,
     teacher_cache: Annotated[str, typer.Option("--teacher-cache", help="online (teacher logits per batch) or topk (its top-k cached once, then freed).")] = "online",
     scope: Annotated[str, typer.Option("--scope", help="model (the only scope for a finished checkpoint; scope block runs in a recipe).")] = "model",
-    samples: SamplesOpt = 128,
-    seq_len: CalSeqLenOpt = 512,
-    data: CalDataOpt = "builtin:pydoc",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any other distill option: --set grad_accum=8 (repeatable; see the recipe's distill pass).")] = None,
     no_eval: NoEvalOpt = False,
     overwrite: OverwriteOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted distillation from its last checkpoint.")] = False,
     seed: SeedOpt = None,
-    max_ppl_increase: MaxPplOpt = None,
-    markdown: MarkdownOpt = None,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    *, calibration: Calibration, gates: Gates, report: Report,
 ):
     """Train a compressed checkpoint to match the model it came from (knowledge distillation on
     calibration text; the evaluation split is never read while training). Prints perplexity of
@@ -576,18 +605,17 @@ def distill_cmd(
             opts["steps"] = steps
         if minutes is not None:
             opts["minutes"] = minutes
-        gates = _gate_settings(max_ppl_increase, None, None)
-        raw = {"model": teacher, "calibration": {"data": data, "samples": samples, "seq_len": seq_len},
-               "passes": [{"distill": opts}], "eval": {"perplexity": None} if no_eval else {"gates": gates}}
+        raw = {"model": teacher, "calibration": {"data": calibration.data, "samples": calibration.samples, "seq_len": calibration.seq_len},
+               "passes": [{"distill": opts}], "eval": {"perplexity": None} if no_eval else {"gates": gates.settings()}}
         recipe = load_recipe(raw, [f"passes.0.distill.{a}" for a in set_ or []])
         (_, cfg), = recipe.pass_configs()
 
         def produce():
-            with _RichHooks(quiet) as hooks:
+            with _RichHooks(report.quiet) as hooks:
                 return distill(student, teacher, output, cfg, calibration=recipe.calibration, eval_cfg=recipe.eval, seed=seed or 0,
                                overwrite=overwrite, resume=resume, hooks=hooks)
 
-        _with_gates(produce, as_json, markdown)
+        _with_gates(produce, report)
     except typer.Exit:
         raise
     except (Exception, KeyboardInterrupt) as e:
@@ -595,79 +623,38 @@ def distill_cmd(
 
 
 @app.command("eval")
+@options(ev=EvalData, tasks=Tasks, gates=Gates, report=Report)
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="Checkpoint folder (compressed or not), .gguf, hub id, or 'demo'.")],
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="Also evaluate this model, same data and protocol; gates compare with it.")] = None,
-    data: DataOpt = "builtin:pydoc",
-    seq_len: SeqLenOpt = 512,
-    max_windows: MaxWindowsOpt = None,
-    perplexity: PplOpt = None,
-    tasks: TasksOpt = None,
-    task_file: TaskFileOpt = None,
-    limit: LimitOpt = None,
-    num_fewshot: FewshotOpt = None,
-    batch_size: EvalBatchOpt = 1,
-    max_ppl_increase: MaxPplOpt = None,
-    min_recovery: MinRecoveryOpt = None,
-    max_drop: MaxDropOpt = None,
-    seed: SeedOpt = None,
-    markdown: MarkdownOpt = None,
-    no_cache: NoCacheOpt = False,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    *, ev: EvalData, tasks: Tasks, gates: Gates, report: Report,
 ):
     """Evaluate a model (perplexity, lm-eval tasks) and --baseline with the same protocol; gates exit 4."""
-    try:
-        from compress.api import eval_report
-
-        cfg = _eval_config(data, seq_len, max_windows, perplexity, tasks, task_file, limit, num_fewshot, batch_size,
-                           _gate_settings(max_ppl_increase, min_recovery, max_drop), no_cache)
-
-        def produce():
-            with _RichHooks(quiet) as hooks:
-                return eval_report(model, baseline, cfg, seed=seed or 0, hooks=hooks)
-
-        _with_gates(produce, as_json, markdown)
-    except typer.Exit:
-        raise
-    except (Exception, KeyboardInterrupt) as e:
-        _fail(e)
+    _evaluate_cmd(model, baseline, "eval", ev, tasks, gates, report)
 
 
 @app.command("compare")
+@options(ev=EvalData, tasks=Tasks, gates=Gates, report=Report)
 def compare_cmd(
     a: Annotated[str, typer.Argument(help="The reference checkpoint (the baseline), e.g. the original model.")],
     b: Annotated[str, typer.Argument(help="The checkpoint compared with it, e.g. a compressed one.")],
-    data: DataOpt = "builtin:pydoc",
-    seq_len: SeqLenOpt = 512,
-    max_windows: MaxWindowsOpt = None,
-    perplexity: PplOpt = None,
-    tasks: TasksOpt = None,
-    task_file: TaskFileOpt = None,
-    limit: LimitOpt = None,
-    num_fewshot: FewshotOpt = None,
-    batch_size: EvalBatchOpt = 1,
-    max_ppl_increase: MaxPplOpt = None,
-    min_recovery: MinRecoveryOpt = None,
-    max_drop: MaxDropOpt = None,
-    seed: SeedOpt = None,
-    markdown: MarkdownOpt = None,
-    no_cache: NoCacheOpt = False,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    *, ev: EvalData, tasks: Tasks, gates: Gates, report: Report,
 ):
     """Two checkpoints side by side: the same metrics on both, sizes, bits per parameter (B against A)."""
+    _evaluate_cmd(b, a, "compare", ev, tasks, gates, report)
+
+
+def _evaluate_cmd(model, baseline, kind: str, ev: EvalData, tasks: Tasks, gates: Gates, shown: Report) -> None:
     try:
         from compress.api import eval_report
 
-        cfg = _eval_config(data, seq_len, max_windows, perplexity, tasks, task_file, limit, num_fewshot, batch_size,
-                           _gate_settings(max_ppl_increase, min_recovery, max_drop), no_cache)
+        cfg = _eval_config(ev, tasks, gates)
 
         def produce():
-            with _RichHooks(quiet) as hooks:
-                return eval_report(b, a, cfg, seed=seed or 0, kind="compare", hooks=hooks)
+            with _RichHooks(shown.quiet) as hooks:
+                return eval_report(model, baseline, cfg, seed=ev.seed or 0, kind=kind, hooks=hooks)
 
-        _with_gates(produce, as_json, markdown)
+        _with_gates(produce, shown)
     except typer.Exit:
         raise
     except (Exception, KeyboardInterrupt) as e:
