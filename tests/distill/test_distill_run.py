@@ -350,3 +350,25 @@ def test_gradient_checkpointing_gives_the_same_training(tiny, w3):
         assert not student.training
         out.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
     assert torch.allclose(out[0], out[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("quant, train", [
+    ({"rtn": {"bits": 8, "group_size": -1, "activations": {"bits": 8}}}, "auto"),  # W8A8: per-channel scales
+    ({"gptq": {"bits": 3, "group_size": 32}}, "qat"),  # latent weights, re-quantized to new codes
+])
+def test_w8a8_and_qat_students_export_valid_checkpoints(tiny, w3, tmp_path, quant, train):
+    from compress.loading import load
+
+    out = tmp_path / "o"
+    # qat starts from the dequantized weights, half a grid step from any rounding boundary: a large
+    # rate moves some of them across in three steps
+    lr = 5e-2 if train == "qat" else 1e-3
+    rep = api.run(_recipe(tiny, out, [quant, {"distill": {"steps": 3, "lr": lr, "train": train, "restore_best": False}}]))
+    assert rep["distill"]["steps"] == 3
+    m = load(out, log=lambda *_: None)
+    with torch.no_grad():
+        assert torch.isfinite(m(input_ids=torch.randint(0, 300, (1, 16))).logits).all()
+    if train == "qat":
+        a, b = _codes(w3), _codes(out)
+        assert rep["distill"]["trained"]["qat"] == 14
+        assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("weight_packed"))  # new codes
