@@ -137,7 +137,8 @@ def test_awq_lowers_block_output_error_with_outlier_channels(tmp_path, objective
 def test_awq_then_gptq_beats_rtn_and_exports_and_reloads(tmp_path):
     path = _outlier_model(tmp_path)
     base = {"model": str(path), "calibration": {"samples": 16, "seq_len": 64, "batch_size": 4},
-            "eval": {"perplexity": {"seq_len": 64, "max_windows": 4}}}
+            "eval": {"perplexity": {"seq_len": 64, "max_windows": 4}},
+            "report": {"layer_error": "output"}}  # rtn alone would report weight errors (it needs no data)
     scheme = {"bits": 3, "group_size": 32, "symmetric": False}
     reports = {}
     for name, passes in (
