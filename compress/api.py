@@ -425,7 +425,7 @@ def distill(student_ref, teacher_ref, output, cfg=None, *, calibration=None, eva
     student as it was. Returns the report (kind ``distill``; saved in ``output``)."""
     from compress.distill.config import DistillConfig
     from compress.distill.loop import split_windows
-    from compress.distill.run import distill_checkpoint, write_trained
+    from compress.distill.run import check_pair, distill_checkpoint, write_trained
     from compress.recipe import CalibrationConfig, EvalConfig
 
     hooks = hooks or Hooks()
@@ -447,8 +447,6 @@ def distill(student_ref, teacher_ref, output, cfg=None, *, calibration=None, eva
     teacher = ModelSource(resolve_model(teacher_ref, log=hooks.log))
     student.verify()
     teacher.verify()
-    from compress.distill.run import check_pair
-
     check_pair(student, teacher)
     ids = tokenize(load_texts(cal.data, "calibration", cal.text_field), teacher.tokenizer)
     windows = calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, seed, source=cal.data)

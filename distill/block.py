@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from compress.distill.config import DistillConfig
-from compress.distill.loop import autocast, lr_lambda
+from compress.distill.loop import autocast, optimizer
 from compress.distill.trainable import Prepared, restore, state
 from compress.errors import TrainingError
 from compress.smoothing import first_output
@@ -53,9 +53,7 @@ def distill_block(block: nn.Module, teacher: nn.Module, hidden: list[torch.Tenso
     best = (before, state(block))
     if not params:
         return {"steps": 0, "error_before": before, "error_after": before}
-    groups = [{"params": prep.groups["scales"], "lr": cfg.scale_lr}, {"params": prep.groups["weights"] + prep.groups["norms"], "lr": cfg.lr}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup, cfg.min_lr))
+    opt, sched = optimizer(prep, cfg, steps)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     with torch.enable_grad():

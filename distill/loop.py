@@ -35,6 +35,7 @@ from compress.distill import losses
 from compress.distill.config import DistillConfig
 from compress.distill.trainable import Prepared, restore, state
 from compress.errors import TrainingError, UsageError
+from compress.export import _atomic_torch_save
 
 
 def split_windows(windows: torch.Tensor, holdout: float, field: str = "distill.holdout") -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,10 +113,12 @@ def _fingerprint(cfg: DistillConfig, train: torch.Tensor, held: torch.Tensor, se
     return h.hexdigest()[:16]
 
 
-def _save(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+def optimizer(prep: Prepared, cfg: DistillConfig, total: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``prep``'s parameters (log-scales at ``scale_lr``, the rest at ``lr``) and its
+    warmup-then-cosine schedule over ``total`` steps."""
+    groups = [{"params": prep.groups["scales"], "lr": cfg.scale_lr}, {"params": prep.groups["weights"] + prep.groups["norms"], "lr": cfg.lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup, cfg.min_lr))
 
 
 def train_model(
@@ -147,9 +150,7 @@ def train_model(
     dev = next(student.parameters()).device
     n_micro = math.ceil(len(train) / cfg.batch_size)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * n_micro / cfg.grad_accum))
-    groups = [{"params": prep.groups["scales"], "lr": cfg.scale_lr}, {"params": prep.groups["weights"] + prep.groups["norms"], "lr": cfg.lr}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup, cfg.min_lr))
+    opt, sched = optimizer(prep, cfg, total)
     if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train(cfg.grad_checkpointing)  # checkpointing only acts in train mode; the demo family has no dropout
@@ -176,7 +177,7 @@ def train_model(
 
     def checkpoint():
         if state_path is not None:
-            _save(state_path, {**st, "params": state(student), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+            _atomic_torch_save({**st, "params": state(student), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, state_path)
 
     def batch_of(m: int) -> torch.Tensor:
         epoch, j = divmod(m, n_micro)
