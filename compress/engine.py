@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from compress.arch import calibrating
 from compress.errors import UsageError
 from compress.families import find_blocks, get_module, linear_groups, replay_input_points, replay_points, smooth_points
 from compress.formats import replace_linear
@@ -357,9 +358,10 @@ def _preview(source, blocks, blocks_path: str, plan, previewers: list[Pass], inp
         handles = [get_module(block, n).register_forward_pre_hook(hook_for(n)) for n in names]
         probe_in = view.hidden[0].clone()
         try:
-            for b, (a, k) in enumerate(inputs.kwargs[i]):
-                seen.clear()
-                view.hidden[b] = first_output(block(view.hidden[b], *a, **k)).detach().float()
+            with calibrating(block):
+                for b, (a, k) in enumerate(inputs.kwargs[i]):
+                    seen.clear()
+                    view.hidden[b] = first_output(block(view.hidden[b], *a, **k)).detach().float()
         finally:
             for h in handles:
                 h.remove()
@@ -640,21 +642,22 @@ def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, 
         if paired:
             handles.append(get_module(reference, n).register_forward_pre_hook(ref_hook_for(n)))
     try:
-        for b, (h, (a, k)) in enumerate(zip(inputs.hidden, inputs.kwargs[i])):
-            if all(limit.get(s) is not None and b >= limit[s] for s in needed):
-                break
-            cursor[0] = b
-            seen.clear()
-            if paired:
-                ref_x.clear()
+        with calibrating(block):  # MoE: every expert observes every token (the routed sum is unchanged)
+            for b, (h, (a, k)) in enumerate(zip(inputs.hidden, inputs.kwargs[i])):
+                if all(limit.get(s) is not None and b >= limit[s] for s in needed):
+                    break
+                cursor[0] = b
+                seen.clear()
+                if paired:
+                    ref_x.clear()
+                    try:
+                        reference(inputs.reference[b], *a, **k)
+                    except _Stop:
+                        pass
                 try:
-                    reference(inputs.reference[b], *a, **k)
+                    block(h, *a, **k)
                 except _Stop:
                     pass
-            try:
-                block(h, *a, **k)
-            except _Stop:
-                pass
     finally:
         for hd in handles:
             hd.remove()

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from compress.arch import transformers_names
 from compress.engine import BlockInputs, BlockResult, LayerReport
 from compress.errors import InputError, UsageError
 from compress.formats import quantization_config
@@ -227,11 +228,11 @@ class Exporter:
         for name, spec in self.quantized.items():
             key = (spec["bits"], spec["group_size"], spec["symmetric"], spec["act_order"], bool(spec.get("activations")))
             groups.setdefault(key, []).append(name)
-        ignore = sorted(n for n in linears if n not in self.quantized)
+        ignore = transformers_names(model, [n for n in linears if n not in self.quantized])
         single = len(groups) == 1
         return quantization_config(
             [
-                {"targets": ["Linear"] if single else sorted(names), "bits": b, "group_size": g, "symmetric": s, "act_order": a,
+                {"targets": ["Linear"] if single else transformers_names(model, names), "bits": b, "group_size": g, "symmetric": s, "act_order": a,
                  "activations": {"bits": 8, "dynamic": True} if w8a8 else None}
                 for (b, g, s, a, w8a8), names in groups.items()
             ],

@@ -14,6 +14,7 @@ that says what is missing.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 
 from torch import nn
@@ -96,6 +97,54 @@ FAMILIES: dict[str, Family] = {
             Smooth("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
         ),
     ),
+    # GPT-2: Conv1D layers, made Linears by compress.arch; c_attn is the fused q/k/v
+    "gpt2": Family(
+        blocks="transformer.h",
+        sequence=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        replay=(("attn", 1),),
+        replay_input=(("mlp", "mlp.c_proj", 3),),  # mlp(x) = c_proj(gelu(c_fc(x))), dropout off
+        smooth=(Smooth("ln_1", ("attn.c_attn",), "attn"), Smooth("ln_2", ("mlp.c_fc",), "mlp")),
+    ),
+    # phi-2: attention and MLP in parallel on one norm's output; only that norm could fold, and
+    # it feeds two modules, so no scale-folding point is declared (awq/smoothquant: a clear error)
+    "phi": Family(
+        blocks="model.layers",
+        sequence=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"), ("self_attn.dense", "mlp.fc2")),
+    ),
+    # fused query_key_value; attention and MLP in parallel by default (use_parallel_residual),
+    # each on its own norm
+    "gpt_neox": Family(
+        blocks="gpt_neox.layers",
+        sequence=(("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
+        replay=(("attention", 1),),
+        smooth=(
+            Smooth("input_layernorm", ("attention.query_key_value",), "attention"),
+            Smooth("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),
+        ),
+    ),
+    "falcon": Family(
+        blocks="transformer.h",
+        sequence=(("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
+        replay=(("self_attention", 1),),
+    ),
+    "bloom": Family(
+        blocks="transformer.h",
+        sequence=(("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
+        replay=(("self_attention", 1),),
+        smooth=(
+            Smooth("input_layernorm", ("self_attention.query_key_value",), "self_attention"),
+            Smooth("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),
+        ),
+    ),
+    # Mixture of experts: compress.arch unfuses the experts into one Linear per expert and
+    # projection (``*`` stands for the expert index). The router reads the MLP norm's output too,
+    # so only the attention's points fold.
+    "mixtral": Family(
+        blocks="model.layers",
+        sequence=(*_LLAMA.sequence[:2], ("block_sparse_moe.experts.*.w1", "block_sparse_moe.experts.*.w3"), ("block_sparse_moe.experts.*.w2",)),
+        replay=(("self_attn", 1),),
+        smooth=_llama_smooth("post_attention_layernorm")[:2],
+    ),
     "opt": Family(
         blocks="model.decoder.layers",
         sequence=(
@@ -113,6 +162,33 @@ FAMILIES: dict[str, Family] = {
         ),
     ),
 }
+
+
+_QWEN_MOE = Family(
+    blocks="model.layers",
+    sequence=(
+        *_LLAMA.sequence[:2],
+        # sparse layers: experts, shared expert and its gate; dense layers (mlp_only_layers): a llama MLP
+        ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+         "mlp.shared_expert_gate", "mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.experts.*.down_proj", "mlp.shared_expert.down_proj", "mlp.down_proj"),
+    ),
+    replay=(("self_attn", 1),),
+    smooth=_llama_smooth("post_attention_layernorm")[:2],
+)
+FAMILIES.update(qwen2_moe=_QWEN_MOE, qwen3_moe=_QWEN_MOE)
+
+
+def expand(patterns, names: list[str]) -> list[str]:
+    """The ``names`` that ``patterns`` list, in pattern order (``*`` matches an index: ``experts.*.w1``)."""
+    out: list[str] = []
+    for p in patterns:
+        if "*" not in p:
+            out += [p] if p in names else []
+        else:
+            rx = re.compile(re.escape(p).replace(r"\*", r"\d+") + "$")
+            out += sorted((n for n in names if rx.match(n)), key=lambda n: [int(t) if t.isdigit() else t for t in n.split(".")])
+    return out
 
 
 def get_module(root: nn.Module, dotted: str) -> nn.Module:
@@ -141,21 +217,32 @@ def find_blocks(model: nn.Module, model_type: str, num_layers: int | None) -> tu
         return candidates[0]
     raise UsageError(
         f"unsupported architecture {model_type!r}: could not find its decoder blocks (expected an "
-        f"nn.ModuleList of num_hidden_layers={num_layers} modules, found {len(candidates)}). "
-        f"Known families: {', '.join(sorted(FAMILIES))}; add an entry to compress/families.py"
+        f"nn.ModuleList of num_hidden_layers={num_layers} modules, found {len(candidates)}); module classes in the model: "
+        f"{_classes(model)}. Supported families: {', '.join(sorted(FAMILIES))} (others work when their blocks are such a "
+        "list of modules holding nn.Linear or transformers Conv1D layers); add an entry to compress/families.py"
     )
+
+
+def _classes(module: nn.Module, limit: int = 12) -> str:
+    names = sorted({type(m).__name__ for m in module.modules()})
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def linear_groups(block: nn.Module, model_type: str) -> list[list[str]]:
     """Groups of Linear names (relative to the block) in calibration order."""
     linears = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise UsageError(f"architecture {model_type!r}: its decoder block has no nn.Linear layers to compress")
+        raise UsageError(
+            f"architecture {model_type!r}: its decoder block has no nn.Linear layers to compress (module classes in a block: "
+            f"{_classes(block)}). Supported families: {', '.join(sorted(FAMILIES))}; a family whose layers are another "
+            "module type needs an adapter in compress/arch.py"
+        )
     fam = FAMILIES.get(model_type)
     if fam is not None and fam.sequence:
-        listed = [n for g in fam.sequence for n in g]
-        if set(listed) == set(linears):
-            return [list(g) for g in fam.sequence]
+        groups = [g for g in (expand(seq, linears) for seq in fam.sequence) if g]
+        listed = [n for g in groups for n in g]
+        if len(listed) == len(set(listed)) and set(listed) == set(linears):
+            return groups
     return [linears]  # generic: one group, calibrated on the block's original inputs
 
 

