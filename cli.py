@@ -7,6 +7,8 @@ unreadable; 4 a quality gate failed; 5 training diverged (a non-finite loss; not
 from __future__ import annotations
 
 import json
+import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
@@ -35,6 +37,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines on stderr.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (overrides the recipe's).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help=(
+    "Where the engine computes: auto (the first CUDA GPU if any, else the CPU), cpu, cuda, cuda:N (overrides the recipe's)."))]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing export folder.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last finished block.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and stop.")]
@@ -100,6 +104,11 @@ class Job:
     resume: ResumeOpt = False
     dry_run: DryRunOpt = False
     seed: SeedOpt = None
+    device: DeviceOpt = None
+
+    def overrides(self) -> list[str]:
+        """--seed and --device as recipe overrides (before the --set ones, which win)."""
+        return [f"{k}={v}" for k, v in (("seed", self.seed), ("device", self.device)) if v is not None]
 
 
 class Calibration:
@@ -262,6 +271,8 @@ def _with_gates(produce, shown: "Report") -> None:
         if getattr(e, "report", None) is not None:
             _emit(e.report, shown)
         raise
+    if "rank" in report:  # a rank > 0 of a torchrun job: rank 0 prints the report
+        return
     _emit(report, shown)
     check_gates(report)
 
@@ -359,7 +370,9 @@ def _print_report(report: dict) -> None:
     parts = [f"{k.removesuffix('_s').replace('compress', 'compression').replace('distill', 'distillation')} {tm[k]:.0f} s"
              for k in ("compress_s", "distill_s", "eval_s", "total_s") if k in tm]
     cached = sorted({c for label in ("baseline", "model") for c in ev.get(label, {}).get("cached", [])})
-    out.print(", ".join(parts) + f", peak RSS {report['peak_rss_mb']:.0f} MB" + (f"; cached: {', '.join(cached)}" if cached else ""))
+    run = report.get("run")
+    where = "" if not run else f" on {run['device']}" + (f" × {run['world_size']} ranks ({run.get('backend')})" if run["world_size"] > 1 else "")
+    out.print(", ".join(parts) + where + f", peak RSS {report['peak_rss_mb']:.0f} MB" + (f"; cached: {', '.join(cached)}" if cached else ""))
 
 
 @app.callback()
@@ -375,9 +388,14 @@ def _main(debug: DebugOpt = False):
 def run_cmd(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML; omitted: the embedded default (demo model, GPTQ W4 g64).")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Export folder (export.path).")] = None,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", help=(
+        "Data-parallel calibration over N processes on this machine: execs `torchrun --nproc-per-node N -m compress run ...` "
+        "(gloo on CPUs, nccl on GPUs; one GPU per rank). Same as launching with torchrun yourself."), min=1)] = None,
     *, job: Job, tasks: Tasks, gates: Gates, report: Report,
 ):
     """Run a recipe: compress, export, evaluate before vs after (gates: exit 4), print the report."""
+    if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _exec_torchrun(nproc)
     try:
         from compress.recipe import DEFAULT_RECIPE, load_recipe
 
@@ -386,8 +404,7 @@ def run_cmd(
             overrides.append(f"export.path={output}")
         if job.overwrite:
             overrides.append("export.overwrite=true")
-        if job.seed is not None:
-            overrides.append(f"seed={job.seed}")
+        overrides += job.overrides()
         overrides += _eval_overrides(tasks, None, gates.settings())
         rec = load_recipe(recipe if recipe is not None else DEFAULT_RECIPE, overrides)
         _run_recipe(rec, job.resume, report, job.dry_run)
@@ -395,6 +412,21 @@ def run_cmd(
         raise
     except (Exception, KeyboardInterrupt) as e:
         _fail(e)
+
+
+def _exec_torchrun(nproc: int) -> None:
+    """Replace this process by torchrun running the same command on ``nproc`` ranks."""
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "compress", *argv]
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)
 
 
 @app.command("quantize")
@@ -459,7 +491,7 @@ def _run_method(model, output, passes, calibration: "Calibration", targets: "Tar
     if targets.no_eval:
         raw["eval"] = {"perplexity": None}
     evo = _eval_overrides(tasks, None, gates.settings())
-    _run_recipe(load_recipe(raw, evo + list(extra) + list(job.set_ or [])), job.resume, report, job.dry_run)
+    _run_recipe(load_recipe(raw, job.overrides() + evo + list(extra) + list(job.set_ or [])), job.resume, report, job.dry_run)
 
 
 @app.command("prune")

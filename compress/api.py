@@ -49,8 +49,22 @@ def _storage_dtype(config) -> torch.dtype:
 
 
 def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> dict:
-    """Compress, export, evaluate; returns the report (also saved as report.json in the export)."""
-    hooks = hooks or Hooks()
+    """Compress, export, evaluate; returns the report (also saved as report.json in the export).
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank runs this: the sweep is shared out
+    (compress.dist), then rank 0 alone exports, evaluates and returns the report; the other
+    ranks return ``{"rank": r, "world_size": n}``."""
+    from compress.dist import close_world, init_world
+
+    world = init_world(recipe.device)  # `device: cuda` without CUDA: exit 2 here, before any work
+    try:
+        # rank 0 speaks for the job (one log, one progress bar)
+        return _run(recipe, resume, (hooks or Hooks()) if world.main else Hooks(), world)
+    finally:
+        close_world(world)
+
+
+def _run(recipe: Recipe, resume: bool, hooks: Hooks, world) -> dict:
     t_start = time.time()
     torch.manual_seed(recipe.seed)
     if not recipe.export.path:
@@ -102,7 +116,9 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
         out = stage
     if report is None:
         report, out = _compress(recipe, source, model, passes, calib, blocks_path, len(blocks), dtype, stage, resume or False,
-                                staged, hooks)
+                                staged, hooks, world)
+        if not world.main:  # rank 0 exports, distills (model scope) and evaluates on its own
+            return {"rank": world.rank, "world_size": world.size}
         if staged:
             (stage / STAGE_FILE).write_text(json.dumps({"fingerprint": stage_key}))
     del model
@@ -182,16 +198,23 @@ def distill_perplexities(ev: dict, before: dict) -> dict:
     return out
 
 
-def _compress(recipe, source, model, passes, calib, blocks_path, n_blocks, dtype, target, resume, overwrite, hooks):
-    """The layer-wise sweep into an export at ``target``; returns (report so far, its path)."""
+def _compress(recipe, source, model, passes, calib, blocks_path, n_blocks, dtype, target, resume, overwrite, hooks, world=None):
+    """The layer-wise sweep into an export at ``target``; returns (report so far, its path).
+    Under torchrun every rank sweeps; rank 0 alone writes (others return (None, None))."""
+    from compress.dist import World
+
+    world = world or World()
     cal = recipe.calibration
-    exporter = Exporter(
-        target, source, recipe.fingerprint(), blocks_path, n_blocks, dtype,
-        overwrite=recipe.export.overwrite or overwrite, resume=resume, lowrank=recipe.export.lowrank,
-    )
-    start, cached = exporter.begin()
+    exporter, start, cached = None, 0, None
+    if world.main:
+        exporter = Exporter(
+            target, source, recipe.fingerprint(), blocks_path, n_blocks, dtype,
+            overwrite=recipe.export.overwrite or overwrite, resume=resume, lowrank=recipe.export.lowrank,
+        )
+        start, cached = exporter.begin()
+    start = world.broadcast(start)
     if start:
-        hooks.log(f"resuming after block {start - 1} of {n_blocks} from {exporter.work}")
+        hooks.log(f"resuming after block {start - 1} of {n_blocks} from {target.parent / ('.' + target.name + '.partial')}")
     t0 = time.time()
     compress_blocks(
         source,
@@ -199,7 +222,7 @@ def _compress(recipe, source, model, passes, calib, blocks_path, n_blocks, dtype
         passes,
         calib,
         cal.batch_size,
-        sink=exporter.write_block,
+        sink=exporter.write_block if exporter is not None else (lambda res, inputs: None),
         start=start,
         resume_inputs=cached,
         progress=lambda i, n, msg: hooks.progress("compress", i, n),
@@ -207,7 +230,10 @@ def _compress(recipe, source, model, passes, calib, blocks_path, n_blocks, dtype
         error_samples=cal.error_samples,
         keep_mlp_inputs=cal.keep_mlp_inputs,
         propagate=cal.propagate,
+        world=world,
     )
+    if not world.main:
+        return None, None
     compress_s = time.time() - t0 + sum(exporter.block_seconds[:start])
     report = {
         "schema": REPORT_SCHEMA,
@@ -216,9 +242,16 @@ def _compress(recipe, source, model, passes, calib, blocks_path, n_blocks, dtype
         "model": {"path": str(source.path), "model_type": source.config.model_type, "size_bytes": source.disk_bytes()},
         "layers": [asdict(r) for r in exporter.layers],
         "time": {"compress_s": round(compress_s, 1), "block_s": exporter.block_seconds},
+        "run": {"device": str(world.device), "world_size": world.size, **({"backend": world.backend} if world.backend else {})},
         "compress_peak_rss_mb": peak_rss_mb(),  # before evaluation loads whole models
     }
     out = exporter.finalize(model, dump_recipe(recipe), report)
+    conv1d = sorted(set(model.__dict__.get("_compress_conv1d", [])) & set(exporter.quantized))
+    if conv1d:
+        hooks.log(
+            f"note: {len(conv1d)} quantized layers were Conv1D in transformers ({conv1d[0]}, ...): compress.load and vLLM read "
+            "them; plain transformers cannot (compressed-tensors quantizes nn.Linear modules only)"
+        )
     return report, out
 
 
@@ -269,6 +302,7 @@ def _evaluate_one(ref, source: ModelSource, cfg, tasks, seed: int, label: str, h
     """Every metric of one model, from the cache where the model, task and settings are unchanged."""
     from compress.eval import cache
     from compress.eval.harness import run_tasks
+    from compress.eval.layerwise import layerwise_perplexity, use_layerwise
     from compress.eval.perplexity import perplexity
     from compress.loading import load_source
 
@@ -285,11 +319,14 @@ def _evaluate_one(ref, source: ModelSource, cfg, tasks, seed: int, label: str, h
     out: dict = {"ref": str(ref), "path": str(source.path), "fingerprint": fp, "cached": sorted(found)}
     todo_tasks = [t for t in tasks if t.name not in found]
     model = None
-    if "perplexity" in keys and "perplexity" not in found or todo_tasks:
+
+    def whole_model():
         from compress.kernels import keep_dequantized
 
-        model = load_source(source)
-        keep_dequantized(model)  # dequantize each packed layer once, not on every forward
+        m = load_source(source)
+        keep_dequantized(m)  # dequantize each packed layer once, not on every forward
+        return m
+
     if "perplexity" in keys:
         if "perplexity" in found:
             res = found["perplexity"]
@@ -297,10 +334,23 @@ def _evaluate_one(ref, source: ModelSource, cfg, tasks, seed: int, label: str, h
         else:
             pc = cfg.perplexity
             windows = eval_windows(tokenize(load_texts(pc.data, "eval"), source.tokenizer), pc.seq_len, pc.max_windows)
-            hooks.log(f"perplexity of {source.path} on {len(windows)} windows of {pc.seq_len} tokens")
-            res = perplexity(model, windows, pc.batch_size, lambda d, n: hooks.progress(f"eval {label}", d, n))
+            # a model that does not fit in memory in float32 is scored one block at a time
+            # (compress.eval.layerwise; same result), before the whole model is loaded for tasks
+            layerwise = use_layerwise(source, pc, hooks.log)
+            hooks.log(f"perplexity of {source.path} on {len(windows)} windows of {pc.seq_len} tokens" + (" (layer by layer)" if layerwise else ""))
+
+            def progress(done, total):
+                hooks.progress(f"eval {label}", done, total)
+
+            if layerwise:
+                res = layerwise_perplexity(source, windows, pc.batch_size, progress)
+            else:
+                model = whole_model()
+                res = perplexity(model, windows, pc.batch_size, progress)
             cache.put(keys["perplexity"], res)
         out.update(res)
+    if todo_tasks and model is None:
+        model = whole_model()
     if tasks:
         results: dict = {}
         for t in tasks:  # one lm-eval run per task reference: a group's subtasks are cached with it

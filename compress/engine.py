@@ -18,6 +18,7 @@ recorder, so masks and position embeddings are exactly what the model would comp
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from compress.arch import calibrating
+from compress.dist import World, to_cpu
 from compress.errors import UsageError
 from compress.families import find_blocks, get_module, linear_groups, replay_input_points, replay_points, smooth_points
 from compress.formats import replace_linear
@@ -68,6 +70,59 @@ class BlockInputs:
     # the uncompressed model's activations entering the same block, where a paired statistic
     # (compress.passes.PAIRED) needs them
     reference: list[torch.Tensor] | None = None
+    # "device": the activations stay on the compute device; "cpu": they live in (pinned) CPU
+    # memory and each batch is moved to the device when a block runs on it (``offload``)
+    home: str = "device"
+
+    def get(self, b: int, device: torch.device) -> torch.Tensor:
+        """Batch ``b``'s activations on ``device``."""
+        h = self.hidden[b]
+        return h if h.device == device else h.to(device, non_blocking=True)
+
+    def put(self, b: int, h: torch.Tensor) -> None:
+        """Store batch ``b``'s new activations where they live."""
+        self.hidden[b] = h if self.home == "device" else _to_home(h)
+
+
+def _to_home(h: torch.Tensor) -> torch.Tensor:
+    h = h.detach().to("cpu")
+    return h.pin_memory() if torch.cuda.is_available() else h
+
+
+def offload(inputs: BlockInputs, device: torch.device, reserve: int) -> str:
+    """Keep the calibration activations on ``device`` when they fit in its free memory less
+    ``reserve`` bytes (a block, its statistics and the work of its solvers), else move them to
+    pinned CPU memory, streamed per batch. Returns where they are ("device" or "cpu")."""
+    if device.type != "cuda":
+        inputs.home = "device"
+        return "device"
+    need = sum(h.numel() * h.element_size() for h in inputs.hidden) * (2 if inputs.reference is not None else 1)
+    free, _ = torch.cuda.mem_get_info(device)
+    if need <= free - reserve:
+        inputs.home = "device"
+        return "device"
+    inputs.home = "cpu"
+    inputs.hidden[:] = [_to_home(h) for h in inputs.hidden]
+    if inputs.reference is not None:
+        inputs.reference[:] = [_to_home(h) for h in inputs.reference]
+    return "cpu"
+
+
+def to_device(module: nn.Module, device: torch.device) -> None:
+    """Move ``module``'s materialized parameters and buffers to ``device`` (meta ones stay)."""
+    if device.type == "cpu":
+        return
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if not t.is_meta and t.device != device:
+            set_module_tensor_to_device(module, name, device, value=t.data)
+
+
+def on(device: torch.device):
+    """A context where tensors the passes create without a device land on ``device`` (the
+    solvers are written device-agnostic this way: torch's default-device mode)."""
+    return contextlib.nullcontext() if device.type == "cpu" else torch.device(device)
 
 
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]) -> BlockInputs:
@@ -224,6 +279,7 @@ def compress_blocks(
     error_samples: int | None = None,
     keep_mlp_inputs: bool = False,
     propagate: bool = True,
+    world: World | None = None,
 ) -> None:
     """Run the layer-wise sweep. ``model`` is ``source.skeleton()`` (meta parameters).
 
@@ -259,28 +315,49 @@ def compress_blocks(
         raise UsageError(f"passes {names} need calibration data; set calibration.samples > 0")
     if smoothers:
         smooth_points(blocks[0], model_type)  # an unknown family fails now, not at block 0's end
+    world = world or World()
+    dev = world.device
+    if distiller is not None and world.distributed:
+        raise UsageError(f"{distiller.name} (scope: block) trains each block on all calibration windows in one process; "
+                         "run it without torchrun / --nproc, or use scope: model after a distributed compression")
     error_batches = None if error_samples is None or calib is None else -(-error_samples // batch_size)
+    if error_batches is not None and world.distributed:
+        error_batches = -(-error_batches // world.size)  # the ranks share the sampled windows
 
-    inputs = resume_inputs
-    if calib is not None and (resume_inputs is None or previewers):
+    inputs = None
+    if start > 0 and world.distributed and calib is not None:  # rank 0 read the resume state: each rank takes its share
+        inputs = _scatter_inputs(world, resume_inputs)
+    elif start > 0:
+        inputs = resume_inputs
+    if calib is not None and (inputs is None or previewers):
         # everything outside the blocks (embeddings, final norm) is loaded for the capture pass
         # (the head is not needed to calibrate; the rest is freed again right after)
         outside = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(blocks_path + ".") and not n.startswith("lm_head.")]
         blocks_params = {n for n, _ in model.named_parameters() if n.startswith(blocks_path + ".")}
         materialize(model, "", source, skip=blocks_params | {n for n, _ in model.named_parameters() if n.startswith("lm_head.")})
+        to_device(model, dev)
         batches = list(torch.split(calib, batch_size))
-        with torch.no_grad():
-            captured = capture_inputs(model, blocks, batches)
+        if world.distributed:
+            if len(batches) < world.size:
+                raise UsageError(f"calibration: {len(batches)} batches of {batch_size} windows for {world.size} ranks; every rank needs "
+                                 "at least one (raise calibration.samples or lower calibration.batch_size)")
+            batches = [batches[j] for j in world.share(len(batches))]
+        with torch.no_grad(), on(dev):
+            captured = capture_inputs(model, blocks, [b.to(dev) for b in batches])
         from accelerate.utils import set_module_tensor_to_device
 
         for name in outside:
             set_module_tensor_to_device(model, name, "meta")
         if previewers:
             progress(0, len(blocks), "preview")
-            _preview(source, blocks, blocks_path, plan, previewers, captured, resume_inputs is None)
-        inputs = resume_inputs if resume_inputs is not None else captured
+            _preview(source, blocks, blocks_path, plan, previewers, captured, inputs is None, world)
+        inputs = inputs if inputs is not None else captured
         if needed & PAIRED and inputs.reference is None:
             inputs.reference = [h.clone() for h in inputs.hidden]
+    if inputs is not None:
+        where = offload(inputs, dev, reserve=4 * _block_bytes(blocks[0]))
+        if where == "cpu":
+            progress(start, len(blocks), "activations in pinned CPU memory")
 
     n = len(blocks)
     for i in range(start, n):
@@ -288,60 +365,134 @@ def compress_blocks(
         block = blocks[i]
         prefix = f"{blocks_path}.{i}."
         materialize(block, prefix, source)
+        to_device(block, dev)
         progress(i, n, "calibrating")
         cursor = [0]  # the calibration batch being run (read by _Replay)
-        original = None
-        if inputs is not None and not propagate:  # the uncompressed block's outputs feed the next block
-            with torch.no_grad():
-                original = [first_output(block(h, *a, **k)).detach().float() for h, (a, k) in zip(inputs.hidden, inputs.kwargs[i])]
-        reference = copy.deepcopy(block) if inputs is not None and inputs.reference is not None else None
-        teacher = copy.deepcopy(block) if distiller is not None and inputs is not None else None  # the original block
-        notes, known = _smooth_block(block, prefix, plan, smoothers, inputs, i, model_type, cursor) if smoothers else ({}, {})
-        layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type if sequential and propagate else "", cursor, known,
-                                 error_batches, keep_mlp_inputs and propagate, reference)
-        if reference is not None:  # the original model's activations move on to the next block
-            with torch.no_grad():
-                for b, (a, k) in enumerate(inputs.kwargs[i]):
-                    inputs.reference[b] = first_output(reference(inputs.reference[b], *a, **k)).detach().float()
-            del reference
-        for rep in layers:
-            rep.info.update(notes.get(rep.name, {}))
-        if teacher is not None:  # block-scope distillation: the compressed modules train against the original block
-            finish_block(block)
-            pruned = {r.name[len(prefix) :] for r in layers if "pattern" in r.info}
-            rec = distiller.train_block(block, teacher, inputs.hidden, inputs.kwargs[i], prefix, pruned, distiller.ctx.seed)
-            for rep in layers:  # the block's output error (relative) before and after its training
-                rep.passes.append(distiller.name)
-                rep.info["block_distill"] = [rec["error_before"], rec["error_after"]]
-            del teacher
-        if original is not None:
-            inputs.hidden[:] = original
-            del original
-        elif inputs is not None:
-            with torch.no_grad():
-                for b, (a, k) in enumerate(inputs.kwargs[i]):
-                    cursor[0] = b
-                    # in place: batch b's input is freed as soon as its output exists
-                    inputs.hidden[b] = first_output(block(inputs.hidden[b], *a, **k)).detach().float()
+        with on(dev):
+            layers = _run_block(block, prefix, i, plan, inputs, needed, model_type, cursor, smoothers, distiller, sequential, propagate,
+                                keep_mlp_inputs, error_batches, world)
         finish_block(block)
-        sink(BlockResult(i, prefix, block, layers, time.time() - t0), inputs)
+        res = BlockResult(i, prefix, block, layers, time.time() - t0)
+        if world.distributed:  # rank 0 writes the export and the resume state (every rank's activations)
+            mine = None if inputs is None else BlockInputs(list(inputs.hidden), [[] for _ in range(i + 1)] + inputs.kwargs[i + 1 :],
+                                                             None if inputs.reference is None else list(inputs.reference))
+            everyone = world.gather(to_cpu(mine))
+            if world.main:
+                sink(res, _merge_inputs(everyone) if inputs is not None else None)
+        else:
+            sink(res, inputs)
         if not keep:
             release(block)
         _trim_heap()
         progress(i + 1, n, "done")
 
 
+def _block_bytes(block: nn.Module) -> int:
+    return sum(p.numel() * 4 for p in block.parameters())
+
+
 @torch.no_grad()
-def _preview(source, blocks, blocks_path: str, plan, previewers: list[Pass], inputs: BlockInputs, copy: bool) -> None:
+def _run_block(block, prefix, i, plan, inputs, needed, model_type, cursor, smoothers, distiller, sequential, propagate,
+               keep_mlp_inputs, error_batches, world) -> list[LayerReport]:
+    """Calibrate and compress one block, then move the activations on to the next block."""
+    dev = world.device
+    original = None
+    if inputs is not None and not propagate:  # the uncompressed block's outputs feed the next block
+        original = [first_output(block(inputs.get(b, dev), *a, **k)).detach().float() for b, (a, k) in enumerate(inputs.kwargs[i])]
+    reference = copy.deepcopy(block) if inputs is not None and inputs.reference is not None else None
+    teacher = copy.deepcopy(block) if distiller is not None and inputs is not None else None  # the original block
+    notes, known = _smooth_block(block, prefix, plan, smoothers, inputs, i, model_type, cursor, world) if smoothers else ({}, {})
+    layers = _compress_block(block, prefix, plan, inputs, i, needed, model_type if sequential and propagate else "", cursor, known,
+                             error_batches, keep_mlp_inputs and propagate, reference, world)
+    if reference is not None:  # the original model's activations move on to the next block
+        for b, (a, k) in enumerate(inputs.kwargs[i]):
+            x = inputs.reference[b]
+            y = first_output(reference(x.to(dev), *a, **k)).detach().float()
+            inputs.reference[b] = y if inputs.home == "device" else _to_home(y)
+        del reference
+    for rep in layers:
+        rep.info.update(notes.get(rep.name, {}))
+    if teacher is not None:  # block-scope distillation: the compressed modules train against the original block
+        finish_block(block)
+        pruned = {r.name[len(prefix) :] for r in layers if "pattern" in r.info}
+        hidden = [inputs.get(b, dev) for b in range(len(inputs.hidden))]
+        with torch.enable_grad():
+            rec = distiller.train_block(block, teacher, hidden, inputs.kwargs[i], prefix, pruned, distiller.ctx.seed)
+        del hidden
+        for rep in layers:  # the block's output error (relative) before and after its training
+            rep.passes.append(distiller.name)
+            rep.info["block_distill"] = [rec["error_before"], rec["error_after"]]
+        del teacher
+    if original is not None:
+        for b, y in enumerate(original):
+            inputs.put(b, y)
+        del original
+    elif inputs is not None:
+        for b, (a, k) in enumerate(inputs.kwargs[i]):
+            cursor[0] = b
+            # in place: batch b's input is freed as soon as its output exists
+            inputs.put(b, first_output(block(inputs.get(b, dev), *a, **k)).detach().float())
+    return layers
+
+
+def _merge_inputs(parts: list[BlockInputs]) -> BlockInputs:
+    """Every rank's activations (batches in rank order: the global order), for the resume state
+    rank 0 writes; the kwargs of the blocks still to run are what resuming needs."""
+    hidden = [h for p in parts for h in p.hidden]
+    kwargs = [[ak for p in parts for ak in p.kwargs[j]] for j in range(len(parts[0].kwargs))]
+    ref = None if parts[0].reference is None else [h for p in parts for h in p.reference]
+    return BlockInputs(hidden, kwargs, ref)
+
+
+def _scatter_inputs(world: World, full: BlockInputs | None) -> BlockInputs:
+    """Rank 0's resume state (every batch) shared out: each rank takes its share of the batches,
+    for any number of ranks (the state does not depend on how many wrote it)."""
+    import torch.distributed as dist
+
+    if world.main:
+        nb = len(full.hidden)
+        shares = [World(rank=r, size=world.size).share(nb) for r in range(world.size)]
+        parts = [BlockInputs([full.hidden[b] for b in sh], [[kw[b] for b in sh] if kw else [] for kw in full.kwargs],
+                             None if full.reference is None else [full.reference[b] for b in sh]) for sh in shares]
+    else:
+        parts = None
+    box = [None]
+    dist.scatter_object_list(box, parts, src=0)
+    mine = box[0]
+    mine.hidden = [h.to(world.device) for h in mine.hidden]
+    if mine.reference is not None:
+        mine.reference = [h.to(world.device) for h in mine.reference]
+    mine.kwargs = [[_kwargs_to(ak, world.device) for ak in kw] for kw in mine.kwargs]
+    return mine
+
+
+def _kwargs_to(ak, device):
+    """A block's (args, kwargs) with their tensors on ``device`` (rotary tables, masks)."""
+    def mv(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, (tuple, list)):
+            return type(v)(mv(x) for x in v)
+        if isinstance(v, dict):
+            return {k: mv(x) for k, x in v.items()}
+        return v
+
+    return mv(ak)
+
+
+@torch.no_grad()
+def _preview(source, blocks, blocks_path: str, plan, previewers: list[Pass], inputs: BlockInputs, copy: bool, world: World | None = None) -> None:
     """A sweep over the uncompressed model before the real one, for passes that allocate across
     blocks (OWL's per-block sparsity): each block runs on the dense model's activations, its
     targeted Linears observed for ``preview_stats``; no weight changes."""
     hidden = [h.clone() for h in inputs.hidden] if copy else inputs.hidden
     view = BlockInputs(hidden=hidden, kwargs=inputs.kwargs)
     needed = {s for p in previewers for s in p.preview_stats}
+    world = world or World()
     for i, block in enumerate(blocks):
         prefix = f"{blocks_path}.{i}."
         materialize(block, prefix, source)
+        to_device(block, world.device)
         names = [n for n, m in block.named_modules() if any(p in plan.get(prefix + n, ()) for p in previewers)]
         stats = _empty_stats(block, names, needed)
 
@@ -365,9 +516,10 @@ def _preview(source, blocks, blocks_path: str, plan, previewers: list[Pass], inp
         finally:
             for h in handles:
                 h.remove()
+        world.reduce_stats({n: st for n, st in stats.items() if n not in alias})
         for n, twin in alias.items():
             stats[n] = stats[twin]
-        probe = _BlockErrorProbe(block, probe_in, view.hidden[0], inputs.kwargs[i][0])
+        probe = _BlockErrorProbe(block, probe_in, view.hidden[0], inputs.kwargs[i][0], world)
         for p in previewers:
             mine = [n for n in names if p in plan[prefix + n]]
             p.preview_block(prefix, {n: stats[n] for n in mine}, {n: get_module(block, n).weight.detach().float() for n in mine}, probe)
@@ -383,9 +535,10 @@ class _BlockErrorProbe:
     with Linear ``name`` computing with W, and returns (‖Δ block output‖², ‖Δ Linear output‖²).
     ``energy``: ‖block output‖² on that batch (the residual stream's size there)."""
 
-    def __init__(self, block, x, y, args_kwargs):
+    def __init__(self, block, x, y, args_kwargs, world: World | None = None):
         self.block, self.x, self.y, (self.args, self.kwargs) = block, x, y, args_kwargs
-        self.energy = float(y.float().pow(2).sum())
+        self.world = world or World()  # under torchrun: sums over every rank's first batch
+        self.energy = self.world.sum(float(y.float().pow(2).sum()))
 
     @torch.no_grad()
     def __call__(self, name: str, W: torch.Tensor) -> tuple[float, float]:
@@ -400,7 +553,8 @@ class _BlockErrorProbe:
             lin.weight.data = W0
             h.remove()
         x = seen[0].reshape(-1, W.shape[1]).float()
-        return float((out - self.y).pow(2).sum()), float((x @ (W.float() - W0.float()).T).pow(2).sum())
+        dW = (W.float() - W0.float()).to(x.device)
+        return self.world.sum(float((out - self.y).pow(2).sum())), self.world.sum(float((x @ dW.T).pow(2).sum()))
 
 
 def check_plan(source: ModelSource, model: nn.Module, passes: list[Pass]) -> tuple[list[Pass], dict[str, list[Pass]]]:
@@ -423,8 +577,14 @@ def link_passes(passes: list[Pass]) -> None:
 class BlockProbe:
     """Lets a smoothing pass run parts of the block on the calibration inputs."""
 
-    def __init__(self, block: nn.Module, inputs: BlockInputs, i: int, cursor: list[int]):
+    def __init__(self, block: nn.Module, inputs: BlockInputs, i: int, cursor: list[int], world: World | None = None):
         self.block, self.inputs, self.i, self.cursor = block, inputs, i, cursor
+        self.world = world or World()
+
+    def reduce(self, value: float) -> float:
+        """A loss measured on this rank's windows, summed over the ranks (every rank then makes
+        the same choice; one process: the value itself)."""
+        return self.world.sum(value)
 
     @torch.no_grad()
     def module_inputs(self, path: str, samples: int) -> list[tuple[tuple, dict]]:
@@ -446,7 +606,7 @@ class BlockProbe:
                 self.cursor[0] = b
                 a, kw = self.inputs.kwargs[self.i][b]
                 try:
-                    self.block(hidden[b], *a, **kw)
+                    self.block(self.inputs.get(b, self.world.device), *a, **kw)
                 except _Stop:
                     pass
         finally:
@@ -455,7 +615,7 @@ class BlockProbe:
 
 
 @torch.no_grad()
-def _smooth_block(block, prefix, plan, smoothers: list[Pass], inputs, i: int, model_type: str, cursor):
+def _smooth_block(block, prefix, plan, smoothers: list[Pass], inputs, i: int, model_type: str, cursor, world: World | None = None):
     """The smoothing stage: each smoothing pass, in recipe order, observes the (already smoothed)
     block and folds its scales. Returns per-Linear notes for the report, and the last pass's
     Hessians (of the smoothed block's inputs; a pass that folds scales updates them), which the
@@ -466,15 +626,17 @@ def _smooth_block(block, prefix, plan, smoothers: list[Pass], inputs, i: int, mo
     for p in smoothers:
         names = {n for pt in points for n in pt.linears}
         names |= {n for n, m in block.named_modules() if p in plan.get(prefix + n, ())}
-        stats = _observe(block, sorted(names), inputs, i, set(p.smooth_stats), cursor)
-        for k, v in p.smooth(block, prefix, points, plus_one, stats, BlockProbe(block, inputs, i, cursor)).items():
+        stats = _observe(block, sorted(names), inputs, i, set(p.smooth_stats), cursor, world=world)
+        for k, v in p.smooth(block, prefix, points, plus_one, stats, BlockProbe(block, inputs, i, cursor, world)).items():
             notes.setdefault(k, {}).update(v)
     return notes, {n: {"hessian": st["hessian"]} for n, st in stats.items() if "hessian" in st}
 
 
 @torch.no_grad()
 def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type: str, cursor: list[int], known=None,
-                    error_batches: int | None = None, keep_mlp_inputs: bool = False, reference=None) -> list[LayerReport]:
+                    error_batches: int | None = None, keep_mlp_inputs: bool = False, reference=None,
+                    world: World | None = None) -> list[LayerReport]:
+    world = world or World()
     reports: list[LayerReport] = []
     final: dict[str, nn.Module] = {}  # compressed modules, put in place once the block is done
     replays = replay_points(block, model_type)
@@ -485,7 +647,7 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
         # groups see, and the report's error needs only each Linear's input Hessian. One forward
         # over the block observes every group at once instead of one forward per group.
         report = {"hessian": error_batches} if error_batches != 0 else {}
-        known = _observe(block, [n for g in groups for n in g if prefix + n in plan], inputs, i, set(report), cursor, report)
+        known = _observe(block, [n for g in groups for n in g if prefix + n in plan], inputs, i, set(report), cursor, report, world=world)
     for gi, group in enumerate(groups):
         targeted = [n for n in group if prefix + n in plan]
         keep_inputs: dict[str, dict] = {}  # inputs kept for _ReplayInput (by Linear name)
@@ -504,11 +666,12 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
                     for path, lin in replay_inputs[gi]:
                         if lin in targeted and tokens * get_module(block, lin).in_features * 4 <= REPLAY_INPUT_BYTES:
                             keep_inputs[lin] = {}
-                stats = _observe(block, targeted, inputs, i, needed | set(extra), cursor, extra, keep_inputs, reference)
-        for name in targeted:
-            full = prefix + name
-            mod = get_module(block, name)
-            W0 = mod.weight.detach().float().clone()
+                stats = _observe(block, targeted, inputs, i, needed | set(extra), cursor, extra, keep_inputs, reference, world=world)
+
+        def solve(name: str) -> tuple[nn.Module, dict, list[str], bool]:
+            """The recipe's passes on one Linear: (its compressed module, report info, pass
+            names, whether a pruning pass left a mask)."""
+            full, mod = prefix + name, get_module(block, name)
             infos, names = {}, []
             st = dict(stats[name])  # twins share one statistics dict; a pass's mask is this Linear's own
             for p in plan[full]:
@@ -516,8 +679,22 @@ def _compress_block(block, prefix, plan, inputs, i: int, needed: set, model_type
                 infos.update(info)
                 names.append(p.name)
                 mod = new
+            return mod, infos, names, "mask" in st
+
+        solved: dict[str, tuple] = {}
+        W0s: dict[str, torch.Tensor] = {}
+        if world.distributed:  # Linear k is solved on rank k mod N; every rank gets every result
+            W0s = {n: get_module(block, n).weight.detach().float().clone() for n in targeted}
+            mine = {n: to_cpu(solve(n)) for k, n in enumerate(targeted) if world.owner(k) == world.rank}
+            for part in world.all_gather(mine):
+                solved.update(part)
+            solved = {n: (m.to(world.device), *rest) for n, (m, *rest) in solved.items()}
+        for name in targeted:
+            full = prefix + name
+            W0 = W0s.pop(name) if name in W0s else get_module(block, name).weight.detach().float().clone()
+            mod, infos, names, masked = solved.pop(name) if name in solved else solve(name)
             Wq = dense_weight(mod)
-            if "mask" in st:  # a pruning pass ran: report what the final weight keeps
+            if masked:  # a pruning pass ran: report what the final weight keeps
                 infos["sparsity"] = round(float((Wq == 0).float().mean()), 6)
                 infos["weights"] = Wq.numel()
             err = None
@@ -577,8 +754,14 @@ def finish_block(block: nn.Module) -> None:
 
 
 def _empty_stats(block, names: list[str], needed: set) -> dict[str, dict]:
-    """{Linear name: {statistic: its empty state}} for the Linears ``names`` of ``block``."""
-    return {n: {s: STATS[s][0](get_module(block, n).in_features) for s in needed} for n in names}
+    """{Linear name: {statistic: its empty state}} for the Linears ``names`` of ``block``, on the
+    Linear's device."""
+    out = {}
+    for n in names:
+        lin = get_module(block, n)
+        dev = lin.weight.device
+        out[n] = {s: {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in STATS[s][0](lin.in_features).items()} for s in needed}
+    return out
 
 
 def _accumulate(name: str, x: torch.Tensor, seen: dict, alias: dict, stats: dict, wanted, ref: torch.Tensor | None = None) -> None:
@@ -599,7 +782,8 @@ def _accumulate(name: str, x: torch.Tensor, seen: dict, alias: dict, stats: dict
 
 
 def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, cursor: list[int],
-             limit: dict[str, int | None] | None = None, keep: dict[str, dict] | None = None, reference=None) -> dict[str, dict]:
+             limit: dict[str, int | None] | None = None, keep: dict[str, dict] | None = None, reference=None,
+             world: World | None = None) -> dict[str, dict]:
     """Run the block on every calibration batch, hooks accumulating statistics for ``names``.
     The forward of a batch ends as soon as every Linear of the group has seen its input.
     ``limit``: statistics accumulated on only the first that many batches (None: all); the
@@ -608,6 +792,7 @@ def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, 
     original activations (``inputs.reference``) of each batch for the paired statistics."""
     keep = keep or {}
     limit = limit or {}
+    world = world or World()
     if not needed:  # nothing to collect: no forward
         return {n: {} for n in names}
     stats = _empty_stats(block, names, needed)
@@ -643,7 +828,7 @@ def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, 
             handles.append(get_module(reference, n).register_forward_pre_hook(ref_hook_for(n)))
     try:
         with calibrating(block):  # MoE: every expert observes every token (the routed sum is unchanged)
-            for b, (h, (a, k)) in enumerate(zip(inputs.hidden, inputs.kwargs[i])):
+            for b, (a, k) in enumerate(inputs.kwargs[i]):
                 if all(limit.get(s) is not None and b >= limit[s] for s in needed):
                     break
                 cursor[0] = b
@@ -651,16 +836,19 @@ def _observe(block, names: list[str], inputs: BlockInputs, i: int, needed: set, 
                 if paired:
                     ref_x.clear()
                     try:
-                        reference(inputs.reference[b], *a, **k)
+                        reference(inputs.reference[b].to(world.device), *a, **k)
                     except _Stop:
                         pass
                 try:
-                    block(h, *a, **k)
+                    block(inputs.get(b, world.device), *a, **k)
                 except _Stop:
                     pass
     finally:
         for hd in handles:
             hd.remove()
+    # under torchrun every rank saw its own batches: sum (or max) the statistics over the ranks,
+    # once per group; twins are copied after, so each statistic is reduced once
+    world.reduce_stats({n: st for n, st in stats.items() if n not in alias})
     for n, twin in alias.items():
         stats[n] = stats[twin]
     return stats

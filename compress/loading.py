@@ -33,21 +33,29 @@ def quantized_layer_names(source: ModelSource) -> list[str]:
     return sorted({n for t in module_types() if not t.container for n in t.stored_layers(source)})
 
 
+def replace_stored(model: nn.Module, source: ModelSource, stored: dict[str, type[CompressedLinear]], dtype: torch.dtype = torch.float32) -> None:
+    """Put the compressed module of each layer in ``stored`` (``stored_modules(source)``, or the
+    part of it under one block) in place of the skeleton's Linear, filled from the checkpoint.
+    The whole-model loader passes every layer at once; the layer-wise perplexity
+    (``compress.eval.layerwise``) one block's at a time, so only that block's are in memory."""
+    if not stored:
+        return
+    qc = getattr(source.config, "quantization_config", None) or {}
+    groups = read_quantization_config(qc if isinstance(qc, dict) else qc.to_dict()) if qc else {}  # {}: low-rank only
+    for name, kind in stored.items():
+        try:
+            old = get_module(model, name)
+        except AttributeError:
+            raise InputError(f"{source.path}: compressed layer {name} does not exist in a {source.config.model_type} model") from None
+        new = kind.from_checkpoint(source, name, old, groups)
+        if getattr(new, "bias", None) is not None:
+            new.bias.data = new.bias.data.to(dtype)
+        replace_linear(model, name, new)
+
+
 def load_source(source: ModelSource, dtype: torch.dtype = torch.float32) -> nn.Module:
     model = source.skeleton(allow_quantized=True)
-    stored = stored_modules(source)
-    if source.quantized or stored:
-        qc = getattr(source.config, "quantization_config", None) or {}
-        groups = read_quantization_config(qc if isinstance(qc, dict) else qc.to_dict()) if qc else {}  # {}: low-rank only
-        for name, kind in stored.items():
-            try:
-                old = get_module(model, name)
-            except AttributeError:
-                raise InputError(f"{source.path}: compressed layer {name} does not exist in a {source.config.model_type} model") from None
-            new = kind.from_checkpoint(source, name, old, groups)
-            if getattr(new, "bias", None) is not None:
-                new.bias.data = new.bias.data.to(dtype)
-            replace_linear(model, name, new)
+    replace_stored(model, source, stored_modules(source), dtype)
     skip = set()
     if getattr(source.config, "tie_word_embeddings", False):
         skip = {n for n, _ in model.named_parameters() if n.startswith("lm_head.")}

@@ -56,6 +56,9 @@ class PerplexityConfig(_Strict):
     seq_len: int = Field(512, ge=8)
     max_windows: int | None = Field(None, ge=1)  # cap for quick runs; None = the whole text
     batch_size: int = Field(1, ge=1)  # windows per forward; logits are (batch, seq_len, vocab) floats
+    # one decoder block in memory at a time (compress.eval.layerwise: same result, memory flat in
+    # the depth); auto: when the whole model in float32 would not fit in the memory available
+    layerwise: Literal["auto"] | bool = "auto"
 
 
 def _fraction(v):
@@ -153,6 +156,9 @@ class ReportConfig(_Strict):
 class Recipe(_Strict):
     model: str = "demo"  # a folder, a .gguf file, a hub id, or `demo` (SmolLM2-135M-Instruct)
     seed: int = 0
+    # where the engine computes: auto (the first CUDA device if any, else the CPU), cpu, cuda,
+    # cuda:N; under torchrun each rank takes the GPU of its LOCAL_RANK (compress.dist)
+    device: str = "auto"
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     passes: list[dict[str, dict[str, Any]]] = Field(default_factory=list)
     eval: EvalConfig = Field(default_factory=EvalConfig)

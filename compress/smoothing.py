@@ -65,7 +65,8 @@ def output_loss(block, point: Smooth, lins: list[nn.Linear], weights, probe, sam
         for l, q in zip(lins, qs):
             l.weight.data = q
         try:
-            return float(sum(((first_output(module(*a, **k)) - r) ** 2).sum() for (a, k), r in zip(calls, ref)))
+            err = float(sum(((first_output(module(*a, **k)) - r) ** 2).sum() for (a, k), r in zip(calls, ref)))
+            return probe.reduce(err) if hasattr(probe, "reduce") else err  # under torchrun: summed over the ranks
         finally:
             for l, w in zip(lins, weights):
                 l.weight.data = w

@@ -8,15 +8,34 @@ never holds a whole model. Then compresses each with GPTQ W4 g128 symmetric with
 ratios the foundation issue asks for.
 
     python eval/bench_memory.py [--workdir /tmp/bench-mem] [--layers 22 44]
+
+``--eval`` measures evaluation instead: perplexity on ``--windows`` windows of ``--seq-len``
+tokens of the builtin evaluation split (random weights: the value is meaningless, the memory is
+not), each run in a fresh process, (1) with ``layerwise: auto`` under an address-space limit
+(``ulimit -v``) of half the model's float32 size (``--cap``), where it must choose the layer-wise
+path (``compress.eval.layerwise``), (2) the whole model under the same limit, expected to fail (it
+needs more than the limit), and (3) the whole model without a limit where the machine has the
+memory for it. Each row gives the process's peak RSS. The limit counts address space, not
+memory: the interpreter with torch, transformers and the tokenizer already maps about 1.6 GB (the
+22-layer model's half, 2.3 GB, leaves no room for even its embeddings: use ``--cap 0.85`` there),
+and glibc's heap keeps the address space of freed block weights (malloc_trim returns their
+memory, not their addresses: 10-30 MB more per block, RSS flat), so the children run with a fixed
+mmap threshold (``MALLOC_MMAP_THRESHOLD_``, the same for both modes): each large tensor gets its
+own mapping, unmapped when it is freed.
+
+    python eval/bench_memory.py --eval [--windows 4] [--seq-len 256] [--layers 22 44] [--cap 0.5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -80,14 +99,82 @@ def build(path: Path, layers: int, hidden=2048, inter=5632, heads=32, kv_heads=4
     return path
 
 
+# The child of one evaluation run: perplexity only, no cache, its result and its log as JSON.
+_EVAL_CHILD = """
+import json, sys
+from compress.api import Hooks, evaluate
+from compress.recipe import EvalConfig, PerplexityConfig
+
+path, windows, seq_len, setting = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+lines = []
+
+class Log(Hooks):
+    def log(self, msg):
+        lines.append(msg)
+
+pc = PerplexityConfig(seq_len=seq_len, max_windows=windows, layerwise={"auto": "auto", "true": True, "false": False}[setting])
+res = evaluate(path, None, EvalConfig(perplexity=pc, cache=False), hooks=Log())["model"]
+print(json.dumps({"mode": res["mode"], "perplexity": res["perplexity"], "seconds": res["seconds"], "log": lines}))
+"""
+
+
+def eval_run(model: Path, setting: str, windows: int, seq_len: int, cap: int | None) -> dict:
+    """One perplexity run in a fresh process (``layerwise: setting``), under an address-space
+    limit of ``cap`` bytes if given. Peak RSS from the child's own rusage (``os.wait4``: per child,
+    where RUSAGE_CHILDREN would give the largest of all the children so far)."""
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 << 20)}  # see the module docstring
+        p = subprocess.Popen([sys.executable, "-c", _EVAL_CHILD, str(model), str(windows), str(seq_len), setting],
+                             stdout=out, stderr=err, env=env, preexec_fn=limit if cap else None)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        row = {"layerwise": setting, "cap_gb": round(cap / 1e9, 2) if cap else None, "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3)}
+        if p.returncode == 0:
+            row.update(ok=True, **json.loads(out.read().decode().strip().splitlines()[-1]))
+        else:  # the expected end of the whole model under the limit: an allocation fails
+            tail = err.read().decode(errors="replace").strip().splitlines()
+            row.update(ok=False, exit=p.returncode, error=(tail[-1] if tail else "")[-300:])
+        return row
+
+
+def bench_eval(work: Path, layers: list[int], windows: int, seq_len: int, cap_share: float) -> None:
+    from compress.eval.layerwise import available_memory_bytes, whole_model_bytes
+    from compress.modelio import ModelSource
+
+    for n in layers:
+        model = build(work / f"llama-{n}l", n)
+        source = ModelSource(model)
+        params = sum(p.numel() for p in source.skeleton().parameters())
+        fp32 = 4 * params
+        cap = int(fp32 * cap_share)
+        need = whole_model_bytes(source, 1, seq_len)  # what `layerwise: auto` compares with the memory available
+        head = {"layers": n, "params_b": round(params / 1e9, 3), "fp32_gb": round(fp32 / 1e9, 2), "whole_model_estimate_gb": round(need / 1e9, 2)}
+        for setting, c in (("auto", cap), ("false", cap), ("false", None)):
+            if c is None and need > 0.8 * available_memory_bytes():
+                print(json.dumps({**head, "layerwise": setting, "cap_gb": None, "skipped": "not enough memory for the whole model"}), flush=True)
+                continue
+            print(json.dumps({**head, **eval_run(model, setting, windows, seq_len, c)}), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/bench-mem")
     ap.add_argument("--layers", type=int, nargs="+", default=[22, 44])
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--eval", action="store_true", help="benchmark perplexity's memory (layer-wise vs whole model) instead of compression's")
+    ap.add_argument("--windows", type=int, default=4, help="--eval: evaluation windows")
+    ap.add_argument("--cap", type=float, default=0.5, help="--eval: the address-space limit, as a share of the float32 model size")
     args = ap.parse_args()
     work = Path(args.workdir)
+    if args.eval:
+        bench_eval(work, args.layers, args.windows, args.seq_len, args.cap)
+        return
     rows = []
     for n in args.layers:
         model = build(work / f"llama-{n}l", n)
