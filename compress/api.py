@@ -242,7 +242,8 @@ def _compress(recipe, source, model, passes, calib, blocks_path, n_blocks, dtype
         "model": {"path": str(source.path), "model_type": source.config.model_type, "size_bytes": source.disk_bytes()},
         "layers": [asdict(r) for r in exporter.layers],
         "time": {"compress_s": round(compress_s, 1), "block_s": exporter.block_seconds},
-        "run": {"device": str(world.device), "world_size": world.size, **({"backend": world.backend} if world.backend else {})},
+        "run": {"device": str(world.device), "world_size": world.size, **({"backend": world.backend} if world.backend else {}),
+                **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated(world.device) / 2**20, 1)} if world.device.type == "cuda" else {})},
         "compress_peak_rss_mb": peak_rss_mb(),  # before evaluation loads whole models
     }
     out = exporter.finalize(model, dump_recipe(recipe), report)
