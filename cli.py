@@ -1,7 +1,8 @@
 """`compress`: the command line. Wiring only: build a recipe, call the library, print.
 
 Exit codes (stable): 0 ok; 1 internal error; 2 bad usage or recipe; 3 input missing or
-unreadable; 4 a quality gate failed; 5 training diverged (a non-finite loss; nothing exported); 130 interrupted.
+unreadable; 4 a quality gate failed; 5 training diverged (a non-finite loss; nothing exported); 6 a rank of a
+torchrun job failed; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ app = typer.Typer(
         "original, and export checkpoints that vLLM and "
         "transformers load.\n\n"
         "Exit codes: 0 ok; 1 internal error; 2 bad usage or recipe; 3 input missing or unreadable; "
-        "4 a quality gate failed; 5 training diverged (nothing exported); 130 interrupted (rerun with --resume)."
+        "4 a quality gate failed; 5 training diverged (nothing exported); 6 a rank of a torchrun job failed; "
+        "130 interrupted (rerun with --resume)."
     ),
 )
 err = Console(stderr=True)
@@ -371,7 +373,8 @@ def _print_report(report: dict) -> None:
              for k in ("compress_s", "distill_s", "eval_s", "total_s") if k in tm]
     cached = sorted({c for label in ("baseline", "model") for c in ev.get(label, {}).get("cached", [])})
     run = report.get("run")
-    where = "" if not run else f" on {run['device']}" + (f" × {run['world_size']} ranks ({run.get('backend')})" if run["world_size"] > 1 else "")
+    where = "" if not run else (f" on {run['device']}" + (f" × {run['world_size']} ranks ({run.get('backend')})" if run["world_size"] > 1 else "")
+                                + (" (activations in CPU memory)" if run.get("activations") == "cpu" else ""))
     out.print(", ".join(parts) + where + f", peak RSS {report['peak_rss_mb']:.0f} MB" + (f"; cached: {', '.join(cached)}" if cached else ""))
 
 

@@ -60,6 +60,15 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
     try:
         # rank 0 speaks for the job (one log, one progress bar)
         return _run(recipe, resume, (hooks or Hooks()) if world.main else Hooks(), world)
+    except RuntimeError as e:  # gloo / nccl: a peer closed its connection, or a collective timed out
+        if world.distributed and type(e).__name__ in ("DistBackendError", "DistNetworkError", "DistError", "RuntimeError") \
+                and any(w in str(e).lower() for w in ("connection", "timed out", "timeout", "peer", "gloo", "nccl")):
+            from compress.errors import JobError
+
+            raise JobError(f"rank {world.rank} of {world.size}: another rank of the job failed or stopped answering "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); the job ends here. Finished blocks are kept "
+                           "beside the export: fix the cause and rerun with --resume (any number of ranks)") from e
+        raise
     finally:
         close_world(world)
 
@@ -216,7 +225,7 @@ def _compress(recipe, source, model, passes, calib, blocks_path, n_blocks, dtype
     if start:
         hooks.log(f"resuming after block {start - 1} of {n_blocks} from {target.parent / ('.' + target.name + '.partial')}")
     t0 = time.time()
-    compress_blocks(
+    how = compress_blocks(
         source,
         model,
         passes,
@@ -243,6 +252,7 @@ def _compress(recipe, source, model, passes, calib, blocks_path, n_blocks, dtype
         "layers": [asdict(r) for r in exporter.layers],
         "time": {"compress_s": round(compress_s, 1), "block_s": exporter.block_seconds},
         "run": {"device": str(world.device), "world_size": world.size, **({"backend": world.backend} if world.backend else {}),
+                **({"activations": how["activations"]} if how["activations"] else {}),
                 **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated(world.device) / 2**20, 1)} if world.device.type == "cuda" else {})},
         "compress_peak_rss_mb": peak_rss_mb(),  # before evaluation loads whole models
     }

@@ -280,8 +280,9 @@ def compress_blocks(
     keep_mlp_inputs: bool = False,
     propagate: bool = True,
     world: World | None = None,
-) -> None:
-    """Run the layer-wise sweep. ``model`` is ``source.skeleton()`` (meta parameters).
+) -> dict:
+    """Run the layer-wise sweep. Returns how it ran: {"activations": "device" | "cpu" | None}
+    (where the calibration activations lived; None without calibration). ``model`` is ``source.skeleton()`` (meta parameters).
 
     ``sequential=False`` calibrates all Linears of a block at once on the block's input (the
     compressed groups do not feed the later ones: one forward pass fewer per group).
@@ -354,10 +355,9 @@ def compress_blocks(
         inputs = inputs if inputs is not None else captured
         if needed & PAIRED and inputs.reference is None:
             inputs.reference = [h.clone() for h in inputs.hidden]
+    where = None
     if inputs is not None:
         where = offload(inputs, dev, reserve=4 * _block_bytes(blocks[0]))
-        if where == "cpu":
-            progress(start, len(blocks), "activations in pinned CPU memory")
 
     n = len(blocks)
     for i in range(start, n):
@@ -385,6 +385,7 @@ def compress_blocks(
             release(block)
         _trim_heap()
         progress(i + 1, n, "done")
+    return {"activations": where}
 
 
 def _block_bytes(block: nn.Module) -> int:

@@ -35,3 +35,10 @@ class TrainingError(CompressError):
     """Training (distillation) diverged: a non-finite loss (exit 5). Nothing is exported."""
 
     exit_code = 5
+
+
+class JobError(CompressError):
+    """A rank of a data-parallel job (torchrun) failed or stopped answering: every other rank
+    ends with this (exit 6) instead of waiting. Finished blocks are kept; --resume continues."""
+
+    exit_code = 6

@@ -78,6 +78,12 @@ _LLAMA = Family(
 # pre_feedforward_layernorm
 _GEMMA2 = replace(_LLAMA, smooth=_llama_smooth("pre_feedforward_layernorm"), norm_plus_one=True)
 
+_FALCON = Family(
+    blocks="transformer.h",
+    sequence=(("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
+    replay=(("self_attention", 1),),
+)
+
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -122,20 +128,12 @@ FAMILIES: dict[str, Family] = {
             Smooth("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),
         ),
     ),
-    "falcon": Family(
-        blocks="transformer.h",
-        sequence=(("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
-        replay=(("self_attention", 1),),
-    ),
-    "bloom": Family(
-        blocks="transformer.h",
-        sequence=(("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
-        replay=(("self_attention", 1),),
-        smooth=(
-            Smooth("input_layernorm", ("self_attention.query_key_value",), "self_attention"),
-            Smooth("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),
-        ),
-    ),
+    # falcon's default layout runs attention and MLP in parallel on one norm: nothing folds there
+    "falcon": _FALCON,
+    "bloom": replace(_FALCON, smooth=(
+        Smooth("input_layernorm", ("self_attention.query_key_value",), "self_attention"),
+        Smooth("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),
+    )),
     # Mixture of experts: compress.arch unfuses the experts into one Linear per expert and
     # projection (``*`` stands for the expert index). The router reads the MLP norm's output too,
     # so only the attention's points fold.
