@@ -392,7 +392,7 @@ def run_cmd(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML; omitted: the embedded default (demo model, GPTQ W4 g64).")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Export folder (export.path).")] = None,
     nproc: Annotated[Optional[int], typer.Option("--nproc", help=(
-        "Data-parallel calibration over N processes on this machine: execs `torchrun --nproc-per-node N -m compress run ...` "
+        "Data-parallel calibration over N processes on this machine: execs `torchrun --standalone --nproc-per-node N -m compress run ...` "
         "(gloo on CPUs, nccl on GPUs; one GPU per rank). Same as launching with torchrun yourself."), min=1)] = None,
     *, job: Job, tasks: Tasks, gates: Gates, report: Report,
 ):
@@ -427,7 +427,8 @@ def _exec_torchrun(nproc: int) -> None:
             skip = True
         elif not a.startswith("--nproc="):
             argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "compress", *argv]
+    # --standalone: a rendezvous on a free local port (two jobs on one machine do not collide on 29500)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "compress", *argv]
     sys.stdout.flush()
     os.execv(sys.executable, cmd)
 
