@@ -61,8 +61,7 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
         # rank 0 speaks for the job (one log, one progress bar)
         return _run(recipe, resume, (hooks or Hooks()) if world.main else Hooks(), world)
     except RuntimeError as e:  # gloo / nccl: a peer closed its connection, or a collective timed out
-        if world.distributed and type(e).__name__ in ("DistBackendError", "DistNetworkError", "DistError", "RuntimeError") \
-                and any(w in str(e).lower() for w in ("connection", "timed out", "timeout", "peer", "gloo", "nccl")):
+        if world.distributed and any(w in str(e).lower() for w in ("connection", "timed out", "timeout", "peer", "gloo", "nccl")):
             from compress.errors import JobError
 
             raise JobError(f"rank {world.rank} of {world.size}: another rank of the job failed or stopped answering "
@@ -222,8 +221,8 @@ def _compress(recipe, source, model, passes, calib, blocks_path, n_blocks, dtype
         )
         start, cached = exporter.begin()
     start = world.broadcast(start)
-    if start:
-        hooks.log(f"resuming after block {start - 1} of {n_blocks} from {target.parent / ('.' + target.name + '.partial')}")
+    if start and exporter is not None:  # rank 0 (the only rank that logs)
+        hooks.log(f"resuming after block {start - 1} of {n_blocks} from {exporter.work}")
     t0 = time.time()
     how = compress_blocks(
         source,

@@ -156,12 +156,6 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
-
 
 def timeout_s() -> float:
     return float(os.environ.get("COMPRESS_DIST_TIMEOUT", "600"))
@@ -195,18 +189,24 @@ def close_world(world: World) -> None:
             dist.destroy_process_group()
 
 
-def to_cpu(obj):
-    """``obj`` with every tensor on the CPU, for pickling between ranks (copies where needed)."""
-    if isinstance(obj, torch.nn.Module):  # a copy when it lives elsewhere: the original stays where it computes
-        on_cpu = all(t.device.type == "cpu" for t in [*obj.parameters(), *obj.buffers()])
-        return obj if on_cpu else copy.deepcopy(obj).to("cpu")
+def moved(obj, device: torch.device | str):
+    """``obj`` (tensors, modules, dataclasses, dicts, lists, tuples, nested) with every tensor on
+    ``device``. A module is copied when it must move: the original stays where it computes."""
+    device = torch.device(device)
+    if isinstance(obj, torch.nn.Module):
+        there = all(t.device == device for t in [*obj.parameters(), *obj.buffers()])
+        return obj if there else copy.deepcopy(obj).to(device)
     if isinstance(obj, torch.Tensor):
-        return obj.cpu()
+        return obj.to(device)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: to_cpu(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init})
+        return dataclasses.replace(obj, **{f.name: moved(getattr(obj, f.name), device) for f in dataclasses.fields(obj) if f.init})
     if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
+        return {k: moved(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
+        return type(obj)(moved(v, device) for v in obj)
     return obj
 
+
+def to_cpu(obj):
+    """``obj`` with every tensor on the CPU, for pickling between ranks."""
+    return moved(obj, "cpu")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from compress.arch import calibrating
-from compress.dist import World, to_cpu
+from compress.dist import World, moved, to_cpu
 from compress.errors import UsageError
 from compress.families import find_blocks, get_module, linear_groups, replay_input_points, replay_points, smooth_points
 from compress.formats import replace_linear
@@ -81,7 +81,11 @@ class BlockInputs:
 
     def put(self, b: int, h: torch.Tensor) -> None:
         """Store batch ``b``'s new activations where they live."""
-        self.hidden[b] = h if self.home == "device" else _to_home(h)
+        self.hidden[b] = self.kept(h)
+
+    def kept(self, h: torch.Tensor) -> torch.Tensor:
+        """``h`` where this set's activations live (the device, or pinned CPU memory)."""
+        return h if self.home == "device" else _to_home(h)
 
 
 def _to_home(h: torch.Tensor) -> torch.Tensor:
@@ -409,7 +413,7 @@ def _run_block(block, prefix, i, plan, inputs, needed, model_type, cursor, smoot
         for b, (a, k) in enumerate(inputs.kwargs[i]):
             x = inputs.reference[b]
             y = first_output(reference(x.to(dev), *a, **k)).detach().float()
-            inputs.reference[b] = y if inputs.home == "device" else _to_home(y)
+            inputs.reference[b] = inputs.kept(y)
         del reference
     for rep in layers:
         rep.info.update(notes.get(rep.name, {}))
@@ -459,26 +463,7 @@ def _scatter_inputs(world: World, full: BlockInputs | None) -> BlockInputs:
         parts = None
     box = [None]
     dist.scatter_object_list(box, parts, src=0)
-    mine = box[0]
-    mine.hidden = [h.to(world.device) for h in mine.hidden]
-    if mine.reference is not None:
-        mine.reference = [h.to(world.device) for h in mine.reference]
-    mine.kwargs = [[_kwargs_to(ak, world.device) for ak in kw] for kw in mine.kwargs]
-    return mine
-
-
-def _kwargs_to(ak, device):
-    """A block's (args, kwargs) with their tensors on ``device`` (rotary tables, masks)."""
-    def mv(v):
-        if isinstance(v, torch.Tensor):
-            return v.to(device)
-        if isinstance(v, (tuple, list)):
-            return type(v)(mv(x) for x in v)
-        if isinstance(v, dict):
-            return {k: mv(x) for k, x in v.items()}
-        return v
-
-    return mv(ak)
+    return moved(box[0], world.device)  # activations, and the rotary tables and masks of the kwargs
 
 
 @torch.no_grad()

@@ -178,15 +178,24 @@ def _stop_rank(rank, recipe_dict):
         pass
 
 
-def test_resume_with_another_number_of_ranks(tiny, tmp_path):
-    """A 2-rank run interrupted after block 0 resumes in one process from rank 0's state and
-    writes the checkpoint an uninterrupted run writes."""
+def _resume_rank(rank, recipe_dict):
+    run(load_recipe(recipe_dict), resume=True)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_resume_with_any_number_of_ranks(tiny, tmp_path, ranks):
+    """A 2-rank run interrupted after block 0 resumes from rank 0's state, in one process or
+    on 2 ranks again (the state is shared out to them), and writes the checkpoint an
+    uninterrupted run writes."""
     run(_recipe(tiny, tmp_path / "full"))
     rec = _recipe(tiny, tmp_path / "out")
     assert _spawn(2, _stop_rank, rec.model_dump()) == [0, 0]
     progress = json.loads((tmp_path / ".out.partial" / "progress.json").read_text())
     assert progress["done"] == 1
-    run(rec, resume=True)
+    if ranks == 1:
+        run(rec, resume=True)
+    else:
+        assert _spawn(2, _resume_rank, rec.model_dump()) == [0, 0]
     a, b = _tensors(tmp_path / "full"), _tensors(tmp_path / "out")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
