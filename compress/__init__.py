@@ -7,7 +7,7 @@ _LAZY = {
     "run": ("api", "run"),
     "evaluate": ("api", "evaluate"),
     "inspect_checkpoint": ("api", "inspect_checkpoint"),
-    "load": ("loading", "load"),
+    "load": ("checkpoint.load", "load"),
     "load_recipe": ("recipe", "load_recipe"),
     "Recipe": ("recipe", "Recipe"),
 }

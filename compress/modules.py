@@ -57,7 +57,7 @@ def register_module_type(cls: type[CompressedLinear]) -> type[CompressedLinear]:
 
 
 def module_types() -> list[type[CompressedLinear]]:
-    import compress.formats  # noqa: F401  (registers the built-in types)
+    import compress.checkpoint.formats  # noqa: F401  (registers the built-in types)
     import compress.lowrank.module  # noqa: F401
 
     return list(_TYPES)

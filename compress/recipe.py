@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compress.errors import InputError, UsageError
 
-
 # The embedded default job (`compress run` with no recipe): the demo model, GPTQ W4 with group
 # 64 (576, the demo's hidden size, is not a multiple of 128), evaluated before and after.
 DEFAULT_RECIPE: dict = {
@@ -157,7 +156,7 @@ class Recipe(_Strict):
     model: str = "demo"  # a folder, a .gguf file, a hub id, or `demo` (SmolLM2-135M-Instruct)
     seed: int = 0
     # where the engine computes: auto (the first CUDA device if any, else the CPU), cpu, cuda,
-    # cuda:N; under torchrun each rank takes the GPU of its LOCAL_RANK (compress.dist)
+    # cuda:N; under torchrun each rank takes the GPU of its LOCAL_RANK (compress.engine.dist)
     device: str = "auto"
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     passes: list[dict[str, dict[str, Any]]] = Field(default_factory=list)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
 from compress.distill.config import DistillConfig
 from compress.distill.loop import autocast, optimizer
 from compress.distill.trainable import Prepared, restore, state
+from torch import nn
+
 from compress.errors import TrainingError
-from compress.smoothing import first_output
+from compress.utils import first_output
 
 
 def _nmse(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

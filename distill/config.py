@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from compress.distill.losses import LOSSES
 from compress.distill.trainable import TRAIN_MODES
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Loss = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
 assert set(Loss.__args__) == set(LOSSES)

@@ -29,13 +29,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from compress.distill import losses
 from compress.distill.config import DistillConfig
 from compress.distill.trainable import Prepared, restore, state
+from torch import nn
+
 from compress.errors import TrainingError, UsageError
-from compress.export import _atomic_torch_save
+from compress.utils import atomic_torch_save
 
 
 def split_windows(windows: torch.Tensor, holdout: float, field: str = "distill.holdout") -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +177,7 @@ def train_model(
 
     def checkpoint():
         if state_path is not None:
-            _atomic_torch_save({**st, "params": state(student), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, state_path)
+            atomic_torch_save({**st, "params": state(student), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, state_path)
 
     def batch_of(m: int) -> torch.Tensor:
         epoch, j = divmod(m, n_micro)

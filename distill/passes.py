@@ -8,6 +8,7 @@ against the teacher after the sweep (``compress.distill.run``). The pass targets
 from __future__ import annotations
 
 from compress.distill.config import DistillConfig
+
 from compress.passes import Pass, register
 
 

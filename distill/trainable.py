@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.formats import Int8Linear, QuantLinear, replace_linear
-from compress.packing import pack_int32, unpack_int32
+from compress.checkpoint.formats import Int8Linear, QuantLinear
+from compress.checkpoint.packing import pack_int32, unpack_int32
+from compress.utils import replace_linear
 
 TRAIN_MODES = ("auto", "scales", "weights", "qat")
 

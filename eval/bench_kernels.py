@@ -77,8 +77,9 @@ def _l2_bytes(dev) -> int:
 
 def make_layers(scheme: str, K: int, N: int, dev, copies: int):
     """``copies`` layers of one scheme with random weights, and the bytes one call reads."""
-    from compress.formats import Int8Linear, QuantLinear
     from compress.quant.rtn import QuantScheme, rtn_quantize
+
+    from compress.checkpoint.formats import Int8Linear, QuantLinear
 
     w = torch.randn(N, K) * 0.02
     if scheme == "w8a8":
@@ -165,8 +166,10 @@ def tiny_model():
 
 def quantize_model(model, scheme: str):
     """RTN in memory (data-free): every Linear of the decoder blocks -> QuantLinear / Int8Linear."""
-    from compress.formats import Int8Linear, QuantLinear, replace_linear
     from compress.quant.rtn import QuantScheme, rtn_quantize
+
+    from compress.checkpoint.formats import Int8Linear, QuantLinear
+    from compress.utils import replace_linear
 
     names = [n for n, m in model.named_modules() if ".layers." in n and isinstance(m, torch.nn.Linear)]
     for n in names:
@@ -190,7 +193,7 @@ def run_decode(model_ref, dev, tokens: int, backend, cpu: bool, log=print) -> li
     if cpu:
         base = tiny_model()
     else:
-        from compress.loading import load
+        from compress.checkpoint.load import load
 
         base = load(model_ref, dtype=torch.float32, log=log)
     dtype = torch.float32 if cpu else torch.bfloat16

@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/bench-loadsave")
     args = ap.parse_args()
-    from compress.modelio import resolve_model
+    from compress.checkpoint.source import resolve_model
 
     model = str(resolve_model(args.model))
     work = Path(args.workdir)

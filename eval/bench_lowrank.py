@@ -20,15 +20,15 @@ import json
 import time
 
 import torch
-
-from compress.api import peak_rss_mb
-from compress.data import calibration_windows, eval_windows, load_texts, tokenize
 from compress.eval.perplexity import perplexity
-from compress.loading import load_source
 from compress.lowrank.allocate import LayerShape, sensitivity_ranks, uniform_ranks
 from compress.lowrank.svd import decompose
-from compress.modelio import ModelSource, resolve_model
+
+from compress.checkpoint.load import load_source
+from compress.checkpoint.source import ModelSource, resolve_model
+from compress.data import calibration_windows, eval_windows, load_texts, tokenize
 from compress.passes import STATS
+from compress.utils import peak_rss_mb
 
 
 def collect(model, calib: torch.Tensor, batch_size: int = 8) -> dict[str, dict]:

@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 
 
 def build(path: Path, layers: int, hidden=2048, inter=5632, heads=32, kv_heads=4, seed=0) -> Path:
-    from compress.modelio import demo_model_path
+    from compress.checkpoint.source import demo_model_path
 
     if (path / "config.json").exists():
         return path
@@ -144,7 +144,8 @@ def eval_run(model: Path, setting: str, windows: int, seq_len: int, cap: int | N
 
 def bench_eval(work: Path, layers: list[int], windows: int, seq_len: int, cap_share: float) -> None:
     from compress.eval.layerwise import available_memory_bytes, whole_model_bytes
-    from compress.modelio import ModelSource
+
+    from compress.checkpoint.source import ModelSource
 
     for n in layers:
         model = build(work / f"llama-{n}l", n)

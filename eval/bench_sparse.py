@@ -17,11 +17,15 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from compress.eval.bench_kernels import timeit
-from compress.kernels.sparse24 import is_n_m, semi_structured_support, to_semi_structured
 from compress.prune.magnitude import magnitude_prune
 from compress.prune.pattern import Pattern
+
+from compress.kernels.sparse24 import (
+    is_n_m,
+    semi_structured_support,
+    to_semi_structured,
+)
 
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (4096, 14336), (14336, 4096)]  # in x out
 TOKENS = [1, 16, 128, 512, 2048]
@@ -57,7 +61,7 @@ def build_model(path, device, dtype, tiny: bool):
 
     torch.manual_seed(0)
     if path:
-        from compress.loading import load
+        from compress.checkpoint.load import load
 
         model = load(path, dtype=dtype, device=device, kernel="torch")  # dense first; converted in end_to_end
     else:

@@ -50,7 +50,7 @@ def cache_key(fingerprint: str, task: str, settings: dict) -> str:
 
 
 def _path(key: str) -> Path:
-    from compress.modelio import cache_dir
+    from compress.checkpoint.source import cache_dir
 
     return cache_dir() / "eval" / f"{key}.json"
 

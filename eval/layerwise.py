@@ -1,7 +1,7 @@
 """Perplexity one decoder block at a time: a model larger than memory is evaluated with the flat
 memory it is compressed with (``compress.engine``).
 
-The whole-model path (``compress.eval.perplexity`` on ``compress.loading.load_source``) holds every
+The whole-model path (``compress.eval.perplexity`` on ``compress.checkpoint.load.load_source``) holds every
 weight in float32, packed layers dequantized beside their codes, plus the checkpoint's tensors
 while it reads them: about 6 bytes per parameter of a bf16 checkpoint, so a model that compresses
 on a machine could not be evaluated on it. Here the same windows go through the engine's pieces:
@@ -30,15 +30,15 @@ import time
 from pathlib import Path
 
 import torch
+from compress.eval.perplexity import next_token_nll, summary
 from torch import nn
 
-from compress.engine import _trim_heap, capture_inputs
-from compress.eval.perplexity import next_token_nll, summary
-from compress.families import find_blocks
+from compress.arch.families import find_blocks
+from compress.checkpoint.load import replace_stored, stored_modules
+from compress.checkpoint.source import ModelSource, materialize, release
+from compress.engine import capture_inputs
 from compress.kernels import keep_dequantized
-from compress.loading import replace_stored, stored_modules
-from compress.modelio import ModelSource, materialize, release
-from compress.smoothing import first_output
+from compress.utils import first_output, trim_heap
 
 # The whole model is loaded only when its estimate (``whole_model_bytes``) is at most this share of
 # the memory available: the estimate leaves out the interpreter's own growth and allocator slack.
@@ -91,7 +91,7 @@ def layerwise_perplexity(source: ModelSource, windows: torch.Tensor, batch_size:
     hidden = inputs.hidden  # hidden[b]: (B, T, hidden) float32, replaced block by block
     for p in outside:
         set_module_tensor_to_device(model, p, "meta")
-    _trim_heap()
+    trim_heap()
 
     # 2. sweep: one block in memory at a time
     for i, block in enumerate(blocks):
@@ -103,7 +103,7 @@ def layerwise_perplexity(source: ModelSource, windows: torch.Tensor, batch_size:
             hidden[b] = first_output(block(hidden[b], *args, **kwargs)).detach().float()  # in place: the input is freed
         keep_dequantized(block, on=False)  # the dense copies are no parameters: release would not free them
         release(block)
-        _trim_heap()
+        trim_heap()
         progress(i + 1, n + 1)
     del inputs  # the kwargs (masks, rotary tables) are no longer needed
 

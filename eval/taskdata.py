@@ -3,7 +3,7 @@
 Both tasks are derived deterministically from ``builtin:pydoc``'s evaluation split (topics sorted
 by key, index % 5 == 0; see ``compress.data``), so they need no network and never overlap the
 calibration text. The records are written once per Python version as JSON Lines under
-``<cache>/tasks/`` (``compress.modelio.cache_dir()``), where a user can read them or copy them as a
+``<cache>/tasks/`` (``compress.checkpoint.source.cache_dir()``), where a user can read them or copy them as a
 starting point for their own ``--task-file``; the task YAMLs find them through
 ``custom_dataset`` functions at run time, so no path is baked into a YAML.
 
@@ -58,7 +58,7 @@ _BUILDERS = {"pydoc_ppl": ppl_records, "pydoc_lastword": lastword_records}
 
 def data_file(name: str) -> Path:
     """The JSON Lines file of shipped task ``name``, written on first use (atomically)."""
-    from compress.modelio import cache_dir
+    from compress.checkpoint.source import cache_dir
 
     ver = "py{}.{}".format(*sys.version_info[:2])  # the corpus text changes between versions
     path = cache_dir() / "tasks" / f"{name}-{ver}.jsonl"

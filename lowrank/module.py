@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.checkpoint.source import read_metadata
 from compress.errors import InputError
-from compress.modelio import read_metadata
 from compress.modules import CompressedLinear, dense_weight, register_module_type
 
 

@@ -21,12 +21,18 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from compress.lowrank.allocate import (
+    BudgetError,
+    LayerShape,
+    sensitivity_ranks,
+    share_rank,
+    uniform_rank,
+)
+from compress.lowrank.module import LowRankLinear
+from compress.lowrank.svd import breakeven_rank, decompose
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compress.errors import UsageError
-from compress.lowrank.allocate import BudgetError, LayerShape, sensitivity_ranks, share_rank, uniform_rank
-from compress.lowrank.module import LowRankLinear
-from compress.lowrank.svd import breakeven_rank, decompose
 from compress.passes import Pass, register
 
 

@@ -7,7 +7,6 @@ Objective: keep the largest weights, ``score_ij = |W_ij|``.
 from __future__ import annotations
 
 import torch
-
 from compress.prune.pattern import Pattern, select_mask
 
 

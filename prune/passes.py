@@ -14,14 +14,14 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from compress.passes import Pass, register
 from compress.prune.magnitude import magnitude_prune
 from compress.prune.owl import outlier_ratio, owl_sparsities
 from compress.prune.pattern import Pattern, check_pattern, parse_pattern
 from compress.prune.sparsegpt import sparsegpt_prune
 from compress.prune.wanda import wanda_prune, wanda_score
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from compress.passes import Pass, register
 
 
 class PruneConfig(BaseModel):

@@ -24,11 +24,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
-from compress.obs import blockwise_solve, inverse_cholesky, prepare_hessian
-from compress.prune.pattern import Pattern, check_pattern, keep_n_of_m, keep_top, prune_count
+from compress.prune.pattern import (
+    Pattern,
+    check_pattern,
+    keep_n_of_m,
+    keep_top,
+    prune_count,
+)
 from compress.quant.gptq import ColumnRounder
 from compress.quant.rtn import QuantResult, QuantScheme, check_group_size
+
+from compress.obs import blockwise_solve, inverse_cholesky, prepare_hessian
 
 
 @dataclass

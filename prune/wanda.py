@@ -11,7 +11,6 @@ comparison group), or within each group of M columns for N:M. No weight update.
 from __future__ import annotations
 
 import torch
-
 from compress.prune.pattern import Pattern, select_mask
 
 

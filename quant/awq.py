@@ -29,8 +29,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-
-from compress.quant.rtn import QuantScheme, fake_quantize, fit_qparams, _minmax_params
+from compress.quant.rtn import QuantScheme, _minmax_params, fake_quantize, fit_qparams
 
 
 def activation_mean(absmean_sum: torch.Tensor, tokens: int) -> torch.Tensor:

@@ -20,9 +20,15 @@ Options beyond the paper's core loop:
 from __future__ import annotations
 
 import torch
+from compress.quant.rtn import (
+    QuantResult,
+    QuantScheme,
+    check_group_size,
+    fit_qparams,
+    quantize_codes,
+)
 
 from compress.obs import blockwise_solve, inverse_cholesky, prepare_hessian
-from compress.quant.rtn import QuantResult, QuantScheme, check_group_size, fit_qparams, quantize_codes
 
 
 class ColumnRounder:

@@ -1,7 +1,7 @@
 """Pass adapters of the quantization family: round-to-nearest, GPTQ, and the scale-folding
 passes AWQ and SmoothQuant. Each adapts a pure function of ``quant/`` (``rtn.py``, ``gptq.py``,
 ``awq.py``, ``smoothquant.py``) to the modules of a decoder block; the engine owns hooks, data
-and devices, ``compress.smoothing`` the folding of scales into a block.
+and devices, ``compress.arch.smoothing`` the folding of scales into a block.
 """
 
 from __future__ import annotations
@@ -10,17 +10,18 @@ from dataclasses import replace
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import nn
-
-from compress.families import Smooth, get_module
-from compress.formats import Int8Linear, QuantLinear
-from compress.passes import Pass, matches_any, register
 from compress.quant import awq as awq_alg
 from compress.quant.gptq import gptq_quantize
 from compress.quant.rtn import QuantScheme, rtn_quantize
 from compress.quant.smoothquant import smooth_scales
-from compress.smoothing import fold_scales, output_loss, scaled_hessian
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+
+from compress.arch.families import Smooth
+from compress.arch.smoothing import fold_scales, output_loss, scaled_hessian
+from compress.checkpoint.formats import Int8Linear, QuantLinear
+from compress.passes import Pass, matches_any, register
+from compress.utils import get_module
 
 # ---------------------------------------------------------------- RTN and GPTQ
 

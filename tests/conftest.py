@@ -17,10 +17,10 @@ VOCAB = 320
 
 
 def make_tokenizer():
+    import pydoc_data.topics as T
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    import pydoc_data.topics as T
 
     text = [T.topics[k] for k in sorted(T.topics)[:40]]
     tok = Tokenizer(models.BPE())
@@ -86,11 +86,11 @@ def tiny_llama(tmp_path_factory):
 def compressed_in_memory(model_path, recipe, tmp):
     """The recipe's compression with the compressed blocks kept in memory (no export reloaded):
     what a reloaded export must compute."""
+    from compress.arch.families import find_blocks
+    from compress.checkpoint.export import Exporter
+    from compress.checkpoint.source import ModelSource, materialize
     from compress.data import calibration_windows, load_texts, tokenize
     from compress.engine import compress_blocks
-    from compress.export import Exporter
-    from compress.families import find_blocks
-    from compress.modelio import ModelSource, materialize
     from compress.passes import Context, get_pass
 
     src = ModelSource(model_path)

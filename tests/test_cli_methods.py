@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from conftest import save_tiny
 from typer.testing import CliRunner
 
 from compress.cli import app
-from conftest import save_tiny
 
 runner = CliRunner()
 

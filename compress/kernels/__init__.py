@@ -46,9 +46,9 @@ from dataclasses import dataclass
 
 import torch
 
+from compress.checkpoint.packing import unpack_int32
 from compress.errors import UsageError
 from compress.kernels import reference
-from compress.packing import unpack_int32
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV = "COMPRESS_KERNEL"
@@ -183,7 +183,7 @@ def keep_dequantized(model, on: bool = True) -> int:
     first forward instead of dequantizing on every call (the torch path): evaluation's many
     forwards then cost what the dense model's do, for the dense model's memory (fp32 weights).
     Rebuilt if the packed buffers change. Returns how many modules it applies to."""
-    from compress.formats import QuantLinear
+    from compress.checkpoint.formats import QuantLinear
 
     n = 0
     for m in model.modules():

@@ -20,7 +20,7 @@ def generate(model_ref, prompt: str, max_new_tokens: int = 32, kernel: str | Non
     slow); device: 'cpu', 'cuda', ... (default: cuda when available). Returns the text, the token
     counts, tokens/s of the decode and the kernel each quantized layer ran.
     """
-    from compress.loading import load
+    from compress.checkpoint.load import load
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is not None and dtype not in DTYPES:

@@ -1,14 +1,12 @@
 """Corrupt checkpoints fail fast with exit 3, naming the file or tensor, and write nothing."""
 
-import json
 
 import pytest
-import torch
+from conftest import save_tiny
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from compress.cli import app
-from conftest import save_tiny
 
 runner = CliRunner()
 

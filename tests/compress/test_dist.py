@@ -1,4 +1,4 @@
-"""Data-parallel calibration (compress.dist) on the CPU with gloo, and the device option.
+"""Data-parallel calibration (compress.engine.dist) on the CPU with gloo, and the device option.
 
 Ranks are forked processes with the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT),
 or torchrun itself through `compress run --nproc 2`."""
@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny
 from safetensors.torch import load_file
 
 from compress.api import run
-from compress.dist import World
+from compress.engine.dist import World
 from compress.errors import UsageError
 from compress.passes import STATS
 from compress.recipe import load_recipe
-from conftest import save_tiny
 
 
 def _recipe(model, out, passes=None, samples=16, batch_size=2):
@@ -106,7 +106,7 @@ def test_two_ranks_give_the_one_process_export(tiny, tmp_path, passes):
 
 
 def _reduce_rank(rank, xs, out):
-    from compress.dist import init_world
+    from compress.engine.dist import init_world
 
     world = init_world("cpu")
     stats = {"lin": {s: STATS[s][0](xs[0].shape[-1]) for s in STATS if s != "xcov"}}
@@ -140,7 +140,7 @@ def _die_rank(rank, recipe_dict):
     if rank == 1:  # rank 1 dies after its first block, mid-run
         import compress.engine as eng
 
-        real = eng._trim_heap
+        real = eng.trim_heap
         calls = [0]
 
         def trim():
@@ -149,7 +149,7 @@ def _die_rank(rank, recipe_dict):
                 os._exit(17)
             real()
 
-        eng._trim_heap = trim
+        eng.trim_heap = trim
     run(load_recipe(recipe_dict))
 
 
@@ -165,13 +165,13 @@ def test_a_dead_rank_ends_the_job_on_every_rank(tiny, tmp_path, monkeypatch):
 def _stop_rank(rank, recipe_dict):
     import compress.engine as eng
 
-    real = eng._trim_heap
+    real = eng.trim_heap
 
     def trim():  # both ranks are stopped after block 0, as by Ctrl-C
         real()
         raise KeyboardInterrupt
 
-    eng._trim_heap = trim
+    eng.trim_heap = trim
     try:
         run(load_recipe(recipe_dict))
     except KeyboardInterrupt:

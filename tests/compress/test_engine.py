@@ -4,18 +4,14 @@ import json
 
 import pytest
 import torch
+from conftest import compressed_in_memory, save_tiny
 
 from compress.api import run
-from compress.engine import compress_blocks
+from compress.arch.families import find_blocks
+from compress.checkpoint.export import Exporter
+from compress.checkpoint.load import load
 from compress.errors import UsageError
-from compress.export import Exporter
-from compress.families import find_blocks
-from compress.loading import load
-from compress.modelio import ModelSource, materialize
-from compress.passes import Context
-from compress.quant.passes import GPTQPass
 from compress.recipe import load_recipe
-from conftest import compressed_in_memory, save_tiny
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma3_text", "opt"]
 

@@ -4,19 +4,18 @@ export reloads in our loader with the logits of the in-memory compressed model, 
 transformers reads it with the same logits."""
 
 import json
-import shutil
 
 import pytest
 import torch
+from conftest import compressed_in_memory, save_tiny, tiny_config
 
 from compress.api import run
-from compress.arch import Conv1DLinear, UnfusedExperts, adapt, calibrating
+from compress.arch.adapt import Conv1DLinear, UnfusedExperts, adapt, calibrating
+from compress.arch.families import find_blocks, linear_groups
+from compress.checkpoint.load import load
+from compress.checkpoint.source import ModelSource
 from compress.errors import UsageError
-from compress.families import find_blocks, linear_groups
-from compress.loading import load
-from compress.modelio import ModelSource
 from compress.recipe import load_recipe
-from conftest import compressed_in_memory, save_tiny, tiny_config
 
 FAMILIES = ["gpt2", "phi", "gpt_neox", "falcon", "bloom", "mixtral", "qwen2_moe", "qwen3_moe"]
 # Plain transformers cannot read a packed export of these: compressed-tensors quantizes nn.Linear

@@ -1,4 +1,4 @@
-"""compress.formats: bit layout, QuantLinear, and the config that transformers and vLLM read.
+"""compress.checkpoint.formats: bit layout, QuantLinear, and the config that transformers and vLLM read.
 
 The interoperability checks run compressed-tensors' own code (pack/unpack helpers, the
 pack-quantized decompressor, the pydantic config models) against ours.
@@ -8,9 +8,10 @@ pack-quantized decompressor, the pydantic config models) against ours.
 import pytest
 import torch
 import torch.nn.functional as F
+from compress.quant.rtn import QuantResult, QuantScheme, rtn_quantize
 from safetensors.torch import load, save
 
-from compress.formats import (
+from compress.checkpoint.formats import (
     WEIGHT_FIELDS,
     FormatError,
     QuantLinear,
@@ -21,7 +22,6 @@ from compress.formats import (
     replace_linear,
     unpack_int32,
 )
-from compress.quant.rtn import QuantResult, QuantScheme, rtn_quantize
 
 ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 
@@ -167,7 +167,9 @@ def test_compressed_tensors_decompressor_reads_our_state_dict(bits, gs, sym):
     """The key interoperability check: compressed-tensors' own pack-quantized decompressor (what
     transformers runs on load) turns our tensors back into our weight, to bf16 rounding."""
     from compressed_tensors import QuantizationConfig
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.base import (
+        PackedQuantizationCompressor,
+    )
 
     res = _result(bits, gs, sym, shape=(37, 48))
     m = QuantLinear.from_result(res, bias=torch.randn(37))
@@ -314,8 +316,9 @@ def test_replace_linear_sets_a_dotted_submodule():
 
 
 def test_keep_dequantized_computes_the_same_and_follows_buffer_changes():
-    from compress.kernels import keep_dequantized
     from compress.quant.rtn import QuantScheme, rtn_quantize
+
+    from compress.kernels import keep_dequantized
 
     W = torch.randn(8, 32)
     q = QuantLinear.from_result(rtn_quantize(W, QuantScheme(bits=4, group_size=16)))

@@ -18,8 +18,7 @@ import gguf
 import numpy as np
 import pytest
 
-from compress.errors import InputError
-from compress.gguf_tokenizer import (
+from compress.checkpoint.gguf_tokenizer import (
     MAX_TOKENS_PER_CHAR,
     SAMPLE_TEXT,
     GGUFVocab,
@@ -32,7 +31,8 @@ from compress.gguf_tokenizer import (
     tokens_per_char,
     verify_tokenizer,
 )
-from compress.modelio import gguf_to_hf
+from compress.checkpoint.source import gguf_to_hf
+from compress.errors import InputError
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
 BYTES = [f"<0x{i:02X}>" for i in range(256)]
@@ -367,7 +367,7 @@ def test_the_cached_demo_tokenizer_passes_with_the_demo_ggufs_special_tokens():
     transformers' eos = bos; ``apply_gguf_special_tokens`` is what gguf_to_hf now does."""
     from transformers import AutoTokenizer
 
-    from compress.modelio import DEMO_NAME, cache_dir
+    from compress.checkpoint.source import DEMO_NAME, cache_dir
 
     folder = cache_dir() / "models" / DEMO_NAME
     if not (folder / "tokenizer.json").is_file():

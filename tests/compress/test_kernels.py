@@ -25,8 +25,8 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import compress.kernels as kernels  # noqa: E402
+from compress.checkpoint.formats import QuantLinear, pack_int32  # noqa: E402
 from compress.errors import UsageError  # noqa: E402
-from compress.formats import QuantLinear, pack_int32  # noqa: E402
 from compress.kernels import reference  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -357,11 +357,11 @@ def test_gpu_auto_picks_fast_backends():
 
 
 def _tiny_compressed(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from compress.formats import replace_linear
     from compress.quant.rtn import QuantScheme, rtn_quantize
     from conftest import save_tiny
+    from transformers import AutoModelForCausalLM
+
+    from compress.utils import replace_linear
 
     path = save_tiny(tmp_path / "llama", "llama")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -402,12 +402,12 @@ def test_generate_same_tokens_through_dispatcher(tmp_path):
 
 def test_cli_generate_on_compressed_checkpoint(tmp_path):
     """`compress generate --kernel`: a compressed checkpoint on disk, decoded greedily, same text per backend."""
+    from conftest import save_tiny
     from typer.testing import CliRunner
 
     from compress.api import run
     from compress.cli import app
     from compress.recipe import load_recipe
-    from conftest import save_tiny
 
     src = save_tiny(tmp_path / "llama", "llama")
     out = tmp_path / "w4"

@@ -4,18 +4,19 @@ import json
 
 import pytest
 import torch
+from conftest import save_tiny
 
 from compress.api import run
+from compress.arch.families import find_blocks, smooth_points
+from compress.arch.smoothing import fold_scales
+from compress.checkpoint.load import load
+from compress.checkpoint.source import ModelSource, materialize
 from compress.data import calibration_windows, load_texts, tokenize
 from compress.engine import compress_blocks
 from compress.errors import UsageError
-from compress.families import find_blocks, get_module, smooth_points
-from compress.loading import load
-from compress.modelio import ModelSource, materialize
 from compress.passes import Context, get_pass
 from compress.recipe import load_recipe
-from compress.smoothing import fold_scales
-from conftest import save_tiny
+from compress.utils import get_module
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma3_text", "opt"]
 
@@ -169,7 +170,7 @@ def test_awq_alone_quantizes_and_with_gptq_defers(tmp_path):
     path = save_tiny(tmp_path / "m", "llama")
     alone, _ = _in_memory(path, [{"awq": {"bits": 4, "group_size": 16}}], samples=8)
     both, _ = _in_memory(path, [{"awq": {"bits": 4, "group_size": 16}}, {"gptq": {"bits": 4, "group_size": 16}}], samples=8)
-    from compress.formats import QuantLinear
+    from compress.checkpoint.formats import QuantLinear
 
     for m in (alone, both):
         q = [n for n, mod in m.named_modules() if isinstance(mod, QuantLinear)]
@@ -177,7 +178,7 @@ def test_awq_alone_quantizes_and_with_gptq_defers(tmp_path):
 
 
 def test_smoothing_unknown_family_is_a_clear_error(tmp_path, monkeypatch):
-    from compress import families
+    from compress.arch import families
 
     path = save_tiny(tmp_path / "m", "llama")
     monkeypatch.setitem(families.FAMILIES, "llama", families.replace(families.FAMILIES["llama"], smooth=()))
@@ -193,7 +194,7 @@ def test_w8a8_recipe_validation():
 
 
 def test_smoothquant_w8a8_exports_int_quantized_and_reloads(tmp_path):
-    from compress.formats import Int8Linear
+    from compress.checkpoint.formats import Int8Linear
 
     path = save_tiny(tmp_path / "m", "qwen2")  # qwen2: Linears with bias
     out = tmp_path / "w8a8"
@@ -228,7 +229,7 @@ def test_smoothquant_w8a8_exports_int_quantized_and_reloads(tmp_path):
 def test_int8_linear_is_exact_integer_arithmetic():
     """y = (x_q · w_qᵀ in int32) · s_x · s_w: checked against float64 on values where float64
     is exact."""
-    from compress.formats import Int8Linear
+    from compress.checkpoint.formats import Int8Linear
 
     torch.manual_seed(0)
     m = Int8Linear(40, 24, bias=True, scale_dtype=torch.bfloat16)

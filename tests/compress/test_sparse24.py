@@ -7,10 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from compress.eval.bench_sparse import prune_2_4
 
 from compress.errors import UsageError
-from compress.eval.bench_sparse import prune_2_4
-from compress.kernels.sparse24 import is_n_m, semi_structured_support, shape_ok, to_semi_structured
+from compress.kernels.sparse24 import (
+    is_n_m,
+    semi_structured_support,
+    shape_ok,
+    to_semi_structured,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,10 +119,11 @@ def test_tiny_llama_logits_match_after_conversion():
 @pytest.mark.gpu
 def test_load_swaps_in_semi_structured_weights(tmp_path):
     """A 2:4 export loaded on the GPU in bf16 gets semi-structured weights and the same logits."""
-    from compress.api import run
-    from compress.loading import load
-    from compress.recipe import load_recipe
     from conftest import save_tiny
+
+    from compress.api import run
+    from compress.checkpoint.load import load
+    from compress.recipe import load_recipe
 
     path = save_tiny(tmp_path / "m", "llama")
     out = tmp_path / "out"

@@ -6,21 +6,21 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from typer.testing import CliRunner
-
-from compress import api
-from compress.cli import app
-from compress.data import calibration_windows, load_texts, tokenize
 from compress.distill import losses
 from compress.distill.config import DistillConfig
 from compress.distill.loop import split_windows, train_model
 from compress.distill.trainable import prepare
-from compress.errors import TrainingError
-from compress.loading import load_source
-from compress.modelio import ModelSource
-from compress.recipe import load_recipe
 from conftest import save_tiny
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from compress import api
+from compress.checkpoint.load import load_source
+from compress.checkpoint.source import ModelSource
+from compress.cli import app
+from compress.data import calibration_windows, load_texts, tokenize
+from compress.errors import TrainingError
+from compress.recipe import load_recipe
 
 runner = CliRunner()
 
@@ -30,9 +30,8 @@ def tiny(tmp_path_factory):
     """A tiny llama whose next-token distributions are peaked like a trained model's (the default
     random init gives near-uniform logits: nothing for a student to match): embeddings ×25, the
     blocks' Linears ×5."""
-    from transformers import AutoModelForCausalLM
-
     from conftest import make_tokenizer, tiny_config
+    from transformers import AutoModelForCausalLM
 
     path = tmp_path_factory.mktemp("distill") / "llama"
     torch.manual_seed(0)
@@ -202,8 +201,9 @@ def test_lowrank_then_distill_trains_the_factors_and_reloads(tiny, tmp_path):
     rep = api.run(_recipe(tiny, out, [{"lowrank": {"reduction": 0.3, "allocation": "uniform", "rank_multiple": 4}},
                                       {"distill": {"steps": 2, "lr": 1e-3, "restore_best": False}}]))
     assert rep["distill"]["trained"]["lowrank"] > 0
-    from compress.loading import load
     from compress.lowrank.module import LowRankLinear
+
+    from compress.checkpoint.load import load
 
     m = load(out, log=lambda *_: None)
     assert any(isinstance(x, LowRankLinear) for x in m.modules())
@@ -224,8 +224,9 @@ def test_block_scope_trains_each_block_inside_the_sweep(tiny, w3, tmp_path):
 
 
 def test_training_reads_the_calibration_split_only(tiny, tmp_path, monkeypatch):
-    import compress.api as api_mod
     import compress.distill.run as run_mod
+
+    import compress.api as api_mod
 
     events = []
     real_load, real_train = api_mod.load_texts, run_mod.train_model
@@ -319,8 +320,9 @@ def test_cli_distill_refuses_a_different_architecture(tiny, tmp_path):
 
 
 def test_a_run_interrupted_while_distilling_resumes_without_compressing_again(tiny, tmp_path, monkeypatch):
-    import compress.api as api_mod
     import compress.distill.run as run_mod
+
+    import compress.api as api_mod
 
     out = tmp_path / "o"
     passes = [{"rtn": {"bits": 4, "group_size": 32}}, {"distill": {"steps": 4, "save_every": 1, "restore_best": False}}]
@@ -357,7 +359,7 @@ def test_gradient_checkpointing_gives_the_same_training(tiny, w3):
     ({"gptq": {"bits": 3, "group_size": 32}}, "qat"),  # latent weights, re-quantized to new codes
 ])
 def test_w8a8_and_qat_students_export_valid_checkpoints(tiny, w3, tmp_path, quant, train):
-    from compress.loading import load
+    from compress.checkpoint.load import load
 
     out = tmp_path / "o"
     # qat starts from the dequantized weights, half a grid step from any rounding boundary: a large

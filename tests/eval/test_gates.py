@@ -1,9 +1,9 @@
 """Gates and metric comparison on synthetic results (no model)."""
 
 import pytest
+from compress.eval.gates import check_gates, compare_metrics, failure_message
 
 from compress.errors import UsageError
-from compress.eval.gates import compare_metrics, check_gates, failure_message
 from compress.recipe import GatesConfig, load_recipe
 
 

@@ -4,10 +4,10 @@ import json
 import time
 
 import pytest
-
-from compress.errors import InputError, UsageError
 from compress.eval import taskdata
 from compress.eval.harness import SHIPPED, hub_reachable, resolve_tasks
+
+from compress.errors import InputError, UsageError
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +62,8 @@ def test_resolve_tasks_names_files_and_folders(tmp_path):
 def test_shipped_tasks_run_on_an_in_memory_model(tiny_llama):
     """lm-eval's HFLM on our loaded model: metrics with the right directions, limit respected, seeded."""
     from compress.eval.harness import run_tasks
-    from compress.loading import load
+
+    from compress.checkpoint.load import load
 
     model = load(tiny_llama, log=lambda m: None)
     tok = model.compress_source.tokenizer
@@ -82,7 +83,8 @@ def test_shipped_tasks_run_on_an_in_memory_model(tiny_llama):
 def test_unreachable_task_data_fails_fast_with_how_to_use_a_local_copy(tiny_llama, tmp_path):
     """A task whose dataset lives on the hub: without the hub, InputError at once, not retries."""
     from compress.eval.harness import run_tasks
-    from compress.loading import load
+
+    from compress.checkpoint.load import load
 
     if hub_reachable():
         pytest.skip("the hub is reachable from here")
@@ -101,7 +103,8 @@ def test_unreachable_task_data_fails_fast_with_how_to_use_a_local_copy(tiny_llam
 def test_local_task_file_with_a_jsonl_dataset(tiny_llama, tmp_path):
     """A user's own task YAML over a local data file (the documented way to use a local copy)."""
     from compress.eval.harness import run_tasks
-    from compress.loading import load
+
+    from compress.checkpoint.load import load
 
     data = tmp_path / "items.jsonl"
     data.write_text("".join(json.dumps({"q": f"The number {i} is", "a": " small"}) + "\n" for i in range(4)))

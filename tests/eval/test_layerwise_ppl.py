@@ -7,18 +7,21 @@ import resource
 
 import psutil
 import pytest
-import torch
+from compress.eval import layerwise
+from compress.eval.layerwise import (
+    available_memory_bytes,
+    layerwise_perplexity,
+    whole_model_bytes,
+)
+from compress.eval.perplexity import perplexity
+from conftest import save_tiny
 
 from compress import api
+from compress.checkpoint.load import load_source
+from compress.checkpoint.source import ModelSource
 from compress.data import eval_windows, load_texts, tokenize
-from compress.eval import layerwise
-from compress.eval.layerwise import available_memory_bytes, layerwise_perplexity, whole_model_bytes
-from compress.eval.perplexity import perplexity
 from compress.kernels import keep_dequantized
-from compress.loading import load_source
-from compress.modelio import ModelSource
 from compress.recipe import EvalConfig, PerplexityConfig, load_recipe
-from conftest import save_tiny
 
 KEYS = {"perplexity", "nll", "tokens", "windows", "seconds", "mode"}
 

@@ -4,10 +4,16 @@ import itertools
 
 import pytest
 import torch
+from compress.lowrank.allocate import (
+    BudgetError,
+    LayerShape,
+    parameters,
+    sensitivity_ranks,
+    uniform_ranks,
+)
+from compress.lowrank.svd import breakeven_rank, decompose, low_rank, whitening
 
 from compress.errors import UsageError
-from compress.lowrank.allocate import BudgetError, LayerShape, parameters, sensitivity_ranks, uniform_ranks
-from compress.lowrank.svd import breakeven_rank, decompose, low_rank, whitening
 
 
 def _correlated(n=400, d=24, seed=0):

@@ -6,20 +6,19 @@ import json
 
 import pytest
 import torch
+from compress.lowrank.module import LowRankLinear
+from conftest import save_tiny
 from typer.testing import CliRunner
 
 from compress.api import inspect_checkpoint, run
+from compress.checkpoint.formats import QuantLinear
+from compress.checkpoint.load import load
+from compress.checkpoint.source import ModelSource, materialize
 from compress.cli import app
 from compress.engine import compress_blocks
 from compress.errors import UsageError
-from compress.families import find_blocks
-from compress.formats import QuantLinear
-from compress.loading import load
-from compress.lowrank.module import LowRankLinear
-from compress.modelio import ModelSource, materialize
 from compress.passes import Context, get_pass
 from compress.recipe import load_recipe
-from conftest import save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -218,10 +217,10 @@ def test_a_layer_that_sees_no_signal_is_named(tmp_path):
 
 
 def test_block_error_probe_measures_what_reaches_the_block_output():
+    from conftest import tiny_config
     from transformers import AutoModelForCausalLM
 
     from compress.engine import _BlockErrorProbe
-    from conftest import tiny_config
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).eval()

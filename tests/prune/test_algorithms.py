@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from compress.prune.magnitude import magnitude_prune
 from compress.prune.owl import outlier_ratio, owl_sparsities
 from compress.prune.pattern import Pattern, keep_n_of_m, parse_pattern, prune_count

@@ -3,11 +3,11 @@
 import json
 
 import pytest
+from compress.eval.report import validate
+from conftest import save_tiny
 from typer.testing import CliRunner
 
 from compress.cli import app
-from compress.eval.report import validate
-from conftest import save_tiny
 
 runner = CliRunner()
 

@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from conftest import save_tiny
 
 from compress.api import inspect_checkpoint, run
+from compress.checkpoint.load import load
 from compress.errors import UsageError
-from compress.loading import load
 from compress.recipe import load_recipe
-from conftest import save_tiny
 
 
 @pytest.fixture(scope="module")

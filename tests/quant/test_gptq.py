@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from compress.quant.gptq import gptq_quantize
 from compress.quant.rtn import QuantScheme, fake_quantize, fit_qparams, rtn_quantize
 

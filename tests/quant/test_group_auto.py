@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from compress.quant.passes import QuantConfig, auto_group_size
+from conftest import save_tiny
 
 from compress.api import inspect_checkpoint, run
-from compress.loading import load
-from compress.quant.passes import QuantConfig, auto_group_size
+from compress.checkpoint.load import load
 from compress.recipe import load_recipe
-from conftest import save_tiny
 
 
 @pytest.mark.parametrize("in_features, want", [(4096, 128), (576, 64), (1536, 128), (64, 64), (48, 16), (1000, -1), (100, -1)])

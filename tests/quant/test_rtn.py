@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from compress.quant.rtn import QuantScheme, dequantize, fit_qparams, rtn_quantize
 
 

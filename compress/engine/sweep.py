@@ -4,7 +4,7 @@ For block i (only its weights, its statistics and the cached activations are in 
 
 1. its inputs are the outputs of block i-1 (already compressed), cached on the CPU;
 2. for each group of Linears in forward order (q/k/v, then o, then gate/up, then down — see
-   ``compress.families``), hooks collect the statistics the passes need while the block runs on
+   ``compress.arch.families``), hooks collect the statistics the passes need while the block runs on
    the calibration batches; the forward stops early once the group has seen its inputs;
 3. the passes transform the group's Linears in recipe order, so the next group is calibrated on
    what the compressed model will really feed it ("true sequential");
@@ -27,15 +27,20 @@ from typing import Callable
 import torch
 from torch import nn
 
-from compress.arch import calibrating
-from compress.dist import World, moved, to_cpu
+from compress.arch.adapt import calibrating
+from compress.arch.families import (
+    find_blocks,
+    linear_groups,
+    replay_input_points,
+    replay_points,
+    smooth_points,
+)
+from compress.checkpoint.source import ModelSource, materialize, release
+from compress.engine.dist import World, moved, to_cpu
 from compress.errors import UsageError
-from compress.families import find_blocks, get_module, linear_groups, replay_input_points, replay_points, smooth_points
-from compress.formats import replace_linear
-from compress.modelio import ModelSource, materialize, release
 from compress.modules import dense_weight
 from compress.passes import PAIRED, STATS, Pass
-from compress.smoothing import first_output
+from compress.utils import first_output, get_module, replace_linear, trim_heap
 
 
 class _Stop(Exception):
@@ -180,17 +185,6 @@ class _ReplayInput(_Replay):
 # the most memory the kept inputs of _ReplayInput may take (float32 activations of every
 # calibration token); above it the submodule simply runs again
 REPLAY_INPUT_BYTES = 1 << 30
-
-
-def _trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and the peak RSS
-    creeps up block after block from fragmentation)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @dataclass
@@ -387,7 +381,7 @@ def compress_blocks(
             sink(res, inputs)
         if not keep:
             release(block)
-        _trim_heap()
+        trim_heap()
         progress(i + 1, n, "done")
     return {"activations": where}
 
@@ -511,7 +505,7 @@ def _preview(source, blocks, blocks_path: str, plan, previewers: list[Pass], inp
             p.preview_block(prefix, {n: stats[n] for n in mine}, {n: get_module(block, n).weight.detach().float() for n in mine}, probe)
         del probe, probe_in
         release(block)
-        _trim_heap()
+        trim_heap()
     for p in previewers:
         p.preview_done()
 

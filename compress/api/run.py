@@ -9,28 +9,25 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from compress.eval.report import (
+    REPORT_SCHEMA,  # one schema for every report: eval/report.schema.json
+)
 
+from compress.arch.families import find_blocks
+from compress.checkpoint.export import Exporter
+from compress.checkpoint.source import ModelSource, read_metadata, resolve_model
 from compress.data import calibration_windows, eval_windows, load_texts, tokenize
 from compress.engine import check_plan, compress_blocks
 from compress.errors import UsageError
-from compress.export import Exporter
-from compress.families import find_blocks
-from compress.modelio import ModelSource, read_metadata, resolve_model
 from compress.passes import Context, get_pass
-from compress.eval.report import REPORT_SCHEMA  # one schema for every report: eval/report.schema.json
 from compress.recipe import Recipe, dump_recipe
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+from compress.utils import peak_rss_mb
 
 
 class Hooks:
@@ -52,9 +49,9 @@ def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> 
     """Compress, export, evaluate; returns the report (also saved as report.json in the export).
 
     Under torchrun (``WORLD_SIZE`` > 1) every rank runs this: the sweep is shared out
-    (compress.dist), then rank 0 alone exports, evaluates and returns the report; the other
+    (compress.engine.dist), then rank 0 alone exports, evaluates and returns the report; the other
     ranks return ``{"rank": r, "world_size": n}``."""
-    from compress.dist import close_world, init_world
+    from compress.engine.dist import close_world, init_world
 
     world = init_world(recipe.device)  # `device: cuda` without CUDA: exit 2 here, before any work
     try:
@@ -209,7 +206,7 @@ def distill_perplexities(ev: dict, before: dict) -> dict:
 def _compress(recipe, source, model, passes, calib, blocks_path, n_blocks, dtype, target, resume, overwrite, hooks, world=None):
     """The layer-wise sweep into an export at ``target``; returns (report so far, its path).
     Under torchrun every rank sweeps; rank 0 alone writes (others return (None, None))."""
-    from compress.dist import World
+    from compress.engine.dist import World
 
     world = world or World()
     cal = recipe.calibration
@@ -277,8 +274,9 @@ def write_reports(report: dict, folder: Path) -> None:
 
 def check_gates(report: dict) -> None:
     """Raise ``GateError`` (exit 4) naming every failing gate; the report rides on it as ``.report``."""
-    from compress.errors import GateError
     from compress.eval.gates import failure_message
+
+    from compress.errors import GateError
 
     ev = report.get("eval") or {}
     if ev.get("passed") is False:
@@ -314,7 +312,8 @@ def _evaluate_one(ref, source: ModelSource, cfg, tasks, seed: int, label: str, h
     from compress.eval.harness import run_tasks
     from compress.eval.layerwise import layerwise_perplexity, use_layerwise
     from compress.eval.perplexity import perplexity
-    from compress.loading import load_source
+
+    from compress.checkpoint.load import load_source
 
     t0 = time.time()
     fp = cache.model_fingerprint(source.path)
@@ -385,8 +384,10 @@ def evaluate(model_ref, baseline_ref=None, cfg=None, *, seed: int = 0, hooks: Ho
     ``cfg`` is an ``EvalConfig`` (a ``PerplexityConfig`` alone means perplexity only). Returns the
     report's ``eval`` section: {"settings", "model", "baseline"?, "metrics", "gates", "passed"}.
     Gates are checked but not raised here (``check_gates`` does that once the report is saved)."""
-    from compress.eval.gates import check_gates as gate_rows, compare_metrics
+    from compress.eval.gates import check_gates as gate_rows
+    from compress.eval.gates import compare_metrics
     from compress.eval.harness import resolve_tasks
+
     from compress.recipe import EvalConfig, PerplexityConfig
 
     hooks = hooks or Hooks()
@@ -436,8 +437,8 @@ def eval_report(model_ref, baseline_ref=None, cfg=None, *, seed: int = 0, kind: 
 
 def inspect_checkpoint(path) -> dict:
     """Layers, schemes, bits per parameter and size on disk of a checkpoint folder."""
-    from compress.formats import read_quantization_config
-    from compress.loading import quantized_layer_names
+    from compress.checkpoint.formats import read_quantization_config
+    from compress.checkpoint.load import quantized_layer_names
     source = ModelSource(resolve_model(path))
     size = source.disk_bytes()
     quantized = set(quantized_layer_names(source))
@@ -486,6 +487,7 @@ def distill(student_ref, teacher_ref, output, cfg=None, *, calibration=None, eva
     from compress.distill.config import DistillConfig
     from compress.distill.loop import split_windows
     from compress.distill.run import check_pair, distill_checkpoint, write_trained
+
     from compress.recipe import CalibrationConfig, EvalConfig
 
     hooks = hooks or Hooks()

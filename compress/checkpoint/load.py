@@ -10,11 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.checkpoint.formats import read_quantization_config
+from compress.checkpoint.source import (
+    ModelSource,
+    materialize,
+    read_metadata,
+    resolve_model,
+)
 from compress.errors import InputError, UsageError
-from compress.families import get_module
-from compress.formats import read_quantization_config, replace_linear
 from compress.modules import CompressedLinear, module_types
-from compress.modelio import ModelSource, materialize, read_metadata, resolve_model
+from compress.utils import get_module, replace_linear
 
 
 def stored_modules(source: ModelSource) -> dict[str, type[CompressedLinear]]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from compress.errors import UsageError
+from compress.utils import get_module
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ FAMILIES: dict[str, Family] = {
             Smooth("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
         ),
     ),
-    # GPT-2: Conv1D layers, made Linears by compress.arch; c_attn is the fused q/k/v
+    # GPT-2: Conv1D layers, made Linears by compress.arch.adapt; c_attn is the fused q/k/v
     "gpt2": Family(
         blocks="transformer.h",
         sequence=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
@@ -134,7 +135,7 @@ FAMILIES: dict[str, Family] = {
         Smooth("input_layernorm", ("self_attention.query_key_value",), "self_attention"),
         Smooth("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),
     )),
-    # Mixture of experts: compress.arch unfuses the experts into one Linear per expert and
+    # Mixture of experts: compress.arch.adapt unfuses the experts into one Linear per expert and
     # projection (``*`` stands for the expert index). The router reads the MLP norm's output too,
     # so only the attention's points fold.
     "mixtral": Family(
@@ -187,13 +188,6 @@ def expand(patterns, names: list[str]) -> list[str]:
             rx = re.compile(re.escape(p).replace(r"\*", r"\d+") + "$")
             out += sorted((n for n in names if rx.match(n)), key=lambda n: [int(t) if t.isdigit() else t for t in n.split(".")])
     return out
-
-
-def get_module(root: nn.Module, dotted: str) -> nn.Module:
-    mod = root
-    for part in dotted.split("."):
-        mod = getattr(mod, part)
-    return mod
 
 
 def find_blocks(model: nn.Module, model_type: str, num_layers: int | None) -> tuple[str, nn.ModuleList]:

@@ -1,0 +1,3 @@
+"""Model I/O and formats: reading checkpoints (``source``: HF folders, hub ids, GGUF files, lazy
+safetensors per block), the packed containers (``formats``, ``packing``), writing the export
+(``export``, atomic) and loading it back as modules that run (``load``)."""
