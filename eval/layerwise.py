@@ -37,7 +37,7 @@ from compress.arch.families import find_blocks
 from compress.checkpoint.load import replace_stored, stored_modules
 from compress.checkpoint.source import ModelSource, materialize, release
 from compress.engine import capture_inputs
-from compress.kernels import keep_dequantized
+from compress.modules import keep_dense
 from compress.utils import first_output, trim_heap
 
 # The whole model is loaded only when its estimate (``whole_model_bytes``) is at most this share of
@@ -98,10 +98,10 @@ def layerwise_perplexity(source: ModelSource, windows: torch.Tensor, batch_size:
         prefix = f"{blocks_path}.{i}."
         replace_stored(model, source, {k: v for k, v in stored.items() if k.startswith(prefix)})
         materialize(block, prefix, source)
-        keep_dequantized(block)  # each packed layer dequantized once for all the batches
+        keep_dense(block)  # each packed layer dequantized once for all the batches
         for b, (args, kwargs) in enumerate(inputs.kwargs[i]):
             hidden[b] = first_output(block(hidden[b], *args, **kwargs)).detach().float()  # in place: the input is freed
-        keep_dequantized(block, on=False)  # the dense copies are no parameters: release would not free them
+        keep_dense(block, on=False)  # the dense copies are no parameters: release would not free them
         release(block)
         trim_heap()
         progress(i + 1, n + 1)

@@ -5,8 +5,9 @@ original bias), plain ``nn.Linear`` with trainable parameters (distillation trai
 compressed modules themselves when a quantization pass ran on the factors (``lowrank`` then
 ``rtn``/``gptq`` in one recipe). Their state_dict is the export: ``<layer>.A.weight``,
 ``<layer>.B.weight``, ``<layer>.B.bias`` (or the packed tensors of a quantized factor), and
-``compress.json`` lists each layer's rank under ``lowrank.layers`` so ``compress.load`` rebuilds
-the module. A ``merged`` export multiplies the factors back into ``<layer>.weight``.
+``compress.json`` lists each layer's rank under ``lowrank.layers`` (``lowrank_metadata`` writes
+the section, ``stored_layers`` reads it) so ``compress.load`` rebuilds the module. A ``merged``
+export stores ``merged()``, the factors multiplied back into ``<layer>.weight``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from compress.modules import CompressedLinear, dense_weight, register_module_typ
 @register_module_type
 class LowRankLinear(CompressedLinear):
     container = True  # stores its factors (plain or quantized Linears), nothing else
+    merge_on_export = True  # export.lowrank: merged stores B·A as one dense weight
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
                  A: nn.Module | None = None, B: nn.Module | None = None, device=None):
@@ -47,14 +49,14 @@ class LowRankLinear(CompressedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.B(self.A(x))
 
-    def factors(self) -> dict[str, nn.Module]:
-        return {"A": self.A, "B": self.B}
-
     @property
     def parameters_kept(self) -> int:
         return self.rank * (self.in_features + self.out_features)
 
-    # the compressed-module protocol (compress.modules)
+    # the compressed-module protocol (compress.modules); merged() is the base's: B·A and the bias
+    def factors(self) -> dict[str, nn.Module]:
+        return {"A": self.A, "B": self.B}
+
     def dense_weight(self) -> torch.Tensor:
         return dense_weight(self.B) @ dense_weight(self.A)
 
@@ -79,10 +81,17 @@ class LowRankLinear(CompressedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def merged(module: LowRankLinear) -> nn.Linear:
-    """A plain Linear computing B·A (what ``export.lowrank: merged`` stores)."""
-    lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-    lin.weight.data = module.dense_weight()
-    if module.bias is not None:
-        lin.bias.data = module.bias.detach().float().clone()
-    return lin
+def lowrank_metadata(layers: list, export: str) -> dict | None:
+    """The ``lowrank`` section of ``compress.json`` from the run's ``LayerReport``s (those the
+    lowrank pass ran on carry a ``rank`` in their info, None where a layer stayed dense);
+    ``export``: ``factored`` or ``merged`` (ExportConfig.lowrank). None when no layer was factored."""
+    factored = {r.name: r.info for r in layers if "rank" in r.info}
+    if not factored:
+        return None
+    return {
+        "export": export,
+        "method": sorted({i["method"] for i in factored.values()})[0],
+        "parameters_kept": sum(i["params_kept"] for i in factored.values()),
+        "parameters_dense": sum(i["params_dense"] for i in factored.values()),
+        "layers": {k: {"rank": i["rank"], "params_kept": i["params_kept"]} for k, i in sorted(factored.items())},
+    }

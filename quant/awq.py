@@ -29,7 +29,9 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from compress.quant.rtn import QuantScheme, _minmax_params, fake_quantize, fit_qparams
+from compress.quant.rtn import QuantScheme, fake_quantize, fit_qparams, minmax_params
+
+from compress.utils import group_width
 
 
 def activation_mean(absmean_sum: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -43,7 +45,7 @@ def weight_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tenso
     rows = []
     for w in weights:
         out_f, in_f = w.shape
-        gw = in_f if group_size == -1 else group_size
+        gw = group_width(group_size, in_f)
         g = w.abs().reshape(out_f, in_f // gw, gw)  # (out, G, gw)
         rows.append((g / g.amax(dim=-1, keepdim=True).clamp_min(1e-12)).reshape(out_f, in_f))
     return torch.cat(rows).mean(dim=0)
@@ -135,7 +137,7 @@ def search_clip(
     best_p = torch.ones(out_f, G)
     for k in range(max(1, int(max_shrink * grid))):
         p = 1 - k / grid
-        s, z = _minmax_params((p * xmin).reshape(-1), (p * xmax).reshape(-1), scheme)
+        s, z = minmax_params((p * xmin).reshape(-1), (p * xmax).reshape(-1), scheme)
         q = fake_quantize(wg.reshape(-1, gw), s[:, None], z[:, None], scheme.maxq).reshape(out_f, G, gw)
         d = (q - wg).transpose(0, 1)  # (G, out, gw)
         err = (torch.bmm(d, Hg) * d).sum(-1).T  # (out, G)

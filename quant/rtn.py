@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from compress.utils import group_width
+
 
 @dataclass(frozen=True)
 class QuantScheme:
@@ -44,7 +46,7 @@ class QuantScheme:
         return 1 if self.group_size == -1 else in_features // self.group_size
 
     def group_width(self, in_features: int) -> int:
-        return in_features if self.group_size == -1 else self.group_size
+        return group_width(self.group_size, in_features)
 
 
 @dataclass
@@ -75,7 +77,7 @@ def _round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return scale.clamp_min(tiny).to(dtype).to(torch.float32).clamp_min(tiny)
 
 
-def _minmax_params(xmin: torch.Tensor, xmax: torch.Tensor, scheme: QuantScheme):
+def minmax_params(xmin: torch.Tensor, xmax: torch.Tensor, scheme: QuantScheme):
     """Scale and zero from a per-row range. xmin <= 0 <= xmax, shapes (rows,)."""
     maxq = scheme.maxq
     if scheme.symmetric:
@@ -95,7 +97,7 @@ def fit_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, tor
     w = w.float()
     xmin = w.min(dim=1).values.clamp(max=0)
     xmax = w.max(dim=1).values.clamp(min=0)
-    scale, zero = _minmax_params(xmin, xmax, scheme)
+    scale, zero = minmax_params(xmin, xmax, scheme)
     if scheme.observer == "minmax":
         return scale, zero
     if scheme.observer != "mse":
@@ -109,7 +111,7 @@ def fit_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, tor
     fine = torch.arange(coarse - 1, -coarse, -1, dtype=torch.float32)[:, None] / scheme.mse_grid  # (2c-1, 1), widest first
     p = (best_p[None, :] + fine).clamp(1 - (steps - 1) / scheme.mse_grid, 1.0)  # (2c-1, rows)
     best_p = _best_ratio(w, xmin, xmax, p, scheme)
-    scale, zero = _minmax_params(best_p * xmin, best_p * xmax, scheme)
+    scale, zero = minmax_params(best_p * xmin, best_p * xmax, scheme)
     return scale, zero
 
 
@@ -121,7 +123,7 @@ def _best_ratio(w, xmin, xmax, p: torch.Tensor, scheme: QuantScheme, budget: int
     which stay in cache) with in-place ops: the same values as ``fake_quantize`` on the whole
     tensor, about 6× faster on a 1536 × 576 weight than one pass over a (P, rows, k) temporary
     per op (plain W8A8 of the demo model spends most of its time here)."""
-    s, z = _minmax_params(p * xmin, p * xmax, scheme)  # (P, rows)
+    s, z = minmax_params(p * xmin, p * xmax, scheme)  # (P, rows)
     P, rows = s.shape
     err = torch.empty(P, rows)
     step = max(1, budget // (P * w.shape[1]))

@@ -1,10 +1,16 @@
-"""The Python API under the CLI, one module per job: ``run`` (compress a recipe), ``evaluate``
-(evaluate and compare), ``inspect`` (what a checkpoint holds), ``distill`` (train an existing
-checkpoint against its original).
+"""The Python API under the CLI, one module per job: ``job`` (``run``: compress with a recipe),
+``evaluation`` (evaluate and compare), ``inspection`` (what a checkpoint holds), ``distillation`` (train an
+existing checkpoint against its original); ``common`` holds what they share.
 
     import compress
     report = compress.run(compress.load_recipe("recipe.yaml", ["passes.0.gptq.bits=3"]))
     model = compress.load("out/smollm2-w4")
 """
 
-from compress.api.run import *  # noqa: F401,F403
+from compress.api.common import Hooks, check_gates, write_reports
+from compress.api.distillation import distill
+from compress.api.evaluation import eval_report, evaluate
+from compress.api.inspection import inspect_checkpoint
+from compress.api.job import run
+
+__all__ = ["Hooks", "check_gates", "distill", "eval_report", "evaluate", "inspect_checkpoint", "run", "write_reports"]

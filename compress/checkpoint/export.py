@@ -9,7 +9,8 @@ Layout of the output folder (what vLLM and transformers read unchanged):
                                      points, g_idx)
     model.safetensors.index.json     tensor -> shard
     tokenizer files, generation_config.json
-    compress.json                    our metadata: sparsity structure, targets and each layer's sparsity
+    compress.json                    our metadata: the passes' sections (sparsity structure, targets and
+                                     each layer's sparsity; low-rank ranks; ...)
     recipe.yaml                      the resolved recipe that produced it
     report.json                      the run's report
 
@@ -33,9 +34,10 @@ from torch import nn
 from compress.arch.adapt import transformers_names
 from compress.checkpoint.formats import quantization_config
 from compress.checkpoint.source import METADATA, METADATA_FORMAT, ModelSource
-from compress.engine import BlockInputs, BlockResult, LayerReport
+from compress.engine.inputs import BlockInputs
+from compress.engine.records import BlockResult, LayerReport
 from compress.errors import InputError, UsageError
-from compress.modules import CompressedLinear
+from compress.modules import compressed_modules, quant_spec
 from compress.utils import atomic_torch_save, atomic_write_text
 
 TOKENIZER_FILES = (
@@ -117,20 +119,18 @@ class Exporter:
 
     def write_block(self, res: BlockResult, inputs: BlockInputs | None) -> None:
         state = res.module.state_dict()
-        if self.lowrank == "merged":  # B·A back into one dense weight per layer
-            from compress.lowrank.module import LowRankLinear, merged
-
-            for name, mod in res.module.named_modules():
-                if isinstance(mod, LowRankLinear):
+        if self.lowrank == "merged":  # containers of factors (low-rank B·A) back into one dense weight
+            for name, mod in compressed_modules(res.module):
+                if mod.merge_on_export:
                     state = {k: v for k, v in state.items() if not k.startswith(name + ".")}
-                    state.update({f"{name}.{k}": v for k, v in merged(mod).state_dict().items()})
+                    state.update({f"{name}.{k}": v for k, v in mod.merged().state_dict().items()})
         tensors = {}
         for name, t in state.items():
             if t.is_floating_point() and not name.endswith("weight_scale"):
                 t = t.to(self.dtype)  # norms and unquantized weights go back to the storage dtype
             tensors[res.prefix + name] = t.contiguous()
         for name, mod in res.module.named_modules():
-            spec = mod.quant_spec() if isinstance(mod, CompressedLinear) else None
+            spec = quant_spec(mod)
             if spec is not None:
                 self.quantized[res.prefix + name] = spec
         fname = shard_name(len(self.outside) + res.index + 1, self.total)
@@ -152,7 +152,9 @@ class Exporter:
 
     # ---------------------------------------------------------------- finalize
 
-    def finalize(self, model: nn.Module, recipe_yaml: str, report: dict) -> Path:
+    def finalize(self, model: nn.Module, recipe_yaml: str, report: dict, sections: dict) -> Path:
+        """Write everything but the blocks, verify, and rename the work folder to the target.
+        ``sections``: the passes' sections of ``compress.json`` (``Pass.export_metadata``)."""
         src = self.source
         for k, names in enumerate(self.outside, 1):
             fname = shard_name(k, self.total)
@@ -168,7 +170,7 @@ class Exporter:
         if self.quantized:  # a pruned-only model is a plain checkpoint: no quantization_config
             cfg["quantization_config"] = self._quant_config(model)
         (self.work / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        (self.work / METADATA).write_text(json.dumps(self.metadata(), indent=2))
+        (self.work / METADATA).write_text(json.dumps(self.metadata(sections), indent=2))
         for f in TOKENIZER_FILES:
             if (src.path / f).exists():
                 shutil.copy2(src.path / f, self.work / f)
@@ -186,30 +188,13 @@ class Exporter:
             self.work.rename(self.target)
         return self.target
 
-    def metadata(self) -> dict:
+    @staticmethod
+    def metadata(sections: dict) -> dict:
         """Our own description of the checkpoint beyond what compressed-tensors records (it
-        declares no sparsity: current vLLM refuses a 2:4 ``sparsity_config``, so ours lives here)."""
-        meta: dict = {"format": METADATA_FORMAT}
-        factored = {r.name: r.info for r in self.layers if "rank" in r.info}
-        if factored:
-            meta["lowrank"] = {
-                "export": self.lowrank,
-                "method": sorted({i["method"] for i in factored.values()})[0],
-                "parameters_kept": sum(i["params_kept"] for i in factored.values()),
-                "parameters_dense": sum(i["params_dense"] for i in factored.values()),
-                "layers": {k: {"rank": i["rank"], "params_kept": i["params_kept"]} for k, i in sorted(factored.items())},
-            }
-        pruned = {r.name: r.info for r in self.layers if "pattern" in r.info}
-        if pruned:
-            patterns = sorted({i["pattern"] for i in pruned.values()})
-            n = sum(i["weights"] for i in pruned.values())
-            meta["sparsity"] = {
-                "structure": patterns[0] if len(patterns) == 1 else "mixed",
-                "targets": sorted(pruned),
-                "global_sparsity": round(sum(i["sparsity"] * i["weights"] for i in pruned.values()) / max(n, 1), 6),
-                "layers": {k: {"sparsity": i["sparsity"], "pattern": i["pattern"]} for k, i in sorted(pruned.items())},
-            }
-        return meta
+        declares no sparsity: current vLLM refuses a 2:4 ``sparsity_config``, so ours lives
+        here): the format version, then the passes' sections in name order (``lowrank``,
+        ``sparsity``, ...), whatever the order of the passes."""
+        return {"format": METADATA_FORMAT, **dict(sorted(sections.items()))}
 
     def _quant_config(self, model: nn.Module) -> dict:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in self.quantized]

@@ -1,6 +1,10 @@
-"""The compressed-tensors ``pack-quantized`` format, and the runtime module that holds it.
+"""The compressed-tensors formats and the module types that hold them: ``pack-quantized``
+(``QuantLinear``, weight-only) and ``int-quantized`` (``Int8Linear``, W8A8). Both register as
+compressed module types (``compress.modules``): they give their dense weight, their
+``quantization_config`` group, the runtimes that read them (vLLM serves ``VLLM_BITS``), their
+trainable views (``compress.checkpoint.tuning``) and how they reload.
 
-A quantized Linear is stored as these tensors (the names compressed-tensors, transformers and
+A pack-quantized Linear is stored as these tensors (the names compressed-tensors, transformers and
 vLLM read; ``QuantLinear``'s state_dict is exactly this set):
 
     weight_packed      int32        (out, packed_size(in))        codes, packed along in (dim 1)
@@ -17,22 +21,31 @@ The bit layout of the packed words is described in ``compress.checkpoint.packing
 
 from __future__ import annotations
 
+import math
 from importlib.metadata import version as _dist_version
 
 import torch
 from packaging.version import InvalidVersion, Version
 from torch import nn
 
-from compress.checkpoint.packing import (  # noqa: F401 (re-exported)
-    _check_bits,
+from compress.checkpoint.packing import (
+    check_bits,
     pack_int32,
     packed_size,
     unpack_int32,
 )
+from compress.checkpoint.tuning import Int8ScaleTuned, QatLinear, ScaleTuned
 from compress.errors import InputError
-from compress.kernels import int8_linear, wna16_linear
-from compress.modules import CompressedLinear, register_module_type
+from compress.kernels import cache_dense, int8_linear, wna16_linear
+from compress.modules import (
+    ALL_RUNTIMES,
+    COMPRESS,
+    CompressedLinear,
+    TrainableView,
+    register_module_type,
+)
 from compress.passes import matches_any
+from compress.utils import group_width
 
 # QuantizationArgs fields that every compressed-tensors version from 0.9 to 0.20 knows. vLLM pins
 # an older compressed-tensors whose pydantic models forbid unknown fields (0.12+), so a config
@@ -42,6 +55,7 @@ WEIGHT_FIELDS = (
     "block_structure", "dynamic", "actorder", "observer", "observer_kwargs",
 )
 DENSE_SINCE = (0, 18)  # the first compressed-tensors release that packs 3/5/6/7 bits densely
+VLLM_BITS = (4, 8)  # the weight widths vLLM serves (pack-quantized); others run on compress only
 
 
 class FormatError(InputError, ValueError):
@@ -67,7 +81,7 @@ class QuantLinear(CompressedLinear):
     """
 
     kernel = "torch"
-    backend: str | None = None
+    group_format = "pack-quantized"
 
     def __init__(
         self,
@@ -84,12 +98,12 @@ class QuantLinear(CompressedLinear):
         dense: bool = True,
     ):
         super().__init__()
-        _check_bits(bits)
+        check_bits(bits)
         if group_size != -1 and (group_size <= 0 or in_features % group_size):
             raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric, self.dense = bits, group_size, symmetric, dense
-        G = 1 if group_size == -1 else in_features // group_size
+        G = in_features // group_width(group_size, in_features)
         i32 = dict(dtype=torch.int32)
         self.register_buffer("weight_packed", torch.zeros(out_features, packed_size(in_features, bits, dense), **i32))
         self.register_buffer("weight_scale", torch.zeros(out_features, G, dtype=scale_dtype))
@@ -135,7 +149,7 @@ class QuantLinear(CompressedLinear):
         """int64 (in,): the group of each input column."""
         if hasattr(self, "weight_g_idx"):
             return self.weight_g_idx.long()
-        gw = self.in_features if self.group_size == -1 else self.group_size
+        gw = group_width(self.group_size, self.in_features)
         return torch.arange(self.in_features, device=self.weight_packed.device) // gw
 
     def dequantize(self) -> torch.Tensor:
@@ -163,9 +177,29 @@ class QuantLinear(CompressedLinear):
     def quant_spec(self) -> dict:
         return self.spec()
 
+    def trainable(self, train: str) -> TrainableView:
+        return QatLinear(self) if train == "qat" else ScaleTuned(self)
+
+    def keep_dense(self, on: bool = True) -> bool:
+        """On the CPU the torch path keeps the dequantized weight after the first forward instead
+        of dequantizing on every call (rebuilt if the packed buffers change)."""
+        if self.weight_packed.device.type != "cpu":
+            return False
+        cache_dense(self, on)
+        return True
+
+    @classmethod
+    def runtimes(cls, spec: dict) -> list[str]:
+        return list(ALL_RUNTIMES) if spec["bits"] in VLLM_BITS else [COMPRESS]
+
     @classmethod
     def stored_layers(cls, source) -> list[str]:
         return sorted(k[: -len(".weight_packed")] for k in source.weight_map if k.endswith(".weight_packed"))
+
+    @classmethod
+    def stored_parameters(cls, source, name: str) -> int:
+        """The original weight's element count (``weight_shape``), not the packed words'."""
+        return math.prod(source.read([f"{name}.weight_shape"])[f"{name}.weight_shape"].tolist())
 
     @classmethod
     def from_checkpoint(cls, source, name, linear, groups) -> "QuantLinear":
@@ -212,6 +246,7 @@ class Int8Linear(CompressedLinear):
 
     kernel = "torch"
     quantizes_activations = True
+    group_format = "int-quantized"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  scale_dtype: torch.dtype = torch.bfloat16, bias_dtype: torch.dtype = torch.float32):
@@ -244,7 +279,7 @@ class Int8Linear(CompressedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # backend: set by compress.load(kernel=...), like QuantLinear's (None: automatic)
-        return int8_linear(x, self.weight, self.weight_scale, self.bias, backend=getattr(self, "backend", None))
+        return int8_linear(x, self.weight, self.weight_scale, self.bias, backend=self.backend)
 
     def spec(self) -> dict:
         return {"bits": 8, "group_size": -1, "symmetric": True, "act_order": False, "activations": {"bits": 8, "dynamic": True}}
@@ -256,11 +291,19 @@ class Int8Linear(CompressedLinear):
     def quant_spec(self) -> dict:
         return self.spec()
 
+    def trainable(self, train: str) -> TrainableView:
+        return Int8ScaleTuned(self)
+
+    @classmethod
+    def runtimes(cls, spec: dict) -> list[str]:
+        return list(ALL_RUNTIMES)
+
     @classmethod
     def stored_layers(cls, source) -> list[str]:
         """Layers with an int8 ``weight`` beside a ``weight_scale`` and no packed codes."""
-        scaled = {k[: -len(".weight_scale")] for k in source.weight_map if k.endswith(".weight_scale")}
-        return sorted(n for n in scaled if n + ".weight_packed" not in source.weight_map)
+        wm = source.weight_map
+        scaled = {k[: -len(".weight_scale")] for k in wm if k.endswith(".weight_scale")}
+        return sorted(n for n in scaled if n + ".weight_packed" not in wm and n + ".weight" in wm)
 
     @classmethod
     def from_checkpoint(cls, source, name, linear, groups) -> "Int8Linear":
@@ -300,7 +343,7 @@ def quantization_config(groups: list[dict], ignore: list[str]) -> dict:
     cfg_groups = {}
     for i, g in enumerate(groups):
         bits, gs, act = g["bits"], g["group_size"], g.get("act_order", False)
-        _check_bits(bits)
+        check_bits(bits)
         if gs != -1 and gs <= 0:
             raise ValueError(f"group {i}: group_size must be positive or -1 (channel), got {gs}")
         if act not in (False, None, True, "group", "weight"):
@@ -345,75 +388,90 @@ def quantization_config(groups: list[dict], ignore: list[str]) -> dict:
 def read_quantization_config(cfg: dict) -> dict[str, dict]:
     """config.json's ``quantization_config`` -> ``{group name: scheme}``, enough to rebuild each
     layer's QuantLinear. A scheme: targets, bits, group_size (-1 = channel), symmetric, act_order
-    (True when the layers store ``weight_g_idx``) and dense (the bit layout, from ``version``).
+    (True when the layers store ``weight_g_idx``), dense (the bit layout, from ``version``) and
+    format.
 
     Raises FormatError (a ValueError and an InputError) naming the field we cannot serve.
     """
-    def bad(field, value, want):
-        return FormatError(f"quantization_config.{field} is {value!r}; compress reads {want}")
+    dense = _read_header(cfg)
+    return {name: _read_group(f"config_groups.{name}", g, cfg.get("format"), dense) for name, g in (cfg.get("config_groups") or {}).items()}
 
+
+def _bad(field: str, value, want: str) -> FormatError:
+    return FormatError(f"quantization_config.{field} is {value!r}; compress reads {want}")
+
+
+def _read_header(cfg: dict) -> bool:
+    """Check the fields outside the groups; returns the bit layout (``dense``) of ``version``."""
     if cfg.get("quant_method") != "compressed-tensors":
-        raise bad("quant_method", cfg.get("quant_method"), "'compressed-tensors'")
+        raise _bad("quant_method", cfg.get("quant_method"), "'compressed-tensors'")
     if cfg.get("quantization_status", "compressed") != "compressed":
         # frozen/calibrated checkpoints hold float weights plus scales, not packed codes
-        raise bad("quantization_status", cfg.get("quantization_status"), "'compressed'")
+        raise _bad("quantization_status", cfg.get("quantization_status"), "'compressed'")
     for field in ("kv_cache_scheme", "sparsity_config", "transform_config"):
         if cfg.get(field):  # each would change what the model computes beyond the packed weights
-            raise bad(field, cfg[field], "an empty value (weight-only quantization)")
-    dense = True  # without a version: the current layout
-    if cfg.get("version") is not None:
-        try:
-            dense = Version(str(cfg["version"])).release[:2] >= DENSE_SINCE
-        except InvalidVersion:
-            raise bad("version", cfg["version"], "a compressed-tensors version such as '0.20.0'") from None
-    out = {}
-    for name, g in (cfg.get("config_groups") or {}).items():
-        at = f"config_groups.{name}"
-        fmt = g.get("format") or cfg.get("format")
-        if fmt not in ("pack-quantized", "int-quantized"):
-            raise bad(f"{at}.format", fmt, "'pack-quantized' or 'int-quantized'")
-        if g.get("output_activations"):
-            raise bad(f"{at}.output_activations", g["output_activations"], "null")
-        act = g.get("input_activations")
-        if fmt == "int-quantized":
-            want = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
-            if not act or any(act.get(k, want[k] if k == "type" else None) != v for k, v in want.items()):
-                raise bad(f"{at}.input_activations", act, "dynamic per-token symmetric int8 (W8A8)")
-        elif act:
-            raise bad(f"{at}.input_activations", act, "null (pack-quantized is weight-only)")
-        w = g.get("weights")
-        if not w:
-            raise bad(f"{at}.weights", w, "a weight scheme")
-        if w.get("type", "int") != "int":
-            raise bad(f"{at}.weights.type", w.get("type"), "'int'")
-        bits = w.get("num_bits")
-        if not isinstance(bits, int) or not 2 <= bits <= 8:
-            raise bad(f"{at}.weights.num_bits", bits, "2..8")
-        strategy = w.get("strategy") or ("channel" if w.get("group_size") == -1 else "group")
-        if strategy not in ("group", "channel"):
-            raise bad(f"{at}.weights.strategy", strategy, "'group' or 'channel'")
-        if w.get("dynamic"):
-            raise bad(f"{at}.weights.dynamic", w["dynamic"], "false")
-        if w.get("block_structure"):
-            raise bad(f"{at}.weights.block_structure", w["block_structure"], "null")
-        gs = w.get("group_size")
-        if strategy == "group" and not (isinstance(gs, int) and gs > 0):
-            raise bad(f"{at}.weights.group_size", gs, "a positive group size")
-        actorder = w.get("actorder")
-        if actorder not in (None, False, True, "group", "dynamic", "weight", "static"):
-            raise bad(f"{at}.weights.actorder", actorder, "null, 'group' or 'weight'")
-        out[name] = {
-            "targets": list(g.get("targets") or []),
-            "bits": bits,
-            "group_size": -1 if strategy == "channel" else gs,
-            "symmetric": bool(w.get("symmetric", True)),
-            "act_order": actorder in (True, "group", "dynamic"),  # only these store weight_g_idx
-            "dense": dense or bits in (2, 4, 8),  # the layouts agree where bits divide 32
-            "format": fmt,
-        }
-        if fmt == "int-quantized" and (bits, out[name]["group_size"], out[name]["symmetric"]) != (8, -1, True):
-            raise bad(f"{at}.weights", w, "8-bit per-channel symmetric weights (W8A8)")
-    return out
+            raise _bad(field, cfg[field], "an empty value (weight-only quantization)")
+    if cfg.get("version") is None:
+        return True  # without a version: the current layout
+    try:
+        return Version(str(cfg["version"])).release[:2] >= DENSE_SINCE
+    except InvalidVersion:
+        raise _bad("version", cfg["version"], "a compressed-tensors version such as '0.20.0'") from None
+
+
+def _read_group(at: str, g: dict, default_format: str | None, dense: bool) -> dict:
+    """One ``config_groups`` entry (at ``at``) -> its scheme."""
+    fmt = g.get("format") or default_format
+    if fmt not in ("pack-quantized", "int-quantized"):
+        raise _bad(f"{at}.format", fmt, "'pack-quantized' or 'int-quantized'")
+    if g.get("output_activations"):
+        raise _bad(f"{at}.output_activations", g["output_activations"], "null")
+    act = g.get("input_activations")
+    if fmt == "int-quantized":
+        want = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+        if not act or any(act.get(k, want[k] if k == "type" else None) != v for k, v in want.items()):
+            raise _bad(f"{at}.input_activations", act, "dynamic per-token symmetric int8 (W8A8)")
+    elif act:
+        raise _bad(f"{at}.input_activations", act, "null (pack-quantized is weight-only)")
+    w = g.get("weights")
+    bits, group_size, actorder = _read_weights(at, w)
+    scheme = {
+        "targets": list(g.get("targets") or []),
+        "bits": bits,
+        "group_size": group_size,
+        "symmetric": bool(w.get("symmetric", True)),
+        "act_order": actorder in (True, "group", "dynamic"),  # only these store weight_g_idx
+        "dense": dense or bits in (2, 4, 8),  # the layouts agree where bits divide 32
+        "format": fmt,
+    }
+    if fmt == "int-quantized" and (bits, group_size, scheme["symmetric"]) != (8, -1, True):
+        raise _bad(f"{at}.weights", w, "8-bit per-channel symmetric weights (W8A8)")
+    return scheme
+
+
+def _read_weights(at: str, w: dict | None) -> tuple[int, int, object]:
+    """A group's ``weights`` -> (bits, group_size (-1 = channel), actorder as stored)."""
+    if not w:
+        raise _bad(f"{at}.weights", w, "a weight scheme")
+    if w.get("type", "int") != "int":
+        raise _bad(f"{at}.weights.type", w.get("type"), "'int'")
+    bits = w.get("num_bits")
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise _bad(f"{at}.weights.num_bits", bits, "2..8")
+    strategy = w.get("strategy") or ("channel" if w.get("group_size") == -1 else "group")
+    if strategy not in ("group", "channel"):
+        raise _bad(f"{at}.weights.strategy", strategy, "'group' or 'channel'")
+    if w.get("dynamic"):
+        raise _bad(f"{at}.weights.dynamic", w["dynamic"], "false")
+    if w.get("block_structure"):
+        raise _bad(f"{at}.weights.block_structure", w["block_structure"], "null")
+    gs = w.get("group_size")
+    if strategy == "group" and not (isinstance(gs, int) and gs > 0):
+        raise _bad(f"{at}.weights.group_size", gs, "a positive group size")
+    actorder = w.get("actorder")
+    if actorder not in (None, False, True, "group", "dynamic", "weight", "static"):
+        raise _bad(f"{at}.weights.actorder", actorder, "null, 'group' or 'weight'")
+    return bits, -1 if strategy == "channel" else gs, actorder
 
 
 def scheme_for(name: str, groups: dict[str, dict]) -> dict:
@@ -430,5 +488,3 @@ def _fill(m: nn.Module, source, name: str) -> nn.Module:
     tensors = source.read([name + "." + k for k in m.state_dict()])
     m.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in tensors.items()})
     return m
-
-

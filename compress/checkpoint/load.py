@@ -18,7 +18,9 @@ from compress.checkpoint.source import (
     resolve_model,
 )
 from compress.errors import InputError, UsageError
-from compress.modules import CompressedLinear, module_types
+from compress.kernels import requested_backend
+from compress.kernels.sparse24 import semi_structured_support, to_semi_structured
+from compress.modules import CompressedLinear, compressed_modules, module_types
 from compress.utils import get_module, replace_linear
 
 
@@ -88,15 +90,12 @@ def load(ref, dtype: torch.dtype = torch.float32, log=print, kernel: str | None 
     (the dense reference everywhere). ``kernel='sparse24'`` requires them: where they cannot run,
     a UsageError says why. The CPU stays dense.
     """
-    from compress.kernels import requested_backend
-
     sparse = kernel == SPARSE24
     backend = requested_backend(None if sparse else kernel) if kernel not in (None, "") else None
     source = ModelSource(resolve_model(ref, log=log))
     model = load_source(source, dtype)
-    for m in model.modules():
-        if isinstance(m, CompressedLinear):
-            m.backend = backend
+    for _, m in compressed_modules(model):
+        m.backend = backend
     if device is not None:
         model.to(device)
     model.compress_source = source
@@ -107,8 +106,6 @@ def load(ref, dtype: torch.dtype = torch.float32, log=print, kernel: str | None 
 
 
 def _semi_structured(model, source, sparsity: dict, dtype, device, required: bool, log) -> None:
-    from compress.kernels.sparse24 import semi_structured_support, to_semi_structured
-
     structure = sparsity.get("structure")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     why = semi_structured_support(dev, dtype) if structure == "2:4" else f"{source.path} is not a 2:4 checkpoint (compress.json: {structure})"

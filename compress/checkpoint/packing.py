@@ -1,7 +1,7 @@
 """Packing of signed integer codes into int32 words: the bit layout of compressed-tensors.
 
 A leaf module (torch only): the formats (``compress.checkpoint.formats``) write and read checkpoints with it,
-and the kernels (``compress.kernels``) unpack the same words, without either importing the other.
+and the kernels (``compress.kernels``) unpack the same words without importing the formats.
 
 Bit layout. Codes and zero points are stored *signed*, ``v = q - 2^(bits-1)`` (compressed-tensors'
 convention), and packed as the unsigned ``v + 2^(bits-1)``. Along the packed dimension every run
@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _check_bits(bits: int) -> None:
+def check_bits(bits: int) -> None:
+    """ValueError unless ``bits`` is a width this layout packs (2..8)."""
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8 to pack into int32, got {bits}")
 
@@ -39,7 +40,7 @@ def _layout(bits: int, dense: bool) -> tuple[int, int]:
 
 def packed_size(n: int, bits: int, dense: bool = True) -> int:
     """Number of int32 words that hold ``n`` values of ``bits`` bits."""
-    _check_bits(bits)
+    check_bits(bits)
     return math.ceil(n * bits / 32) if dense else math.ceil(n / (32 // bits))
 
 
@@ -49,7 +50,7 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int = 1, *, dense: bool = T
     values: any integer dtype, any shape; size ``n`` along ``dim``.
     Returns int32 of the same shape except ``packed_size(n, bits, dense)`` along ``dim``.
     """
-    _check_bits(bits)
+    check_bits(bits)
     half = 1 << (bits - 1)
     u = values.to(torch.int64).movedim(dim, -1) + half  # (..., n) unsigned codes
     if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 1 << bits):
@@ -74,7 +75,7 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int = 1, *, dense: bool = T
 
 def unpack_int32(packed: torch.Tensor, bits: int, size: int, dim: int = 1, *, dense: bool = True) -> torch.Tensor:
     """Inverse of ``pack_int32``: ``size`` signed values along ``dim`` (int32)."""
-    _check_bits(bits)
+    check_bits(bits)
     if packed.dtype != torch.int32:
         raise ValueError(f"packed weights must be int32, got {packed.dtype}")
     p = packed.movedim(dim, -1)  # (..., words)

@@ -21,11 +21,37 @@ import torch
 import torch.nn.functional as F
 
 
+def buffers_key(qlinear) -> tuple:
+    """Changes whenever a packed module's buffers do: in-place loads (load_state_dict, .copy_)
+    bump ``_version``; .to(device) changes ``data_ptr``. What the per-module caches check."""
+    ts = [qlinear.weight_packed, qlinear.weight_scale] + [getattr(qlinear, k) for k in ("weight_zero_point", "weight_g_idx") if hasattr(qlinear, k)]
+    return tuple((t.data_ptr(), t._version, t.device) for t in ts)
+
+
+def cache_dense(qlinear, on: bool = True) -> None:
+    """Keep (``on``) or stop keeping the module's dequantized weight between calls of this path
+    (``QuantLinear.keep_dense``); stopping drops the kept copy."""
+    qlinear.__dict__["_keep_dense"] = on
+    if not on:
+        qlinear.__dict__.pop("_dense", None)
+
+
+def dense_weight_cached(qlinear) -> torch.Tensor:
+    """The dequantized weight, kept per module (rebuilt when its buffers change) where
+    ``cache_dense`` asked for it."""
+    if not qlinear.__dict__.get("_keep_dense"):
+        return qlinear.dequantize()
+    key = buffers_key(qlinear)
+    hit = qlinear.__dict__.get("_dense")
+    if hit is None or hit[0] != key:
+        hit = (key, qlinear.dequantize())
+        qlinear.__dict__["_dense"] = hit
+    return hit[1]
+
+
 def wna16_linear(x: torch.Tensor, qlinear) -> torch.Tensor:
     """x (..., K) float -> (..., N) in x.dtype, through the dequantized weight (kept between
-    calls where ``compress.kernels.keep_dequantized`` asked for it)."""
-    from compress.kernels import dense_weight_cached
-
+    calls where ``cache_dense`` asked for it)."""
     w = dense_weight_cached(qlinear).to(x.dtype)  # (N, K)
     return F.linear(x, w, None if qlinear.bias is None else qlinear.bias.to(x.dtype))
 

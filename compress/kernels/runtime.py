@@ -7,6 +7,7 @@ import time
 import torch
 
 from compress.errors import UsageError
+from compress.modules import compressed_modules
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -20,6 +21,7 @@ def generate(model_ref, prompt: str, max_new_tokens: int = 32, kernel: str | Non
     slow); device: 'cpu', 'cuda', ... (default: cuda when available). Returns the text, the token
     counts, tokens/s of the decode and the kernel each quantized layer ran.
     """
+    # lazily: the kernels package imports no checkpoint loader (formats imports the kernels)
     from compress.checkpoint.load import load
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -40,8 +42,8 @@ def generate(model_ref, prompt: str, max_new_tokens: int = 32, kernel: str | Non
         dt_s = time.perf_counter() - t
     new = out[0, ids.shape[1]:]
     kernels = {}
-    for name, m in model.named_modules():
-        if hasattr(m, "weight_scale") and hasattr(m, "kernel"):
+    for _, m in compressed_modules(model):
+        if m.kernel is not None:  # a type with kernels (packed, int8)
             kernels[m.kernel] = kernels.get(m.kernel, 0) + 1
     sparse = getattr(model, "compress_sparse24", None)
     if sparse and sparse["converted"]:

@@ -19,9 +19,9 @@ from compress.checkpoint.formats import (
     packed_size,
     quantization_config,
     read_quantization_config,
-    replace_linear,
     unpack_int32,
 )
+from compress.utils import replace_linear
 
 ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 
@@ -318,7 +318,7 @@ def test_replace_linear_sets_a_dotted_submodule():
 def test_keep_dequantized_computes_the_same_and_follows_buffer_changes():
     from compress.quant.rtn import QuantScheme, rtn_quantize
 
-    from compress.kernels import keep_dequantized
+    from compress.modules import keep_dense as keep_dequantized
 
     W = torch.randn(8, 32)
     q = QuantLinear.from_result(rtn_quantize(W, QuantScheme(bits=4, group_size=16)))

@@ -3,18 +3,13 @@ what they should, and commit back without touching what must stay fixed (integer
 
 import pytest
 import torch
-from compress.distill.trainable import (
-    Int8ScaleTuned,
-    QatLinear,
-    ScaleTuned,
-    commit,
-    prepare,
-)
+from compress.distill.trainable import commit, prepare
 from compress.lowrank.module import LowRankLinear
 from compress.quant.rtn import QuantScheme, rtn_quantize
 from torch import nn
 
 from compress.checkpoint.formats import Int8Linear, QuantLinear
+from compress.checkpoint.tuning import Int8ScaleTuned, QatLinear, ScaleTuned
 
 
 def _quant(symmetric=True, bits=4, out=24, inp=64, seed=0, bias=False):

@@ -20,7 +20,7 @@ from compress import api
 from compress.checkpoint.load import load_source
 from compress.checkpoint.source import ModelSource
 from compress.data import eval_windows, load_texts, tokenize
-from compress.kernels import keep_dequantized
+from compress.modules import keep_dense
 from compress.recipe import EvalConfig, PerplexityConfig, load_recipe
 
 KEYS = {"perplexity", "nll", "tokens", "windows", "seconds", "mode"}
@@ -35,7 +35,7 @@ def _both(path, batch_size=4):
     source = ModelSource(path)
     windows = _windows(source)
     model = load_source(source)
-    keep_dequantized(model)
+    keep_dense(model)
     whole = perplexity(model, windows, batch_size)
     del model
     return whole, layerwise_perplexity(source, windows, batch_size)

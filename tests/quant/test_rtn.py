@@ -77,14 +77,14 @@ def test_dequantize_with_permuted_gidx():
 def test_clip_search_in_row_slices_equals_the_whole_tensor_search():
     """_best_ratio computes its errors a slice of rows at a time: the same ratios, bit for bit,
     as the plain (P, rows, k) computation with fake_quantize."""
-    from compress.quant.rtn import _best_ratio, _minmax_params, fake_quantize
+    from compress.quant.rtn import _best_ratio, fake_quantize, minmax_params
 
     torch.manual_seed(0)
     w = torch.randn(37, 48) * torch.rand(37, 1)
     sch = QuantScheme(bits=4, group_size=-1, symmetric=False, observer="mse")
     xmin, xmax = w.min(1).values.clamp(max=0), w.max(1).values.clamp(min=0)
     p = 1 - torch.arange(0, 64, 4, dtype=torch.float32)[:, None] / 80
-    s, z = _minmax_params(p * xmin, p * xmax, sch)
+    s, z = minmax_params(p * xmin, p * xmax, sch)
     err = (fake_quantize(w, s[..., None], z[..., None], sch.maxq) - w).abs().pow(sch.mse_norm).sum(-1)
     ref = p.expand_as(err).gather(0, err.argmin(0, keepdim=True))[0]
     for budget in (1, 500, 1 << 18):  # one row per slice, a few rows, all rows at once
