@@ -24,11 +24,14 @@ from pathlib import Path
 import torch
 
 from compress.errors import InputError, UsageError
+from compress.hub import offline_unless_reachable
 
 BUILTIN = ("builtin:pydoc",)
 
 
-def _pydoc_topics(split: str) -> list[str]:
+def pydoc_topics(split: str) -> list[str]:
+    """The texts of ``builtin:pydoc``'s ``split`` (``eval``: the topics at index % 5 == 0 by key;
+    else the rest)."""
     import pydoc_data.topics as T
 
     keys = sorted(T.topics)
@@ -40,7 +43,7 @@ def _pydoc_topics(split: str) -> list[str]:
 def load_texts(ref: str, split: str = "calibration", text_field: str = "text") -> list[str]:
     """The documents of a data reference; ``split`` is ``calibration`` or ``eval``."""
     if ref == "builtin:pydoc":
-        return _pydoc_topics(split)
+        return pydoc_topics(split)
     if ref.startswith("builtin:"):
         raise UsageError(f"unknown builtin corpus {ref!r}; the builtin corpus is 'builtin:pydoc'")
     p = Path(ref).expanduser()
@@ -81,7 +84,6 @@ def _hub_texts(spec: str, split: str, text_field: str) -> list[str]:
         import datasets
     except ImportError as e:
         raise InputError(f"{spec}: not a local file, and hub datasets need `pip install 'compress[datasets]'`") from e
-    from compress.eval.harness import offline_unless_reachable
 
     try:
         with offline_unless_reachable():  # unreachable hub: fail at once instead of half a minute of retries per file

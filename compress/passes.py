@@ -1,27 +1,29 @@
 """The pass protocol, the registry, and the statistics passes ask the engine to collect.
 
 A pass is a small class: a pydantic ``Config`` (its recipe options), the statistics it needs
-(names in ``STATS``), which Linears it targets, and ``apply`` that transforms one Linear given
-those statistics. The algorithm itself lives in ``quant/``, ``prune/``, ... as a pure function on
-tensors; each family keeps its pass adapters beside its algorithms (``quant/passes.py``,
-``prune/passes.py``). This module is a leaf: it imports no pass, and no pass module is imported
-until the registry is first asked for a name. Passes register by name (the recipe's key); third
-parties add theirs through the ``compress.passes`` entry-point group.
+(names in ``STATS``), which Linears it targets, and the stages it takes part in (``STAGES``:
+preview the model, transform a block, apply per Linear, train a block, transform the whole
+model; docs/architecture.md draws them). The algorithm itself lives in ``quant/``, ``prune/``, ...
+as a pure function on tensors; each family keeps its pass adapters beside its algorithms
+(``quant/passes.py``, ``prune/passes.py``). This module is a leaf: it imports no pass, and no pass
+module is imported until the registry is first asked for a name (``compress.registry`` lists the
+built-in families). Passes register by name (the recipe's key); third parties add theirs through
+the ``compress.passes`` entry-point group.
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel
 from torch import nn
 
 from compress.errors import UsageError
+from compress.registry import load_families
 
 # ---------------------------------------------------------------- statistics (observe)
 # Every statistic is a sum (or a max) over calibration tokens: ``init(in_features)`` makes the
@@ -105,43 +107,82 @@ class Context:
     seed: int = 0  # the recipe's seed (passes that draw random numbers, e.g. distillation's data order)
 
 
+# The stages of a run, in the order they happen (docs/architecture.md draws them). A pass takes
+# part in a stage by overriding its method; the engine runs the stages and never asks what kind
+# of pass it holds.
+STAGES = (
+    "preview_block",  # the whole uncompressed model, one block at a time, before the sweep (OWL)
+    "transform_block",  # a block, before its Linears are compressed (smoothing; rotations next)
+    "apply",  # each targeted Linear, given its statistics (quantize, prune, factor)
+    "train_block",  # a finished block against the original block (block-scope distillation)
+    "transform_model",  # the whole compressed checkpoint after the sweep (model-scope distillation)
+)
+SWEEP_STAGES = STAGES[:4]  # the ones the layer-wise engine runs
+
+
+@dataclass
+class JobView:
+    """What ``Pass.validate`` may check about the whole job."""
+
+    passes: list["Pass"]  # the recipe's passes, in order
+    calibration: torch.Tensor | None  # the calibration windows (N, seq_len); None: no data
+    export: Any = None  # the recipe's ExportConfig
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Why a pass cannot run where the recipe puts it on a Linear (``Pass.conflicts``). The planner
+    raises a ``per_layer`` conflict at once, naming the layer; the others it collects, naming every
+    layer with the same conflict in one error: ``message (layers)tail``."""
+
+    message: str
+    tail: str = ""
+    per_layer: bool = True
+
+
 class Pass:
-    """A recipe step. ``apply`` may read and write ``stats`` (the Linear's statistics, shared by
+    """A recipe step: a pydantic ``Config`` (its options), the statistics it needs, which Linears
+    it targets, and the stages it takes part in (``STAGES``; each method below is a no-op until a
+    pass overrides it). ``apply`` may read and write ``stats`` (the Linear's statistics, shared by
     the passes that run on it in recipe order): a pruning pass leaves its mask there as
     ``stats["mask"]`` (bool (out, in), True = kept) so a later quantizer keeps the zeros."""
 
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
-    scope: ClassVar[Literal["block", "model"]] = "block"
     stats: ClassVar[tuple[str, ...]] = ()  # statistics per Linear group, for ``apply``
-    quantizes: ClassVar[bool] = False  # replaces Linears with quantized modules
-    prunes: ClassVar[bool] = False  # zeroes weights (a mask the later passes keep)
-    # replaces a Linear by factors (lowrank: B·A); a later quantization pass quantizes each
-    # factor (the engine derives each factor's input statistics), nothing else may follow it
-    factorizes: ClassVar[bool] = False
-    # smoothing passes (awq, smoothquant) also transform the whole block before any Linear is
-    # quantized: ``smooth(block, prefix, points, plus_one, stats, probe)`` with ``smooth_stats``
-    smooths: ClassVar[bool] = False
-    smooth_stats: ClassVar[tuple[str, ...]] = ()
-    # passes that need a look at the whole (uncompressed) model first, e.g. OWL's per-block
-    # sparsity: the engine runs one preview sweep collecting ``preview_stats`` of every targeted
-    # Linear, calling ``preview_block`` per block and ``preview_done`` at the end
-    preview_stats: ClassVar[tuple[str, ...]] = ()
-    # distillation: trains what the compressing passes left (scope block: the engine calls
-    # ``train_block`` on each finished block; scope model: the API runs it after the sweep)
-    distills: ClassVar[bool] = False
+    block_stats: ClassVar[tuple[str, ...]] = ()  # statistics ``transform_block`` observes
+    preview_stats: ClassVar[tuple[str, ...]] = ()  # statistics of the preview sweep
+    # What the pass does to a Linear ("quantize", "prune", "factorize", "smooth"): the passes
+    # around it read this in ``link`` and ``conflicts``; the engine never does.
+    effects: frozenset[str] = frozenset()
     absorbed: bool = False  # set by an earlier pass's ``link`` that does this pass's work too
 
     def __init__(self, config: BaseModel, ctx: Context | None = None):
         self.config = config
         self.ctx = ctx or Context()
 
+    # ---------------------------------------------------------------- what it takes part in
+
+    def in_stage(self, stage: str) -> bool:
+        """Whether this pass runs in ``stage``: it overrides the stage's method (the preview: it
+        also asks for ``preview_stats``)."""
+        if stage == "preview_block" and not self.preview_stats:
+            return False
+        return getattr(type(self), stage) is not getattr(Pass, stage)
+
+    def needs_calibration(self) -> bool:
+        """Whether the pass needs calibration data (a recipe of passes that need none skips it)."""
+        return bool(self.stats or self.block_stats or self.preview_stats)
+
     def matches(self, full_name: str, module: nn.Module) -> bool:
-        if not isinstance(module, nn.Linear) or matches_any(full_name, module, self.config.ignore):
+        """Whether ``apply`` runs on this Linear (``targets`` minus ``ignore``)."""
+        if not self.in_stage("apply") or not isinstance(module, nn.Linear) or matches_any(full_name, module, self.config.ignore):
             return False
         if getattr(module, "_compress_router", False):  # MoE routers stay in full precision unless named
             return matches_any(full_name, None, self.config.targets)
         return matches_any(full_name, module, self.config.targets)
+
+    # ---------------------------------------------------------------- checks, before any work
 
     def check(self, full_name: str, module: nn.Linear) -> str | None:
         """A reason this layer cannot take the pass, or None. Reasons that name ``in_features``
@@ -151,19 +192,77 @@ class Pass:
     def fix(self, in_features: list[int]) -> str:
         return "list those layers under `ignore`"
 
+    def conflicts(self, planned: list["Pass"]) -> Conflict | None:
+        """Why this pass cannot run on a Linear together with ``planned`` (every pass planned on
+        it, in recipe order, this one included), or None: each pass states its own ordering rules."""
+        return None
+
+    def validate(self, k: int, job: "JobView") -> None:
+        """Raise a ``UsageError`` (naming ``passes.{k}.{name}``) if this pass cannot run at index
+        ``k`` of the recipe's passes in ``job`` (its place among them, the calibration data, the
+        export settings), before any work."""
+
+    def check_sweep(self, sweep) -> None:
+        """Raise a ``UsageError`` if this pass cannot run in ``sweep`` (``compress.engine.context.
+        Sweep``: the model, its first block, the ranks), before any block is compressed."""
+
     def link(self, later: list["Pass"]) -> None:
         """Called once before the sweep with the passes after this one in the recipe."""
 
+    # ---------------------------------------------------------------- the stages
+
     def preview_block(self, prefix: str, stats: dict[str, dict], weights: dict[str, torch.Tensor], probe=None) -> None:
-        """``probe(name, W)``: (the block output's squared error, the Linear's output squared
-        error) on one calibration batch when Linear ``name`` alone computes with W instead: how
-        much of a layer's error reaches the residual stream."""
+        """Stage preview_block. ``probe(name, W)``: (the block output's squared error, the Linear's
+        output squared error) on one calibration batch when Linear ``name`` alone computes with W
+        instead: how much of a layer's error reaches the residual stream."""
 
     def preview_done(self) -> None:
-        pass
+        """After the last block of the preview."""
+
+    def transform_block(self, stage) -> dict[str, dict]:
+        """Stage transform_block: change ``stage.block`` before its Linears are compressed (what it
+        computes stays the same; smoothing folds scales). ``stage`` (``compress.engine.block.
+        BlockStage``) observes statistics (``stage.observe(names, stats)``) and runs parts of the
+        block (``stage.probe``). Returns report notes per full Linear name."""
+        return {}
 
     def apply(self, full_name: str, module: nn.Linear, stats: dict[str, Any]) -> tuple[nn.Module, dict]:
+        """Stage apply: the module to put in place of this Linear, and report info."""
         raise NotImplementedError
+
+    def train_block(self, stage) -> None:
+        """Stage train_block: train ``stage.block`` (its compressed modules) against
+        ``stage.teacher``, the original block, on the block's calibration inputs
+        (``compress.engine.block.TrainStage``), and add to ``stage.layers``' reports."""
+
+    def transform_model(self, stage) -> dict:
+        """Stage transform_model: read the checkpoint ``stage.checkpoint``, write the transformed
+        one to ``stage.output`` (``compress.engine.model.ModelStage``). Returns report sections."""
+        return {}
+
+    def summarize(self, layers: list[dict]) -> dict:
+        """Sections this pass adds to the run's report after the sweep (``layers``: the report's
+        per-Linear entries)."""
+        return {}
+
+    def report_eval(self, section: dict, after: dict, before: dict) -> None:
+        """With a transform_model stage: add to ``section`` (what ``transform_model`` returned)
+        from the evaluation of the checkpoint after and before the stage."""
+
+    # ---------------------------------------------------------------- export
+
+    def export_metadata(self, layers: list, export) -> dict:
+        """Sections this pass adds to the export's ``compress.json`` (``layers``: every
+        ``LayerReport`` of the run; ``export``: the recipe's ExportConfig)."""
+        return {}
+
+
+def exclusive(p: Pass, planned: list[Pass], effect: str, what: str) -> Conflict | None:
+    """A ``Conflict`` when another pass planned on the same Linear also has ``effect``."""
+    same = [q for q in planned if effect in q.effects]
+    if effect in p.effects and len(same) > 1:
+        return Conflict(f"targeted by two {what} passes ({', '.join(q.name for q in planned)}); use `ignore` on one of them")
+    return None
 
 
 def matches_any(full_name: str, module: nn.Module, patterns: list[str]) -> bool:
@@ -182,10 +281,6 @@ def matches_any(full_name: str, module: nn.Module, patterns: list[str]) -> bool:
 
 # ---------------------------------------------------------------- registry
 
-# The built-in families' adapter modules, imported on the first registry lookup (by name, so
-# this module imports none of them).
-BUILTIN = ("compress.quant.passes", "compress.prune.passes", "compress.lowrank.passes", "compress.distill.passes")
-
 _REGISTRY: dict[str, type[Pass]] = {}
 
 
@@ -194,13 +289,8 @@ def register(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-def _load_builtin() -> None:
-    for mod in BUILTIN:
-        importlib.import_module(mod)
-
-
 def get_pass(name: str, where: str = "passes") -> type[Pass]:
-    _load_builtin()
+    load_families()  # the built-in families register their passes on import
     if name not in _REGISTRY:
         for ep in entry_points(group="compress.passes"):
             if ep.name == name:
@@ -211,5 +301,5 @@ def get_pass(name: str, where: str = "passes") -> type[Pass]:
 
 
 def available_passes() -> list[str]:
-    _load_builtin()
+    load_families()  # the built-in families register their passes on import
     return sorted(_REGISTRY)

@@ -93,6 +93,17 @@ def distill_checkpoint(student_path: Path, teacher_path: Path, windows: torch.Te
     return student, rec
 
 
+def distill_perplexities(ev: dict, before: dict) -> dict:
+    """Perplexity of the original (the baseline), of the compressed student before training and
+    after it, and the share of the loss the training won back."""
+    out = {"compressed": before["model"]["perplexity"], "distilled": ev["model"]["perplexity"]}
+    if "baseline" in ev:
+        out["original"] = ev["baseline"]["perplexity"]
+        lost = out["compressed"] - out["original"]
+        out["recovered"] = round((out["compressed"] - out["distilled"]) / lost, 4) if lost > 0 else None
+    return out
+
+
 def _counts(c: dict) -> str:
     return ", ".join(f"{v} {k}" for k, v in c.items() if v) or "nothing"
 

@@ -16,14 +16,13 @@ import hashlib
 import io
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import yaml
 
 from compress.errors import InputError, UsageError
+from compress.hub import hub_reachable, offline_unless_reachable  # noqa: F401 (hub_reachable: the tests ask it too)
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 SHIPPED = ("pydoc_ppl", "pydoc_lastword")
@@ -90,48 +89,6 @@ def resolve_tasks(refs: list[str]) -> list[TaskRef]:
         else:
             out.append(TaskRef(ref, None, "lm-eval", _digest(ref.encode())))
     return out
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the model hub answers a TCP connection (a quick probe, no HTTP, no retries)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def offline_unless_reachable():
-    """Hub offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) while the hub cannot be reached.
-
-    Without it, ``datasets`` retries an unreachable hub for about half a minute per file before
-    failing; offline, a dataset that is not in the local cache fails at once.
-    """
-    if hub_reachable():
-        yield
-        return
-    import datasets.config
-    import huggingface_hub.constants as hc
-
-    saved = (hc.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
-    env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    hc.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
-    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    try:
-        yield
-    finally:
-        hc.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _metric_name(key: str) -> str | None:

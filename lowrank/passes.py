@@ -28,12 +28,12 @@ from compress.lowrank.allocate import (
     share_rank,
     uniform_rank,
 )
-from compress.lowrank.module import LowRankLinear
+from compress.lowrank.module import LowRankLinear, lowrank_metadata
 from compress.lowrank.svd import breakeven_rank, decompose
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compress.errors import UsageError
-from compress.passes import Pass, register
+from compress.passes import Conflict, Pass, register
 
 
 class LowRankConfig(BaseModel):
@@ -82,7 +82,7 @@ class LowRankPass(Pass):
 
     name = "lowrank"
     Config = LowRankConfig
-    factorizes = True
+    effects = frozenset({"factorize"})
 
     def __init__(self, config, ctx=None):
         super().__init__(config, ctx)
@@ -103,7 +103,7 @@ class LowRankPass(Pass):
         return ("hessian", "absmean") if self.config.method == "asvd" else ("hessian",)
 
     def link(self, later):
-        g = next((getattr(q.config, "group_size", -1) for q in later if q.quantizes), -1)
+        g = next((getattr(q.config, "group_size", -1) for q in later if "quantize" in q.effects), -1)
         if isinstance(g, int) and g > 0:  # auto: each factor gets a size that divides it
             self.multiple = math.lcm(self.multiple, g)
             if self.config.rank is not None and self.config.rank % g:
@@ -117,6 +117,29 @@ class LowRankPass(Pass):
         if self.config.rank is None and self.config.allocation == "uniform" and self.multiple * (module.in_features + module.out_features) > (1 - self.config.reduction) * module.in_features * module.out_features:
             return f"reduction {self.config.reduction:g} leaves less than one rank-{self.multiple} factorization at"
         return None
+
+    def conflicts(self, planned):
+        """Only a quantization pass whose statistics derive for each factor (XᵀX: H_B = Â·H·Âᵀ) may
+        follow it on a layer, quantizing the factors; nothing may come before it."""
+        f = planned.index(self)
+        bad = [p for p in planned if "smooth" in p.effects or "prune" in p.effects or "factorize" in p.effects and p is not self]
+        bad += [p for p in planned[:f] if "quantize" in p.effects]
+        bad += [p for p in planned[f + 1 :] if "quantize" not in p.effects or not set(p.stats) <= {"hessian"}]
+        if not bad:
+            return None
+        return Conflict(f"{self.name} cannot be combined with {', '.join(sorted({p.name for p in bad}))} on the same layer: "
+                        "only a quantization pass (rtn or gptq) may follow it, quantizing the factors; prune or smooth in a "
+                        "separate run, or use `ignore` on one of them")
+
+    def validate(self, k, job):
+        quantized = any("quantize" in p.effects for p in job.passes)
+        if job.export is not None and job.export.lowrank == "merged" and quantized:
+            raise UsageError("export.lowrank: merged would multiply quantized factors back into dense weights; use "
+                             "export.lowrank: factored (compress.load reads it), or merge a low-rank-only run and quantize that")
+
+    def export_metadata(self, layers, export):
+        meta = lowrank_metadata(layers, export.lowrank)
+        return {"lowrank": meta} if meta else {}
 
     def fix(self, in_features):
         if self.config.rank is not None:

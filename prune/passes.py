@@ -21,7 +21,8 @@ from compress.prune.sparsegpt import sparsegpt_prune
 from compress.prune.wanda import wanda_prune, wanda_score
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from compress.passes import Pass, register
+from compress.passes import Conflict, Pass, exclusive, register
+from compress.prune.metadata import sparsity_metadata
 
 
 class PruneConfig(BaseModel):
@@ -77,7 +78,7 @@ class SparseGPTConfig(PruneConfig):
 
 
 class _PrunePass(Pass):
-    prunes = True
+    effects = frozenset({"prune"})
 
     def __init__(self, config, ctx=None):
         super().__init__(config, ctx)
@@ -91,6 +92,18 @@ class _PrunePass(Pass):
 
     def check(self, full_name, module):
         return check_pattern(module.in_features, self.pattern)
+
+    def conflicts(self, planned):
+        c = exclusive(self, planned, "quantize", "quantization") or exclusive(self, planned, "prune", "pruning")
+        if c is None and any("quantize" in q.effects for q in planned[: planned.index(self)]):
+            c = Conflict("a pruning pass comes after a quantization pass on the same layers",
+                         ": quantized weights cannot be pruned; put the pruning pass first in `passes` (prune, then quantize: "
+                         "a sparsegpt pass followed by gptq runs both in one joint solve)", per_layer=False)
+        return c
+
+    def export_metadata(self, layers, export):
+        meta = sparsity_metadata(layers)
+        return {"sparsity": meta} if meta else {}
 
     def fix(self, in_features):
         ok = [f"{n}:{m}" for n, m in ((2, 4), (4, 8), (1, 4), (8, 16)) if all(k % m == 0 for k in in_features)]
@@ -163,15 +176,15 @@ class SparseGPTPass(_PrunePass):
     joint = None  # the gptq pass this one absorbs (set by ``link``)
 
     def link(self, later):
-        nxt = next((q for q in later if q.quantizes), None)
+        nxt = next((q for q in later if "quantize" in q.effects), None)
         c = self.config
         if c.joint and nxt is not None and nxt.name == "gptq" and (nxt.config.targets, nxt.config.ignore) == (c.targets, c.ignore):
             self.joint = nxt
             nxt.absorbed = True
 
     @property
-    def quantizes(self) -> bool:  # type: ignore[override]
-        return self.joint is not None
+    def effects(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"prune", "quantize"} if self.joint is not None else {"prune"})
 
     def prune(self, full_name, module, stats, sparsity):
         c, q = self.config, self.joint

@@ -17,10 +17,10 @@ from compress.quant.smoothquant import smooth_scales
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from compress.arch.families import Smooth
+from compress.arch.families import Smooth, smooth_points
 from compress.arch.smoothing import fold_scales, output_loss, scaled_hessian
 from compress.checkpoint.formats import Int8Linear, QuantLinear
-from compress.passes import Pass, matches_any, register
+from compress.passes import Pass, exclusive, matches_any, register
 from compress.utils import get_module
 
 # ---------------------------------------------------------------- RTN and GPTQ
@@ -98,7 +98,10 @@ class QuantConfig(BaseModel):
 
 
 class _QuantPass(Pass):
-    quantizes = True
+    effects = frozenset({"quantize"})
+
+    def conflicts(self, planned):
+        return exclusive(self, planned, "quantize", "quantization")
 
     def check(self, full_name, module):
         g = self.config.group_size
@@ -170,9 +173,23 @@ class GPTQPass(_QuantPass):
 
 
 class _SmoothPass(Pass):
-    """A pass of the smoothing stage: ``smooth(block, points, ...)`` folds scales into the block."""
+    """A pass of the transform_block stage: observes the block (``block_stats`` of the Linears at
+    the family's folding points, ``compress.arch.families.smooth_points``) and folds scales into it
+    (``smooth``)."""
 
-    smooths = True
+    effects = frozenset({"smooth"})
+
+    def check_sweep(self, sweep):
+        smooth_points(sweep.blocks[0], sweep.model_type)  # an unknown family fails now, not at block 0's end
+
+    def transform_block(self, stage) -> dict[str, dict]:
+        points, plus_one = smooth_points(stage.block, stage.model_type)
+        names = {n for pt in points for n in pt.linears} | set(stage.targets(self))
+        stats = stage.observe(sorted(names), self.block_stats)
+        return self.smooth(stage.block, stage.prefix, points, plus_one, stats, stage.probe)
+
+    def smooth(self, block, prefix, points, plus_one, stats, probe) -> dict[str, dict]:
+        raise NotImplementedError
 
     def targets_point(self, prefix: str, block: nn.Module, point: Smooth) -> bool:
         return all(self.matches(prefix + n, get_module(block, n)) for n in point.linears)
@@ -207,15 +224,15 @@ class AWQPass(_SmoothPass, _QuantPass):
 
     name = "awq"
     Config = AWQConfig
-    smooth_stats = ("absmean", "hessian")
+    block_stats = ("absmean", "hessian")
     defer = False  # set by ``link`` when a later pass quantizes the Linears
 
     @property
-    def quantizes(self) -> bool:  # type: ignore[override]
-        return not self.defer
+    def effects(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"smooth"} if self.defer else {"smooth", "quantize"})
 
     def link(self, later):
-        self.defer = any(q.quantizes for q in later if not q.smooths)
+        self.defer = any("quantize" in q.effects for q in later if "smooth" not in q.effects)
 
     def _search_scheme(self, in_features: int):
         return replace(self.config.scheme(self.ctx.dtype, in_features), observer="minmax")
@@ -295,7 +312,7 @@ class SmoothQuantPass(_SmoothPass):
 
     name = "smoothquant"
     Config = SmoothQuantConfig
-    smooth_stats = ("absmax",)
+    block_stats = ("absmax",)
 
     def alpha_for(self, prefix: str, block: nn.Module, point: Smooth) -> float:
         for pattern, a in self.config.layers.items():

@@ -90,7 +90,7 @@ def compressed_in_memory(model_path, recipe, tmp):
     from compress.checkpoint.export import Exporter
     from compress.checkpoint.source import ModelSource, materialize
     from compress.data import calibration_windows, load_texts, tokenize
-    from compress.engine import compress_blocks
+    from compress.engine import SweepOptions, compress_blocks
     from compress.passes import Context, get_pass
 
     src = ModelSource(model_path)
@@ -102,7 +102,7 @@ def compressed_in_memory(model_path, recipe, tmp):
     passes = [get_pass(name)(c, Context(dtype=torch.bfloat16)) for name, c in recipe.pass_configs()]
     exp = Exporter(tmp, src, recipe.fingerprint(), blocks_path, len(blocks), torch.bfloat16)
     exp.begin()
-    compress_blocks(src, model, passes, calib, cal.batch_size, sink=exp.write_block, keep=True)
+    compress_blocks(src, model, passes, calib, exp.write_block, SweepOptions(batch_size=cal.batch_size, keep=True))
     skip = {n for n, _ in model.named_parameters() if n.startswith("lm_head.")} if src.config.tie_word_embeddings else set()
     materialize(model, "", src, skip=skip)
     if skip:

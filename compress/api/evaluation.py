@@ -20,7 +20,7 @@ from compress.eval.gates import compare_metrics
 from compress.eval.harness import resolve_tasks, run_tasks
 from compress.eval.layerwise import layerwise_perplexity, use_layerwise
 from compress.eval.perplexity import perplexity
-from compress.kernels import keep_dequantized
+from compress.modules import keep_dense
 from compress.recipe import EvalConfig, PerplexityConfig
 from compress.utils import peak_rss_mb
 
@@ -64,7 +64,7 @@ def _evaluate_one(ref, source: ModelSource, cfg, tasks, seed: int, label: str, h
 
     def whole_model():
         m = load_source(source)
-        keep_dequantized(m)  # dequantize each packed layer once, not on every forward
+        keep_dense(m)  # dequantize each packed layer once, not on every forward
         return m
 
     if "perplexity" in keys:

@@ -5,41 +5,46 @@ from __future__ import annotations
 import math
 
 from compress.checkpoint.formats import read_quantization_config
-from compress.checkpoint.load import quantized_layer_names
+from compress.checkpoint.load import stored_modules
 from compress.checkpoint.source import ModelSource, read_metadata, resolve_model
+from compress.modules import runtime_fields
+
+
+def _parameters(source: ModelSource, stored: dict) -> int:
+    """Weights the checkpoint stands for: each compressed layer's (its type says how many), and
+    every other tensor's elements."""
+    n = sum(t.stored_parameters(source, q) for q, t in stored.items())
+    info = source.tensor_info(list(source.weight_map))
+    return n + sum(math.prod(shape) for k, (shape, _) in info.items() if k.rpartition(".")[0] not in stored)
 
 
 def inspect_checkpoint(path) -> dict:
     """Layers, schemes, bits per parameter and size on disk of a checkpoint folder."""
     source = ModelSource(resolve_model(path))
-    size = source.disk_bytes()
-    quantized = set(quantized_layer_names(source))
-    info = source.tensor_info(list(source.weight_map))
-    packed = [q for q in quantized if q + ".weight_shape" in source.weight_map]
-    shapes = source.read([f"{q}.weight_shape" for q in packed])
-    bits = 8 * sum(nbytes for _, nbytes in info.values())
-    n_params = sum(math.prod(shapes[q + ".weight_shape"].tolist()) for q in packed)  # original weights
-    n_params += sum(math.prod(info[q + ".weight"][0]) for q in quantized if q not in packed)  # int8 (W8A8) weights
-    n_params += sum(math.prod(shape) for n, (shape, _) in info.items() if n.rpartition(".")[0] not in quantized)
+    stored = {q: t for q, t in stored_modules(source).items() if not t.container}  # low-rank: its factors count
+    bits = 8 * sum(nbytes for _, nbytes in source.tensor_info(list(source.weight_map)).values())
+    n_params = _parameters(source, stored)
     out = {
         "path": str(source.path),
         "model_type": source.config.model_type,
-        "size_bytes": size,
+        "size_bytes": source.disk_bytes(),
         "parameters": n_params,
         "bits_per_parameter": round(bits / max(n_params, 1), 3),
-        "quantized_layers": len(quantized),
+        "quantized_layers": len(stored),
     }
     if source.quantized:
         qc = source.config.quantization_config
         qc = qc if isinstance(qc, dict) else qc.to_dict()
-        groups = read_quantization_config(qc)
         out["format"] = qc.get("format")
-        out["schemes"] = [
-            {**g, "vllm_servable": g["bits"] in (4, 8), "runtime": "vLLM, transformers, compress" if g["bits"] in (4, 8) else "compress only"}
-            for g in groups.values()
-        ]
+        out["schemes"] = [{**g, **runtime_fields(g)} for g in read_quantization_config(qc).values()]
         out["ignore"] = qc.get("ignore", [])
-    meta = read_metadata(source.path)
+    out.update(_metadata_summary(read_metadata(source.path)))
+    return out
+
+
+def _metadata_summary(meta: dict) -> dict:
+    """The families' sections of compress.json, in brief."""
+    out = {}
     if "lowrank" in meta:
         lr = meta["lowrank"]
         out["lowrank"] = {k: lr[k] for k in ("export", "method", "parameters_kept", "parameters_dense")}

@@ -157,10 +157,10 @@ def _solve_group(run: BlockRun, targeted: list[str], stats: dict[str, dict]) -> 
     return solved, W0s
 
 
-def _layer_report(run: BlockRun, name: str, s: Solved, W0: torch.Tensor, st: dict) -> LayerReport:
-    """The report of one compressed Linear: its output error on the calibration inputs it saw
-    (relative, through XᵀX), or without calibration data the weight's own relative error."""
-    Wq = dense_weight(s.module)
+def _layer_report(run: BlockRun, name: str, s: Solved, W0: torch.Tensor, Wq: torch.Tensor, st: dict) -> LayerReport:
+    """The report of one compressed Linear (original weight W0, compressed Wq): its output error
+    on the calibration inputs it saw (relative, through XᵀX), or without calibration data the
+    weight's own relative error."""
     if s.masked:  # a pruning pass ran: report what the final weight keeps
         s.info["sparsity"] = round(float((Wq == 0).float().mean()), 6)
         s.info["weights"] = Wq.numel()
@@ -174,16 +174,16 @@ def _layer_report(run: BlockRun, name: str, s: Solved, W0: torch.Tensor, st: dic
     return LayerReport(run.prefix + name, s.passes, err, s.info)
 
 
-def _put_in_place(run: BlockRun, name: str, mod: nn.Module) -> None:
+def _put_in_place(run: BlockRun, name: str, mod: nn.Module, Wq: torch.Tensor) -> None:
     """Until the block is finished, later groups and the propagation see the compressed weight
-    through a plain Linear: dequantizing once, not on every batch. A module that also quantizes
+    through a plain Linear: dequantizing once, not on every batch. A module that also rounds
     its input (W8A8) is put in place at once: its rounding of the activations is part of what the
     later groups are calibrated on."""
     if getattr(mod, "quantizes_activations", False):
         replace_linear(run.block, name, mod)
     else:
         orig = get_module(run.block, name)
-        orig.weight.data = dense_weight(mod).to(orig.weight.dtype)
+        orig.weight.data = Wq.to(orig.weight.dtype)
 
 
 class ApplyStage:
@@ -241,11 +241,12 @@ class ApplyStage:
         for name in targeted:
             W0 = W0s.pop(name) if name in W0s else get_module(run.block, name).weight.detach().float().clone()
             s = solved.pop(name) if name in solved else solve(run, name, stats[name])
-            self.layers.append(_layer_report(run, name, s, W0, stats[name]))
+            Wq = dense_weight(s.module)
+            self.layers.append(_layer_report(run, name, s, W0, Wq, stats[name]))
             self.final[name] = s.module
             if s.masked:
                 self.masked.add(name)
-            _put_in_place(run, name, s.module)
+            _put_in_place(run, name, s.module, Wq)
             stats[name] = {}  # free the Hessian now
             self.known.pop(name, None)
         for path in self.replays.get(gi, []):
@@ -256,7 +257,7 @@ class ApplyStage:
 
 
 def finish_block(block: nn.Module) -> None:
-    """Unwrap replayed submodules; swap the compressed modules (packed QuantLinears) in for export."""
+    """Unwrap replayed submodules; swap the compressed modules in for export."""
     for name, mod in list(block.named_modules()):
         if isinstance(mod, _Replay):
             replace_linear(block, name, mod.inner)

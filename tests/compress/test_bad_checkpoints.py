@@ -83,7 +83,7 @@ def test_empty_or_short_calibration_text_names_the_file(tiny, tmp_path):
 
 
 def test_data_free_recipes_read_no_calibration_data(tiny, tmp_path, monkeypatch):
-    import compress.api as api_mod
+    import compress.api.job as api_mod
     from compress.recipe import load_recipe
 
     def no_data(*a, **k):

@@ -138,7 +138,7 @@ def test_every_statistic_reduces_to_the_one_process_value(tmp_path):
 
 def _die_rank(rank, recipe_dict):
     if rank == 1:  # rank 1 dies after its first block, mid-run
-        import compress.engine as eng
+        import compress.engine.sweep as eng
 
         real = eng.trim_heap
         calls = [0]
@@ -163,7 +163,7 @@ def test_a_dead_rank_ends_the_job_on_every_rank(tiny, tmp_path, monkeypatch):
 
 
 def _stop_rank(rank, recipe_dict):
-    import compress.engine as eng
+    import compress.engine.sweep as eng
 
     real = eng.trim_heap
 

@@ -96,16 +96,16 @@ def test_resume_after_interruption_gives_identical_checkpoint(tmp_path, monkeypa
     assert not out.exists()  # nothing half-written where the result belongs
     assert (tmp_path / ".out.partial" / "progress.json").exists()
     monkeypatch.setattr(Exporter, "write_block", real)
-    import compress.engine
+    import compress.engine.sweep
 
     calls = []
-    real_materialize = compress.engine.materialize
+    real_materialize = compress.engine.sweep.materialize
 
     def recording(module, prefix, *a, **k):
         calls.append(prefix)
         return real_materialize(module, prefix, *a, **k)
 
-    monkeypatch.setattr(compress.engine, "materialize", recording)
+    monkeypatch.setattr(compress.engine.sweep, "materialize", recording)
     run(_recipe(path, out), resume=True)
     assert calls == ["model.layers.1."]  # block 0 was not recomputed, nor the capture pass
     for shard in sorted(full.glob("model-*.safetensors")):
@@ -155,7 +155,7 @@ def test_replayed_mlp_input_changes_nothing(tmp_path, monkeypatch):
     the kept inputs are really used."""
     from safetensors.torch import load_file
 
-    import compress.engine as engine
+    import compress.engine.block as engine
 
     path = save_tiny(tmp_path / "m", "llama")
     reads = []

@@ -12,7 +12,7 @@ from compress.arch.smoothing import fold_scales
 from compress.checkpoint.load import load
 from compress.checkpoint.source import ModelSource, materialize
 from compress.data import calibration_windows, load_texts, tokenize
-from compress.engine import compress_blocks
+from compress.engine import SweepOptions, compress_blocks
 from compress.errors import UsageError
 from compress.passes import Context, get_pass
 from compress.recipe import load_recipe
@@ -72,7 +72,7 @@ def _in_memory(path, passes_spec, samples=16):
     cal = rec.calibration
     calib = calibration_windows(tokenize(load_texts(cal.data), src.tokenizer), cal.samples, cal.seq_len)
     passes = [get_pass(n)(c, Context(dtype=torch.bfloat16)) for n, c in rec.pass_configs()]
-    compress_blocks(src, model, passes, calib, cal.batch_size, sink=lambda res, inputs: None, keep=True)
+    compress_blocks(src, model, passes, calib, lambda res, inputs: None, SweepOptions(batch_size=cal.batch_size, keep=True))
     skip = {n for n, _ in model.named_parameters() if n.startswith("lm_head.")} if src.config.tie_word_embeddings else set()
     materialize(model, "", src, skip=skip)
     if skip:

@@ -226,7 +226,8 @@ def test_block_scope_trains_each_block_inside_the_sweep(tiny, w3, tmp_path):
 def test_training_reads_the_calibration_split_only(tiny, tmp_path, monkeypatch):
     import compress.distill.run as run_mod
 
-    import compress.api as api_mod
+    import compress.api.evaluation as evaluation
+    import compress.api.job as api_mod
 
     events = []
     real_load, real_train = api_mod.load_texts, run_mod.train_model
@@ -247,8 +248,8 @@ def test_training_reads_the_calibration_split_only(tiny, tmp_path, monkeypatch):
         return real_train(student, teacher, train, held, *a, **k)
 
     monkeypatch.setattr(api_mod, "load_texts", load_spy)
+    monkeypatch.setattr(evaluation, "load_texts", load_spy)  # the evaluation reads its split there
     monkeypatch.setattr(run_mod, "train_model", train_spy)
-    import compress.eval.perplexity  # noqa: F401  (the evaluation reads its split through compress.api.load_texts)
 
     api.run(_recipe(tiny, tmp_path / "o", [{"rtn": {"bits": 4, "group_size": 32}}, {"distill": {"steps": 1}}],
                     eval={"perplexity": {"seq_len": 64, "max_windows": 2}, "baseline": False}))
@@ -322,7 +323,7 @@ def test_cli_distill_refuses_a_different_architecture(tiny, tmp_path):
 def test_a_run_interrupted_while_distilling_resumes_without_compressing_again(tiny, tmp_path, monkeypatch):
     import compress.distill.run as run_mod
 
-    import compress.api as api_mod
+    import compress.api.job as api_mod
 
     out = tmp_path / "o"
     passes = [{"rtn": {"bits": 4, "group_size": 32}}, {"distill": {"steps": 4, "save_every": 1, "restore_best": False}}]

@@ -15,7 +15,7 @@ from compress.checkpoint.formats import QuantLinear
 from compress.checkpoint.load import load
 from compress.checkpoint.source import ModelSource, materialize
 from compress.cli import app
-from compress.engine import compress_blocks
+from compress.engine import SweepOptions, compress_blocks
 from compress.errors import UsageError
 from compress.passes import Context, get_pass
 from compress.recipe import load_recipe
@@ -48,7 +48,7 @@ def _in_memory(model_path, recipe):
     cal = recipe.calibration
     calib = calibration_windows(tokenize(load_texts(cal.data), src.tokenizer), cal.samples, cal.seq_len)
     passes = [get_pass(n)(c, Context(dtype=torch.bfloat16)) for n, c in recipe.pass_configs()]
-    compress_blocks(src, model, passes, calib, cal.batch_size, sink=lambda res, inputs: None, keep=True, propagate=cal.propagate)
+    compress_blocks(src, model, passes, calib, lambda res, inputs: None, SweepOptions(batch_size=cal.batch_size, keep=True, propagate=cal.propagate))
     materialize(model, "", src, skip={n for n, _ in model.named_parameters() if n.startswith("lm_head.")})
     model.tie_weights()
     return model.eval()
@@ -220,7 +220,7 @@ def test_block_error_probe_measures_what_reaches_the_block_output():
     from conftest import tiny_config
     from transformers import AutoModelForCausalLM
 
-    from compress.engine import _BlockErrorProbe
+    from compress.engine.observe import BlockErrorProbe
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).eval()
@@ -231,7 +231,7 @@ def test_block_error_probe_measures_what_reaches_the_block_output():
     with torch.no_grad():
         y = block(x, **kw)
     y = y[0] if isinstance(y, tuple) else y
-    probe = _BlockErrorProbe(block, x, y, ((), kw))
+    probe = BlockErrorProbe(block, x, y, ((), kw))
     W = block.mlp.down_proj.weight.detach().clone()
     assert probe("mlp.down_proj", W) == (0.0, 0.0)
     out_err, layer_err = probe("mlp.down_proj", W * 1.1)
