@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -269,3 +270,84 @@ def load_recipe(source: str | Path | dict | None = None, overrides: list[str] = 
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.resolved(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- method presets
+# `compress quantize|prune|lowrank --method NAME` builds the passes of one row of METHODS: each
+# pass takes the command's options it names (an option given as None is left to the pass's
+# default) plus fixed values of its own. The rows of a command, in order, are its --method
+# choices; their help text is the option's help.
+
+_WEIGHTS = ("bits", "group_size", "symmetric")  # the weight format of the int quantizers
+_GPTQ_ORDER = ("act_order", "static_groups")
+_PRUNE = ("sparsity", "pattern", "allocation", "owl_lambda", "owl_m")
+_LOWRANK = ("reduction", "allocation", "rank")
+# int8 weights per channel and int8 activations per token: --bits/--group-size/--asym do not apply
+_W8A8 = {"bits": 8, "group_size": -1, "symmetric": True, "activations": {"bits": 8, "dynamic": True}}
+
+
+@dataclass(frozen=True)
+class PresetPass:
+    name: str  # the pass (a key of compress.passes' registry)
+    takes: tuple[str, ...] = ()  # the command-line options it takes, by recipe field name
+    fixed: dict = field(default_factory=dict)  # values the method sets whatever the options say
+
+
+@dataclass(frozen=True)
+class Method:
+    command: str  # the command that offers it: quantize, prune or lowrank
+    passes: tuple[PresetPass, ...]
+    help: str = ""  # its line in --method's help (beside the name)
+
+
+def _lowrank(method: str, help: str) -> Method:
+    return Method("lowrank", (PresetPass("lowrank", _LOWRANK, {"method": method}),), help)
+
+
+METHODS: dict[str, Method] = {
+    "gptq": Method("quantize", (PresetPass("gptq", _WEIGHTS + _GPTQ_ORDER),)),
+    "rtn": Method("quantize", (PresetPass("rtn", _WEIGHTS),)),
+    "awq": Method("quantize", (PresetPass("awq", _WEIGHTS),), "AWQ scaling + clipping, then RTN"),
+    "awq+gptq": Method("quantize", (PresetPass("awq", _WEIGHTS), PresetPass("gptq", _WEIGHTS + _GPTQ_ORDER)),
+                       "AWQ scaling + clipping, then GPTQ"),
+    "smoothquant": Method("quantize", (PresetPass("smoothquant", ("alpha",)), PresetPass("gptq", _GPTQ_ORDER, _W8A8)),
+                          "SmoothQuant then GPTQ W8A8: int8 weights per channel, int8 activations per token; "
+                          "--bits/--group-size/--asym do not apply"),
+    "w8a8": Method("quantize", (PresetPass("gptq", _GPTQ_ORDER, _W8A8),), "GPTQ W8A8 without smoothing"),
+    "sparsegpt": Method("prune", (PresetPass("sparsegpt", _PRUNE),), "masked second-order reconstruction"),
+    "wanda": Method("prune", (PresetPass("wanda", _PRUNE),), "|w|·‖x‖ scores, no update"),
+    "magnitude": Method("prune", (PresetPass("magnitude", _PRUNE),), "|w|, no data"),
+    "whitened": _lowrank("whitened", "SVD of W·chol(XᵀX): the least output error, SVD-LLM"),
+    "asvd": _lowrank("asvd", "W scaled by mean|x|"),
+    "svd": _lowrank("svd", "plain, weights only"),
+}
+
+
+def methods_of(command: str) -> list[str]:
+    """The --method choices of ``command``, in table order."""
+    return [name for name, m in METHODS.items() if m.command == command]
+
+
+def method_help(command: str) -> str:
+    """``--method``'s help: each choice with what it does."""
+    items = [f"{n} ({METHODS[n].help})" if METHODS[n].help else n for n in methods_of(command)]
+    return ", ".join(items[:-1]) + " or " + items[-1] + "."
+
+
+def get_method(command: str, name: str) -> Method:
+    if name not in methods_of(command):
+        raise UsageError(f"--method {name!r}: choose one of {', '.join(methods_of(command))}")
+    return METHODS[name]
+
+
+def method_passes(command: str, name: str, options: dict[str, Any], ignore: list[str] | None = None) -> list[dict]:
+    """The recipe's ``passes`` for ``compress COMMAND --method NAME``: each pass of the row with
+    the options it takes and its fixed values; ``ignore``: layers left alone besides lm_head."""
+    out = []
+    for p in get_method(command, name).passes:
+        opts = {k: options[k] for k in p.takes if options.get(k) is not None}
+        opts.update(copy.deepcopy(p.fixed))
+        if ignore:
+            opts["ignore"] = ["lm_head", *ignore]
+        out.append({p.name: opts})
+    return out

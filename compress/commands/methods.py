@@ -1,0 +1,111 @@
+"""`compress quantize`, `prune` and `lowrank`: one method on one model. Each builds a recipe from a
+row of compress.recipe.METHODS and its options, and runs it like `compress run`."""
+
+from typing import Annotated
+
+import typer
+
+from compress.commands.options import (
+    Calibration,
+    Gates,
+    Job,
+    LowrankMethodOpt,
+    ModelArg,
+    OutputOpt,
+    PruneMethodOpt,
+    QuantizeMethodOpt,
+    Report,
+    Targets,
+    Tasks,
+    eval_overrides,
+    with_groups,
+)
+from compress.commands.run import run_recipe
+from compress.errors import UsageError
+from compress.recipe import get_method, load_recipe, method_passes
+
+GROUPS = {"calibration": Calibration, "targets": Targets, "job": Job, "tasks": Tasks, "gates": Gates, "report": Report}
+
+
+@with_groups(**GROUPS)
+def quantize_cmd(
+    model: ModelArg,
+    output: OutputOpt,
+    method: QuantizeMethodOpt = "gptq",
+    bits: Annotated[int, typer.Option("--bits", help="Weight bits, 2-8 (vLLM serves 4 and 8).")] = 4,
+    group_size: Annotated[str, typer.Option("--group-size", help=(
+        "Columns per scale: auto (per layer: 128 where it divides in_features, else the largest power of two down to 16 that "
+        "does, else per channel), a number that divides every targeted layer, or -1 (per channel)."))] = "auto",
+    asymmetric: Annotated[bool, typer.Option("--asym/--sym", help="Asymmetric (zero points) or symmetric.")] = False,
+    act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ: visit columns by activation order.")] = True,
+    g_idx: Annotated[bool, typer.Option("--g-idx", help="GPTQ act-order with groups in visiting order, exported as g_idx (default: static groups, no g_idx).")] = False,
+    alpha: Annotated[float, typer.Option("--alpha", help="SmoothQuant migration strength (0-1).")] = 0.5,
+    *, calibration: Calibration, targets: Targets, job: Job, tasks: Tasks, gates: Gates, report: Report,
+):
+    """Quantize one model with one method (builds a recipe and runs it)."""
+    if g_idx and "gptq" not in (p.name for p in get_method("quantize", method).passes):
+        raise UsageError("--g-idx applies to the GPTQ methods only")
+    opts = {"bits": bits, "group_size": group_size, "symmetric": not asymmetric, "act_order": act_order, "static_groups": not g_idx,
+            "alpha": alpha}
+    run_method(model, output, method_passes("quantize", method, opts, targets.ignore), calibration, targets, job, tasks, gates, report)
+
+
+@with_groups(**GROUPS)
+def prune_cmd(
+    model: ModelArg,
+    output: OutputOpt,
+    method: PruneMethodOpt = "sparsegpt",
+    sparsity: Annotated[float, typer.Option("--sparsity", help="Fraction of each targeted Linear's weights set to zero, in [0, 1); an N:M pattern implies 1 - N/M.")] = 0.5,
+    pattern: Annotated[str, typer.Option("--pattern", help="unstructured (per output row) or N:M, e.g. 2:4 (N kept of every M inputs; sparse tensor cores run 2:4).")] = "unstructured",
+    allocation: Annotated[str, typer.Option("--allocation", help="uniform (every layer the same) or owl (blocks with more activation outliers keep more; unstructured only).")] = "uniform",
+    owl_lambda: Annotated[float, typer.Option("--owl-lambda", help="OWL: block sparsities span sparsity ± this.")] = 0.08,
+    owl_m: Annotated[float, typer.Option("--owl-m", help="OWL: an outlier is a score above this × the block's mean.")] = 5.0,
+    *, calibration: Calibration, targets: Targets, job: Job, tasks: Tasks, gates: Gates, report: Report,
+):
+    """Prune one model with one method (builds a recipe and runs it).
+
+    Quantize afterwards in one sweep with a recipe: `- sparsegpt: {...}` then `- gptq: {...}` runs
+    both in a joint solve."""
+    if pattern.strip().lower() not in ("unstructured", "none", "") and sparsity == 0.5:
+        sparsity = None  # an N:M pattern sets its own, unless --sparsity says otherwise
+    opts = {"sparsity": sparsity, "pattern": pattern, "allocation": allocation, "owl_lambda": owl_lambda, "owl_m": owl_m}
+    run_method(model, output, method_passes("prune", method, opts, targets.ignore), calibration, targets, job, tasks, gates, report)
+
+
+@with_groups(**GROUPS)
+def lowrank_cmd(
+    model: ModelArg,
+    output: OutputOpt,
+    reduction: Annotated[str, typer.Option("--reduction", help="Share of the targeted Linears' parameters to remove overall, in (0, 1): 0.2 or 20%.")] = "0.2",
+    method: LowrankMethodOpt = "whitened",
+    allocation: Annotated[str, typer.Option("--allocation", help=(
+        "sensitivity (ranks where each parameter buys the most output accuracy, measured in a preview sweep) or uniform (every layer keeps the same share)."))] = "sensitivity",
+    rank: Annotated[int | None, typer.Option("--rank", help="One rank for every targeted Linear, instead of --reduction.")] = None,
+    merged: Annotated[bool, typer.Option("--merged", help="Export B·A multiplied back into dense weights (any tool loads it; no size or speed gain).")] = False,
+    *, calibration: Calibration, targets: Targets, job: Job, tasks: Tasks, gates: Gates, report: Report,
+):
+    """Replace each Linear by two smaller ones (W ≈ B·A, truncated SVD on the calibration activations) to remove a share of the parameters.
+
+    The factored export loads with `compress eval` and compress.load; --merged writes plain dense
+    weights. Quantize the factors in the same sweep with a recipe: `- lowrank: {...}` then
+    `- gptq: {...}`."""
+    opts = {"reduction": reduction, "allocation": allocation, "rank": rank}
+    run_method(model, output, method_passes("lowrank", method, opts, targets.ignore), calibration, targets, job, tasks, gates, report,
+               extra=["export.lowrank=merged"] if merged else [])
+
+
+def run_method(model: str, output: str, passes: list[dict], calibration: Calibration, targets: Targets, job: Job, tasks: Tasks,
+               gates: Gates, report: Report, extra: list[str] = ()) -> None:
+    """The recipe a one-method command builds, with its overrides (--seed, --device, the
+    evaluation options, ``extra``, then --set, which wins), run."""
+    raw = {
+        "model": model,
+        "seed": job.seed or 0,
+        "calibration": calibration.recipe(),
+        "passes": passes,
+        "export": {"path": output, "overwrite": job.overwrite},
+    }
+    if targets.no_eval:
+        raw["eval"] = {"perplexity": None}
+    overrides = job.overrides() + eval_overrides(tasks, gates) + list(extra) + list(job.set_ or [])
+    run_recipe(load_recipe(raw, overrides), job.resume, report, job.dry_run)
