@@ -24,8 +24,10 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -121,80 +123,132 @@ def optimizer(prep: Prepared, cfg: DistillConfig, total: int) -> tuple[torch.opt
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup, cfg.min_lr))
 
 
-def train_model(
-    student: nn.Module,
-    teacher: nn.Module | None,
-    train: torch.Tensor,
-    held: torch.Tensor,
-    cfg: DistillConfig,
-    prep: Prepared,
-    *,
-    seed: int = 0,
-    topk: tuple[torch.Tensor, torch.Tensor] | None = None,
-    held_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
-    state_path: Path | None = None,
-    resume: bool = False,
-    progress: Callable[[int, int, str], None] = lambda done, total, info: None,
-    log: Callable[[str], None] = lambda msg: None,
-    interrupt_at: int | None = None,
-) -> dict:
-    """Distill ``teacher`` (or its cached ``topk`` over ``train``) into ``student`` on ``train``
-    windows, early-stopping on the distillation gap over ``held`` (against the teacher's top-k
-    there, ``held_topk``, computed here when not given). Returns the run's record: curve, steps,
-    tokens, seconds, why it stopped, held-out gap and perplexity before and at the best step.
-    ``interrupt_at``: raise KeyboardInterrupt after that step (tests of resume)."""
-    params = prep.parameters()
-    if not params:
-        raise UsageError("distill.train: nothing to train in this model (no quantized, pruned or low-rank layer and no norm); "
-                         "use train: weights to train the dense Linears")
-    dev = next(student.parameters()).device
-    n_micro = math.ceil(len(train) / cfg.batch_size)
-    total = cfg.steps or max(1, math.ceil(cfg.epochs * n_micro / cfg.grad_accum))
-    opt, sched = optimizer(prep, cfg, total)
-    if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    student.train(cfg.grad_checkpointing)  # checkpointing only acts in train mode; the demo family has no dropout
-    fp = _fingerprint(cfg, train, held, seed)
+def _no_progress(done: int, total: int, info: str) -> None:
+    pass
 
-    st: dict
-    if resume and state_path is not None and state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+
+def _no_log(msg: str) -> None:
+    pass
+
+
+@dataclass
+class TrainOptions:
+    """How ``train_model`` runs, beside what it trains (its keyword arguments)."""
+
+    seed: int = 0  # seeds each epoch's window order, the loop's only randomness
+    topk: tuple[torch.Tensor, torch.Tensor] | None = None  # the teacher's cached top-k over the training windows (then no teacher)
+    held_topk: tuple[torch.Tensor, torch.Tensor] | None = None  # its top-k over the held-out windows; None: computed here
+    state_path: Path | None = None  # the resumable state, saved every save_every steps and on Ctrl-C; None: not saved
+    resume: bool = False  # continue from state_path where it exists
+    progress: Callable[[int, int, str], None] = _no_progress  # (step, planned steps, loss and speed) after each step
+    log: Callable[[str], None] = _no_log  # a line per held-out evaluation, and where it resumes
+    interrupt_at: int | None = None  # raise KeyboardInterrupt after this step (tests of resume)
+
+
+@dataclass(eq=False)
+class TrainJob:
+    """One distillation run: what it trains (the first seven fields), the optimizer and schedule
+    over ``total`` steps, and ``st``, the state that ``state_path`` holds for a resume: step,
+    tokens, seconds, curve, best weights, evaluations without improvement (``bad``), why it
+    stopped, the held-out top-k and the fingerprint of the options and data."""
+
+    student: nn.Module
+    teacher: nn.Module | None  # None where opts.topk holds its top-k
+    train: torch.Tensor  # (N, seq) training windows
+    held: torch.Tensor  # (M, seq) held-out windows, for early stopping
+    cfg: DistillConfig
+    prep: Prepared
+    opts: TrainOptions
+    params: list[nn.Parameter] = field(init=False)
+    dev: torch.device = field(init=False)
+    n_micro: int = field(init=False)  # micro-batches per epoch
+    total: int = field(init=False)  # planned optimizer steps
+    opt: torch.optim.Optimizer = field(init=False)
+    sched: torch.optim.lr_scheduler.LambdaLR = field(init=False)
+    st: dict = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.params = self.prep.parameters()
+        if not self.params:
+            raise UsageError("distill.train: nothing to train in this model (no quantized, pruned or low-rank layer and no norm); "
+                             "use train: weights to train the dense Linears")
+        self.dev = next(self.student.parameters()).device
+        self.n_micro = math.ceil(len(self.train) / self.cfg.batch_size)
+        self.total = self.cfg.steps or max(1, math.ceil(self.cfg.epochs * self.n_micro / self.cfg.grad_accum))
+        self.opt, self.sched = optimizer(self.prep, self.cfg, self.total)
+
+    def begin(self) -> None:
+        """Train mode (with gradient checkpointing where asked for), then the state: resumed from
+        ``state_path``, or fresh (the held-out gap and perplexity before any step)."""
+        cfg, student, opts = self.cfg, self.student, self.opts
+        if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.train(cfg.grad_checkpointing)  # checkpointing only acts in train mode; the demo family has no dropout
+        fp = _fingerprint(cfg, self.train, self.held, opts.seed)
+        if opts.resume and opts.state_path is not None and opts.state_path.exists():
+            self.st = self._resumed(fp)
+        else:
+            self.st = self._fresh(fp)
+
+    def _resumed(self, fp: str) -> dict:
+        path = self.opts.state_path
+        st = torch.load(path, weights_only=False)
         if st["fingerprint"] != fp:
-            raise UsageError(f"{state_path}: the interrupted distillation used other options or data; run without --resume to start over")
-        restore(student, st["params"])
-        held_topk = st["held_topk"]
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        log(f"distillation resumes at step {st['step']} of {total}")
-    else:
+            raise UsageError(f"{path}: the interrupted distillation used other options or data; run without --resume to start over")
+        restore(self.student, st["params"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.opts.log(f"distillation resumes at step {st['step']} of {self.total}")
+        return st
+
+    def _fresh(self, fp: str) -> dict:
+        cfg, held_topk = self.cfg, self.opts.held_topk
         if held_topk is None:
-            held_topk = teacher_topk(teacher, held, cfg.top_k, cfg.temperature, cfg.batch_size)
-        kl0, ppl0 = heldout(student, held, held_topk, cfg)
-        st = {"fingerprint": fp, "step": 0, "tokens": 0, "seconds": 0.0,
-              "curve": [{"step": 0, "heldout_kl": round(kl0, 6), "heldout_ppl": round(ppl0, 4)}],
-              "best": {"step": 0, "kl": kl0, "ppl": ppl0, "params": state(student)}, "bad": 0, "stopped": None,
-              "start": {"kl": kl0, "ppl": ppl0}, "held_topk": held_topk}
+            held_topk = teacher_topk(self.teacher, self.held, cfg.top_k, cfg.temperature, cfg.batch_size)
+        kl0, ppl0 = heldout(self.student, self.held, held_topk, cfg)
+        return {"fingerprint": fp, "step": 0, "tokens": 0, "seconds": 0.0,
+                "curve": [{"step": 0, "heldout_kl": round(kl0, 6), "heldout_ppl": round(ppl0, 4)}],
+                "best": {"step": 0, "kl": kl0, "ppl": ppl0, "params": state(self.student)}, "bad": 0, "stopped": None,
+                "start": {"kl": kl0, "ppl": ppl0}, "held_topk": held_topk}
 
-    def checkpoint():
-        if state_path is not None:
-            atomic_torch_save({**st, "params": state(student), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, state_path)
+    def checkpoint(self) -> None:
+        if self.opts.state_path is not None:
+            atomic_torch_save({**self.st, "params": state(self.student), "optimizer": self.opt.state_dict(),
+                               "scheduler": self.sched.state_dict()}, self.opts.state_path)
 
-    def batch_of(m: int) -> torch.Tensor:
-        epoch, j = divmod(m, n_micro)
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        return perm[j * cfg.batch_size : (j + 1) * cfg.batch_size]
+    def run(self) -> None:
+        """Optimizer steps until the planned number or a stop; on Ctrl-C the state is saved first."""
+        st = self.st
+        t_start = time.time() - st["seconds"]
+        try:
+            while st["step"] < self.total and st["stopped"] is None:
+                step_loss = self.step()
+                st["seconds"] = time.time() - t_start
+                self.after_step(step_loss)
+        except KeyboardInterrupt:
+            self.checkpoint()
+            raise
 
-    def loss_of(idx: torch.Tensor) -> torch.Tensor:
-        x = train[idx].to(dev)
+    def batch_of(self, m: int) -> torch.Tensor:
+        """The window indices of micro-batch ``m`` (counted over all epochs)."""
+        epoch, j = divmod(m, self.n_micro)
+        perm = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.opts.seed * 100_003 + epoch))
+        return perm[j * self.cfg.batch_size : (j + 1) * self.cfg.batch_size]
+
+    def loss_of(self, idx: torch.Tensor) -> torch.Tensor:
+        """The training loss on the windows ``idx``: to the teacher (online, or its cached top-k),
+        plus the hidden-state and language-modelling terms where they have a weight."""
+        cfg, dev, topk = self.cfg, self.dev, self.opts.topk
+        x = self.train[idx].to(dev)
         hidden = cfg.hidden_weight > 0
         with autocast(dev, cfg.precision):
-            out = student(input_ids=x, use_cache=False, output_hidden_states=hidden)
+            out = self.student(input_ids=x, use_cache=False, output_hidden_states=hidden)
             if topk is not None:
                 loss = losses.topk_forward_kl(out.logits, topk[0][idx].to(dev), topk[1][idx].to(dev), cfg.temperature,
                                               cfg.alpha if cfg.loss == "skew_kl" else 0.0)
             else:
                 with torch.no_grad():
-                    t_out = teacher(input_ids=x, use_cache=False, output_hidden_states=hidden)
+                    t_out = self.teacher(input_ids=x, use_cache=False, output_hidden_states=hidden)
                 loss = losses.logit_loss(cfg.loss, out.logits, t_out.logits, cfg.temperature, cfg.beta, cfg.alpha)
                 if hidden:
                     loss = loss + cfg.hidden_weight * losses.hidden_mse(list(out.hidden_states[1:]), list(t_out.hidden_states[1:]))
@@ -203,71 +257,101 @@ def train_model(
                 loss = loss + cfg.lm_weight * lm
         return loss
 
-    t_start = time.time() - st["seconds"]
-    try:
-        while st["step"] < total and st["stopped"] is None:
-            opt.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for a in range(cfg.grad_accum):
-                idx = batch_of(st["step"] * cfg.grad_accum + a)
-                loss = loss_of(idx)
-                if not torch.isfinite(loss):
-                    restore(student, st["best"]["params"])
-                    raise TrainingError(
-                        f"distillation: the loss became {loss.item()} at step {st['step'] + 1}; training stopped and the model "
-                        f"is back at its best weights (step {st['best']['step']}); nothing was exported. Lower distill.lr "
-                        f"({cfg.lr}) or distill.scale_lr ({cfg.scale_lr}), or use precision: fp32"
-                    )
-                (loss / cfg.grad_accum).backward()
-                step_loss += loss.item() / cfg.grad_accum
-                st["tokens"] += idx.numel() * train.shape[1]
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            prep.apply_masks()
-            st["step"] += 1
-            st["seconds"] = time.time() - t_start
-            row = {"step": st["step"], "loss": round(step_loss, 6), "lr": opt.param_groups[-1]["lr"]}
-            st["curve"].append(row)
-            tps = st["tokens"] / max(st["seconds"], 1e-9)
-            progress(st["step"], total, f"loss {step_loss:.4f} · {tps:,.0f} tok/s")
-            if st["step"] % cfg.eval_every == 0 or st["step"] == total:
-                kl, ppl = heldout(student, held, held_topk, cfg)
-                row.update(heldout_kl=round(kl, 6), heldout_ppl=round(ppl, 4))
-                if kl < st["best"]["kl"]:
-                    st["best"] = {"step": st["step"], "kl": kl, "ppl": ppl, "params": state(student)}
-                    st["bad"] = 0
-                else:
-                    st["bad"] += 1
-                    if st["bad"] >= cfg.patience and cfg.restore_best:
-                        st["stopped"] = "early stop"
-                log(f"distill step {st['step']}/{total}: loss {step_loss:.4f}, held-out gap {kl:.4f} and perplexity {ppl:.3f} "
-                    f"(best gap {st['best']['kl']:.4f} at step {st['best']['step']}), {tps:,.0f} tokens/s")
-            if cfg.minutes is not None and st["seconds"] >= cfg.minutes * 60 and st["stopped"] is None:
-                st["stopped"] = "time"
-            if st["step"] % cfg.save_every == 0:
-                checkpoint()
-            if interrupt_at is not None and st["step"] == interrupt_at:
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        checkpoint()
-        raise
-    if cfg.restore_best and st["best"]["step"] != st["step"]:
-        restore(student, st["best"]["params"])
-    if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_disable"):
-        student.gradient_checkpointing_disable()
-    student.eval()
-    return {
-        "steps": st["step"],
-        "planned_steps": total,
-        "tokens": st["tokens"],
-        "seconds": round(st["seconds"], 1),
-        "stopped": st["stopped"] or "steps",
-        "best_step": st["best"]["step"],
-        "heldout_kl_start": round(st["start"]["kl"], 6),
-        "heldout_kl_best": round(st["best"]["kl"], 6),
-        "heldout_ppl_start": round(st["start"]["ppl"], 4),
-        "heldout_ppl_best": round(st["best"]["ppl"], 4),
-        "curve": st["curve"],
-    }
+    def step(self) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its mean loss."""
+        cfg, st = self.cfg, self.st
+        self.opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for a in range(cfg.grad_accum):
+            idx = self.batch_of(st["step"] * cfg.grad_accum + a)
+            loss = self.loss_of(idx)
+            if not torch.isfinite(loss):
+                self._diverged(loss)
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.item() / cfg.grad_accum
+            st["tokens"] += idx.numel() * self.train.shape[1]
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.prep.apply_masks()
+        st["step"] += 1
+        return step_loss
+
+    def _diverged(self, loss: torch.Tensor) -> NoReturn:
+        restore(self.student, self.st["best"]["params"])
+        raise TrainingError(
+            f"distillation: the loss became {loss.item()} at step {self.st['step'] + 1}; training stopped and the model "
+            f"is back at its best weights (step {self.st['best']['step']}); nothing was exported. Lower distill.lr "
+            f"({self.cfg.lr}) or distill.scale_lr ({self.cfg.scale_lr}), or use precision: fp32"
+        )
+
+    def after_step(self, step_loss: float) -> None:
+        """The curve's row and the progress of the step just taken; the held-out evaluation, the
+        time limit, the periodic checkpoint and the test interruption where they fall due."""
+        cfg, st = self.cfg, self.st
+        row = {"step": st["step"], "loss": round(step_loss, 6), "lr": self.opt.param_groups[-1]["lr"]}
+        st["curve"].append(row)
+        tps = st["tokens"] / max(st["seconds"], 1e-9)
+        self.opts.progress(st["step"], self.total, f"loss {step_loss:.4f} · {tps:,.0f} tok/s")
+        if st["step"] % cfg.eval_every == 0 or st["step"] == self.total:
+            kl, ppl = self.evaluate(row)
+            self.opts.log(f"distill step {st['step']}/{self.total}: loss {step_loss:.4f}, held-out gap {kl:.4f} and perplexity "
+                          f"{ppl:.3f} (best gap {st['best']['kl']:.4f} at step {st['best']['step']}), {tps:,.0f} tokens/s")
+        if cfg.minutes is not None and st["seconds"] >= cfg.minutes * 60 and st["stopped"] is None:
+            st["stopped"] = "time"
+        if st["step"] % cfg.save_every == 0:
+            self.checkpoint()
+        if self.opts.interrupt_at is not None and st["step"] == self.opts.interrupt_at:
+            raise KeyboardInterrupt
+
+    def evaluate(self, row: dict) -> tuple[float, float]:
+        """The held-out gap and perplexity, also into ``row``; keep the best weights, or count one
+        more evaluation without improvement (``patience`` of them stop the run where ``restore_best``)."""
+        st = self.st
+        kl, ppl = heldout(self.student, self.held, st["held_topk"], self.cfg)
+        row.update(heldout_kl=round(kl, 6), heldout_ppl=round(ppl, 4))
+        if kl < st["best"]["kl"]:
+            st["best"] = {"step": st["step"], "kl": kl, "ppl": ppl, "params": state(self.student)}
+            st["bad"] = 0
+        else:
+            st["bad"] += 1
+            if st["bad"] >= self.cfg.patience and self.cfg.restore_best:
+                st["stopped"] = "early stop"
+        return kl, ppl
+
+    def finish(self) -> dict:
+        """Back to the best weights (where ``restore_best``), out of train mode; the run's record."""
+        cfg, st, student = self.cfg, self.st, self.student
+        if cfg.restore_best and st["best"]["step"] != st["step"]:
+            restore(student, st["best"]["params"])
+        if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_disable"):
+            student.gradient_checkpointing_disable()
+        student.eval()
+        return {
+            "steps": st["step"],
+            "planned_steps": self.total,
+            "tokens": st["tokens"],
+            "seconds": round(st["seconds"], 1),
+            "stopped": st["stopped"] or "steps",
+            "best_step": st["best"]["step"],
+            "heldout_kl_start": round(st["start"]["kl"], 6),
+            "heldout_kl_best": round(st["best"]["kl"], 6),
+            "heldout_ppl_start": round(st["start"]["ppl"], 4),
+            "heldout_ppl_best": round(st["best"]["ppl"], 4),
+            "curve": st["curve"],
+        }
+
+
+def train_model(student: nn.Module, teacher: nn.Module | None, train: torch.Tensor, held: torch.Tensor, cfg: DistillConfig,
+                prep: Prepared, **options) -> dict:
+    """Distill ``teacher`` (or its cached ``topk`` over ``train``) into ``student`` on ``train``
+    windows, early-stopping on the distillation gap over ``held`` (against the teacher's top-k
+    there, ``held_topk``, computed here when not given). ``options``: the fields of
+    ``TrainOptions`` (seed, the cached top-k, the state file and resume, callbacks). Returns the
+    run's record: curve, steps, tokens, seconds, why it stopped, held-out gap and perplexity
+    before and at the best step."""
+    job = TrainJob(student, teacher, train, held, cfg, prep, TrainOptions(**options))
+    job.begin()
+    job.run()
+    return job.finish()

@@ -21,7 +21,7 @@ def json_schema() -> dict:
 
 def validate(report: dict) -> None:
     """Raise ``jsonschema.ValidationError`` where ``report`` does not follow the schema."""
-    import jsonschema
+    import jsonschema  # only in the dev extra (the tests validate reports with it): not a dependency of the package
 
     jsonschema.validate(report, json_schema())
 
@@ -84,48 +84,79 @@ def loss_chart(curve: list[dict], points: int = 40) -> list[str]:
 
 
 def to_markdown(report: dict, worst: int = 10) -> str:
+    """The report as Markdown: title, gates, metrics, checkpoints, what compression and
+    distillation did, the ``worst`` layers by error, time and memory; one section per helper,
+    each its lines and a blank line, or nothing."""
     ev = report.get("eval") or {}
     kind = report.get("kind", "run")
-    lines: list[str] = []
+    sections = [
+        [f"## {_title(report, ev, kind)}", ""],
+        _gate_verdict(ev),
+        _metrics_table(ev, kind),
+        _gates_table(ev),
+        _checkpoints_table(report, kind),
+        _summaries(report),
+        _layers_table(report.get("layers", []), worst),
+        _time_line(report, ev),
+        [f"<sub>{report.get('schema', REPORT_SCHEMA)}</sub>"],
+    ]
+    return "\n".join(line for lines in sections for line in lines) + "\n"
+
+
+def _title(report: dict, ev: dict, kind: str) -> str:
     if kind == "run":
-        title = f"compress run: {report['model']['path']} → {report['export']['path']}"
-    elif kind == "distill":
-        title = f"compress distill: {ev['model']['ref']}" + (f" (teacher {ev['baseline']['ref']})" if "baseline" in ev else "")
-    elif kind == "compare":
-        title = f"compress compare: {ev['baseline']['ref']} vs {ev['model']['ref']}"
-    else:
-        title = f"compress eval: {ev['model']['ref']}" + (f" (baseline {ev['baseline']['ref']})" if "baseline" in ev else "")
-    lines += [f"## {title}", ""]
-    if ev.get("gates"):
-        failed = [g for g in ev["gates"] if not g["passed"]]
-        lines += [f"**Gates: {'FAILED' if failed else 'passed'}** ({len(ev['gates']) - len(failed)} of {len(ev['gates'])} passed)", ""]
+        return f"compress run: {report['model']['path']} → {report['export']['path']}"
+    if kind == "distill":
+        return f"compress distill: {ev['model']['ref']}" + (f" (teacher {ev['baseline']['ref']})" if "baseline" in ev else "")
+    if kind == "compare":
+        return f"compress compare: {ev['baseline']['ref']} vs {ev['model']['ref']}"
+    return f"compress eval: {ev['model']['ref']}" + (f" (baseline {ev['baseline']['ref']})" if "baseline" in ev else "")
 
-    base_name = "baseline" if kind != "run" else "original"
-    if ev.get("metrics"):
-        has_base = any(m.get("baseline") is not None for m in ev["metrics"])
-        head = ["metric", base_name, "compressed" if kind == "run" else "model"] if has_base else ["metric", "value"]
+
+def _base_name(kind: str) -> str:
+    return "baseline" if kind != "run" else "original"
+
+
+def _gate_verdict(ev: dict) -> list[str]:
+    if not ev.get("gates"):
+        return []
+    failed = [g for g in ev["gates"] if not g["passed"]]
+    return [f"**Gates: {'FAILED' if failed else 'passed'}** ({len(ev['gates']) - len(failed)} of {len(ev['gates'])} passed)", ""]
+
+
+def _metrics_table(ev: dict, kind: str) -> list[str]:
+    if not ev.get("metrics"):
+        return []
+    has_base = any(m.get("baseline") is not None for m in ev["metrics"])
+    head = ["metric", _base_name(kind), "compressed" if kind == "run" else "model"] if has_base else ["metric", "value"]
+    if has_base:
+        head += ["change", "recovery"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in ev["metrics"]:
+        arrow = "↑" if m["higher_is_better"] else "↓"
+        val = _num(m["model"]) + (f" ± {_num(m['stderr'])}" if m.get("stderr") else "")
         if has_base:
-            head += ["change", "recovery"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for m in ev["metrics"]:
-            arrow = "↑" if m["higher_is_better"] else "↓"
-            val = _num(m["model"]) + (f" ± {_num(m['stderr'])}" if m.get("stderr") else "")
-            if has_base:
-                rel = m.get("rel_change")
-                change = "–" if m.get("change") is None else f"{m['change']:+.4g}" + (f" ({rel:+.2%})" if rel is not None else "")
-                lines.append(f"| {m['name']} {arrow} | {_num(m.get('baseline'))} | {val} | {change} | {_num(m.get('recovery'))} |")
-            else:
-                lines.append(f"| {m['name']} {arrow} | {val} |")
-        lines.append("")
-    if ev.get("gates"):
-        lines += ["| gate | metric | limit | value | result |", "|---|---|---|---|---|"]
-        for g in ev["gates"]:
-            lines.append(f"| {g['gate']} | {g['metric']} | {_num(g['limit'])} | {_num(g['value'])} | {'pass' if g['passed'] else '**FAIL**'} |")
-        lines.append("")
+            rel = m.get("rel_change")
+            change = "–" if m.get("change") is None else f"{m['change']:+.4g}" + (f" ({rel:+.2%})" if rel is not None else "")
+            lines.append(f"| {m['name']} {arrow} | {_num(m.get('baseline'))} | {val} | {change} | {_num(m.get('recovery'))} |")
+        else:
+            lines.append(f"| {m['name']} {arrow} | {val} |")
+    return lines + [""]
 
+
+def _gates_table(ev: dict) -> list[str]:
+    if not ev.get("gates"):
+        return []
+    lines = ["| gate | metric | limit | value | result |", "|---|---|---|---|---|"]
+    for g in ev["gates"]:
+        lines.append(f"| {g['gate']} | {g['metric']} | {_num(g['limit'])} | {_num(g['value'])} | {'pass' if g['passed'] else '**FAIL**'} |")
+    return lines + [""]
+
+
+def _checkpoints_table(report: dict, kind: str) -> list[str]:
     rows = []
     if kind == "run":
-        rows.append((base_name, report["model"]["path"], report["model"].get("size_bytes"), None))
+        rows.append((_base_name(kind), report["model"]["path"], report["model"].get("size_bytes"), None))
         ex = report["export"]
         rows.append(("compressed", ex["path"], ex.get("size_bytes"), ex.get("bits_per_parameter")))
     else:
@@ -133,12 +164,17 @@ def to_markdown(report: dict, worst: int = 10) -> str:
             c = (report.get("checkpoints") or {}).get(label)
             if c:
                 rows.append((label, c["path"], c.get("size_bytes"), c.get("bits_per_parameter")))
-    if rows:
-        lines += ["| checkpoint | path | size on disk | bits/param |", "|---|---|---|---|"]
-        for label, path, size, bpp in rows:
-            lines.append(f"| {label} | `{path}` | {_mb(size)} | {_num(bpp, 3)} |")
-        lines.append("")
+    if not rows:
+        return []
+    lines = ["| checkpoint | path | size on disk | bits/param |", "|---|---|---|---|"]
+    for label, path, size, bpp in rows:
+        lines.append(f"| {label} | `{path}` | {_mb(size)} | {_num(bpp, 3)} |")
+    return lines + [""]
 
+
+def _summaries(report: dict) -> list[str]:
+    """The low-rank line, the distillation line and its loss chart, where the report has them."""
+    lines = []
     lr = (report.get("export") or {}).get("lowrank")
     if lr:
         lines += [lowrank_summary(lr), ""]
@@ -147,19 +183,26 @@ def to_markdown(report: dict, worst: int = 10) -> str:
         chart = loss_chart(report["distill"].get("curve", []))
         if chart:
             lines += chart + [""]
-    kind_err, errs = layer_errors(report.get("layers", []))
-    if errs:
-        ranked = any("rank" in l.get("info", {}) for l, _ in errs)
-        lines += [f"Highest relative {kind_err} error (worst {min(worst, len(errs))} of {len(errs)} layers):", "",
-                  f"| layer | rel. {kind_err} error |" + (" rank | parameters kept |" if ranked else ""), "|---|---|" + ("---|---|" if ranked else "")]
-        for l, e in errs[:worst]:
-            row = f"| {l['name']} | {e:.4f} |"
-            if ranked:
-                i = l.get("info", {})
-                row += f" {i.get('rank') if i.get('rank') is not None else 'dense'} | {i.get('params_kept', '')} of {i.get('params_dense', '')} |"
-            lines.append(row)
-        lines.append("")
+    return lines
 
+
+def _layers_table(layers: list[dict], worst: int) -> list[str]:
+    kind_err, errs = layer_errors(layers)
+    if not errs:
+        return []
+    ranked = any("rank" in l.get("info", {}) for l, _ in errs)
+    lines = [f"Highest relative {kind_err} error (worst {min(worst, len(errs))} of {len(errs)} layers):", "",
+             f"| layer | rel. {kind_err} error |" + (" rank | parameters kept |" if ranked else ""), "|---|---|" + ("---|---|" if ranked else "")]
+    for l, e in errs[:worst]:
+        row = f"| {l['name']} | {e:.4f} |"
+        if ranked:
+            i = l.get("info", {})
+            row += f" {i.get('rank') if i.get('rank') is not None else 'dense'} | {i.get('params_kept', '')} of {i.get('params_dense', '')} |"
+        lines.append(row)
+    return lines + [""]
+
+
+def _time_line(report: dict, ev: dict) -> list[str]:
     tm = report.get("time", {})
     parts = [f"{k.removesuffix('_s')} {tm[k]:.0f} s" for k in ("compress_s", "eval_s", "total_s") if k in tm]
     if report.get("peak_rss_mb") is not None:
@@ -167,7 +210,4 @@ def to_markdown(report: dict, worst: int = 10) -> str:
     cached = [f"{label}: {', '.join(ev[label]['cached'])}" for label in ("baseline", "model") if ev.get(label, {}).get("cached")]
     if cached:
         parts.append("from the evaluation cache: " + "; ".join(cached))
-    if parts:
-        lines += ["Time: " + ", ".join(parts) + ".", ""]
-    lines.append(f"<sub>{report.get('schema', REPORT_SCHEMA)}</sub>")
-    return "\n".join(lines) + "\n"
+    return ["Time: " + ", ".join(parts) + ".", ""] if parts else []

@@ -23,23 +23,19 @@ import re
 import sys
 from pathlib import Path
 
+from compress.data import pydoc_topics
+
 MIN_WORDS = 12
 _LAST = re.compile(r"([A-Za-z]{3,})[.!?]")
 
 
-def _eval_topics() -> list[str]:
-    from compress.data import _pydoc_topics
-
-    return _pydoc_topics("eval")
-
-
 def ppl_records() -> list[dict]:
-    return [{"text": t} for t in _eval_topics()]
+    return [{"text": t} for t in pydoc_topics("eval")]
 
 
 def lastword_records() -> list[dict]:
     out = []
-    for topic in _eval_topics():
+    for topic in pydoc_topics("eval"):
         for para in re.split(r"\n\s*\n", topic):
             if "::=" in para or para.lstrip().startswith(">>>"):  # grammar rules, doctest sessions
                 continue

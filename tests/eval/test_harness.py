@@ -7,6 +7,7 @@ import pytest
 from compress.eval import taskdata
 from compress.eval.harness import SHIPPED, hub_reachable, resolve_tasks
 
+from compress.data import pydoc_topics
 from compress.errors import InputError, UsageError
 
 
@@ -18,7 +19,7 @@ def _cache(tmp_path, monkeypatch):
 def test_lastword_items_are_paragraph_endings_of_the_eval_split():
     items = taskdata.lastword_records()
     assert len(items) >= 100
-    eval_text = " ".join(" ".join(t.split()) for t in taskdata._eval_topics())
+    eval_text = " ".join(" ".join(t.split()) for t in pydoc_topics("eval"))
     for it in items:
         word = it["target"]
         assert word.startswith(" ") and word[1:].isalpha() and len(word) >= 4
