@@ -4,13 +4,14 @@ The protocol of the foundation issue: SmolLM2-135M-Instruct, builtin:pydoc, 128 
 samples × 512 tokens, perplexity on the builtin evaluation split with 512-token windows. Each
 configuration runs in its own process (`compress run`), so its peak RSS is its own.
 
-    python eval/bench_demo.py                    # every configuration below
-    python eval/bench_demo.py gptq-w4g64 rtn-w4g64
-    python eval/bench_demo.py --no-baseline awq-w4g64-asym   # without evaluating the original
+    python benchmarks/bench_demo.py                    # every configuration below
+    python benchmarks/bench_demo.py gptq-w4g64 rtn-w4g64
+    python benchmarks/bench_demo.py --no-baseline awq-w4g64-asym   # without evaluating the original
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -107,13 +108,18 @@ def run(name: str, overrides: list[str], workdir: Path, baseline: bool) -> dict:
     }
 
 
-def main():
-    args = sys.argv[1:]
-    baseline = "--no-baseline" not in args
-    names = [a for a in args if not a.startswith("--")] or list(CONFIGS)
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog="configurations: " + ", ".join(CONFIGS))
+    p.add_argument("names", nargs="*", metavar="NAME", help="configurations to run (default: every one)")
+    p.add_argument("--no-baseline", action="store_true", help="do not evaluate the original model")
+    a = p.parse_args(argv)
+    unknown = [n for n in a.names if n not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configuration {', '.join(unknown)}")
     work = Path("/tmp/bench-demo")
-    for i, name in enumerate(names):
-        print(json.dumps(run(name, CONFIGS[name], work, baseline=baseline and i == 0)), flush=True)
+    for i, name in enumerate(a.names or list(CONFIGS)):
+        print(json.dumps(run(name, CONFIGS[name], work, baseline=not a.no_baseline and i == 0)), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ both alike):
 * W8A8: ``compress run`` with ``- rtn: {bits: 8, group_size: -1, activations: {bits: 8}}``, no
   evaluation (read, round, write the export).
 
-    python eval/bench_loadsave.py [--model demo] [--repeat 2] [--workdir /tmp/bench-loadsave]
+    python benchmarks/bench_loadsave.py [--model demo] [--repeat 2] [--workdir /tmp/bench-loadsave]
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ for each method (svd, asvd, whitened), allocation (uniform, sensitivity) and red
 30%) factors every layer with the library's own functions (``lowrank.svd.decompose``,
 ``lowrank.allocate``; the same rank_multiple 8 and damping as the pass), puts B·A (factors
 rounded to bf16, as exported) in place, and measures perplexity on the builtin evaluation split
-(512-token windows). Propagated runs go through the real engine: ``eval/bench_demo.py lr-...``.
+(512-token windows). Propagated runs go through the real engine: ``benchmarks/bench_demo.py lr-...``.
 
-    python eval/bench_lowrank.py                 # the whole grid (about 15 minutes on 2 idle cores)
-    python eval/bench_lowrank.py --samples 32 --methods whitened --allocations uniform --reductions 0.2
+    python benchmarks/bench_lowrank.py                 # the whole grid (about 15 minutes on 2 idle cores)
+    python benchmarks/bench_lowrank.py --samples 32 --methods whitened --allocations uniform --reductions 0.2
 """
 
 from __future__ import annotations

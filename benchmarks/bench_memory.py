@@ -7,7 +7,7 @@ never holds a whole model. Then compresses each with GPTQ W4 g128 symmetric with
 (16 × 256 calibration, no evaluation) in a fresh process and prints, per model, the size on disk, the peak RSS, and the
 ratios the foundation issue asks for.
 
-    python eval/bench_memory.py [--workdir /tmp/bench-mem] [--layers 22 44]
+    python benchmarks/bench_memory.py [--workdir /tmp/bench-mem] [--layers 22 44]
 
 ``--eval`` measures evaluation instead: perplexity on ``--windows`` windows of ``--seq-len``
 tokens of the builtin evaluation split (random weights: the value is meaningless, the memory is
@@ -23,7 +23,7 @@ memory, not their addresses: 10-30 MB more per block, RSS flat), so the children
 mmap threshold (``MALLOC_MMAP_THRESHOLD_``, the same for both modes): each large tensor gets its
 own mapping, unmapped when it is freed.
 
-    python eval/bench_memory.py --eval [--windows 4] [--seq-len 256] [--layers 22 44] [--cap 0.5]
+    python benchmarks/bench_memory.py --eval [--windows 4] [--seq-len 256] [--layers 22 44] [--cap 0.5]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Benchmark: compression time and peak memory on 1 process vs N data-parallel ranks, and on a GPU.
 
-Random llama-shaped checkpoints built locally (no hub; ``eval/bench_memory.py``'s builder, the
+Random llama-shaped checkpoints built locally (no hub; ``benchmarks/bench_memory.py``'s builder, the
 demo model's tokenizer and vocabulary):
 
 * ``1b``: 22 layers, hidden 2048, intermediate 5632, 32 heads / 4 KV heads (≈1.1 B parameters);
@@ -12,8 +12,8 @@ GPTQ W4 g128 symmetric, no evaluation. Each setting runs in a fresh process tree
 the largest sum over the tree (all ranks together) sampled every 0.2 s, and the peak GPU memory
 comes from the report (``run.peak_gpu_mb``).
 
-    python eval/bench_scale.py --cpu                  # 1b: 1 process vs 2 ranks (gloo) on the CPU
-    python eval/bench_scale.py --gpu                  # 1b and 8b on the GPU, 128 x 2048 calibration
+    python benchmarks/bench_scale.py --cpu                  # 1b: 1 process vs 2 ranks (gloo) on the CPU
+    python benchmarks/bench_scale.py --gpu                  # 1b and 8b on the GPU, 128 x 2048 calibration
 
 CPU defaults to 16 x 256 calibration tokens (as bench_memory.py) to stay within minutes on 2 cores.
 """

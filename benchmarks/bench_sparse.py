@@ -1,8 +1,8 @@
 """Benchmark: 2:4 semi-structured sparse Linears against dense, per layer and end to end (GPU).
 
-    python eval/bench_sparse.py                  # on a CUDA GPU of compute capability >= 8.0
-    python eval/bench_sparse.py --model out/s24  # end to end on a checkpoint instead of a random 1B llama
-    python eval/bench_sparse.py --cpu            # smoke run of the script's own paths (no timings claimed)
+    python benchmarks/bench_sparse.py                  # on a CUDA GPU of compute capability >= 8.0
+    python benchmarks/bench_sparse.py --model out/s24  # end to end on a checkpoint instead of a random 1B llama
+    python benchmarks/bench_sparse.py --cpu            # smoke run of the script's own paths (no timings claimed)
 
 Prints JSON lines: per (shape, tokens) the dense and sparse time in ms and the speedup; end to
 end, prefill (1 × 512 and 8 × 512 tokens: ms and tokens/s) and greedy decode (128 new tokens after
@@ -17,7 +17,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from compress.eval.bench_kernels import timeit
+from compress.kernels.bench import timeit
 from compress.prune.magnitude import magnitude_prune
 from compress.prune.pattern import Pattern
 
@@ -37,7 +37,7 @@ def prune_2_4(w: torch.Tensor) -> torch.Tensor:
 
 
 def timed(fn, reps: int, device) -> float:
-    """Median milliseconds of ``fn()`` (bench_kernels' timer: warm-up, CUDA events on a GPU)."""
+    """Median milliseconds of ``fn()`` (compress.kernels.bench's timer: warm-up, CUDA events on a GPU)."""
     return timeit(fn, device, reps) * 1e3
 
 

@@ -10,9 +10,9 @@ cache, so every call streams its weight from memory (as in decoding a real model
 decoding tokens/s of a model, end to end through ``generate()``, at bf16 vs W4A16 vs W8A8
 (RTN in memory, data-free, unless compressed checkpoints are given).
 
-    python eval/bench_kernels.py                       # a CUDA GPU: the issue's shapes and M
-    python eval/bench_kernels.py --model demo --decode-tokens 128 --json out/bench-kernels.json
-    python eval/bench_kernels.py --cpu                 # smoke run on tiny shapes (torch backend)
+    python -m compress.kernels.bench               # a CUDA GPU: the issue's shapes and M (= compress bench)
+    python -m compress.kernels.bench --model demo --decode-tokens 128 --json out/bench-kernels.json
+    python -m compress.kernels.bench --cpu         # smoke run on tiny shapes (torch backend)
 
 Without a GPU and without --cpu it says so and exits 0 (there is nothing to measure).
 """
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
     if not a.cpu and not torch.cuda.is_available():
-        print("bench_kernels: no CUDA GPU on this machine, nothing to measure; run it on a GPU, "
+        print("compress.kernels.bench: no CUDA GPU on this machine, nothing to measure; run it on a GPU, "
               "or with --cpu for a smoke run on tiny shapes", file=sys.stderr)
         return 0
     result = run(a.cpu, a.shapes, a.ms, a.schemes, a.backends, a.reps, a.model, a.decode_tokens, not a.no_decode)

@@ -18,7 +18,7 @@ one (BN,) scale vector is loaded per tile; with g_idx (act-order, or group sizes
 power-of-two factor >= 16) scales and zero points are gathered per column.
 
 The tile sizes below are starting points chosen without a GPU at hand (this module was written on
-a CPU-only machine); ``config=`` overrides them so ``eval/bench_kernels.py`` can tune on a GPU.
+a CPU-only machine); ``config=`` overrides them so ``compress/kernels/bench.py`` (``compress bench``) can tune on a GPU.
 
 Under ``TRITON_INTERPRET=1`` (CPU, CI) the dot runs on float32 copies of the same bf16/fp16
 operands: Triton 3.9's interpreter computes bf16 ``tl.dot`` wrongly (it multiplies the raw
