@@ -8,10 +8,11 @@ import os
 import socket
 from urllib.parse import urlparse
 
+from huggingface_hub import constants
+
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the model hub answers a TCP connection (a quick probe, no HTTP, no retries)."""
-    from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False

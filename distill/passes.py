@@ -15,6 +15,7 @@ from compress.distill.config import DistillConfig
 from compress.distill.loop import split_windows
 from compress.distill.run import distill_checkpoint, distill_perplexities, write_trained
 from compress.distill.trainable import commit, prepare
+
 from compress.errors import UsageError
 from compress.passes import Pass, register
 

@@ -20,8 +20,10 @@ from compress.distill.trainable import commit, prepare
 from safetensors.torch import load_file, save_file
 
 from compress.arch.families import find_blocks
+from compress.checkpoint.load import load_source
 from compress.checkpoint.source import METADATA, ModelSource, read_metadata
 from compress.errors import UsageError
+from compress.utils import peak_rss_mb
 
 # config fields a student must share with its teacher (the architecture and the vocabulary)
 SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -51,8 +53,6 @@ def distill_checkpoint(student_path: Path, teacher_path: Path, windows: torch.Te
     """Train the student at ``student_path`` against the teacher on calibration ``windows``
     (N, seq_len). ``work``: the folder for the resumable state and the teacher's top-k cache.
     Returns the trained student (compressed modules committed) and the run's record."""
-    from compress.checkpoint.load import load_source
-    from compress.utils import peak_rss_mb
 
     log = getattr(hooks, "log", lambda m: None)
     sp, tp = ModelSource(student_path), ModelSource(teacher_path)

@@ -14,7 +14,10 @@ import hashlib
 import json
 import os
 import platform
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from compress.checkpoint.source import cache_dir
 
 _FILES = (".safetensors", ".json", ".model", ".txt", ".bin", ".tiktoken")
 _NOT_MODEL = {"report.json", "recipe.yaml", "report.md"}
@@ -33,7 +36,6 @@ def model_fingerprint(path: Path) -> str:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
     for pkg in ("compress", "lm-eval", "transformers", "torch"):
@@ -50,7 +52,6 @@ def cache_key(fingerprint: str, task: str, settings: dict) -> str:
 
 
 def _path(key: str) -> Path:
-    from compress.checkpoint.source import cache_dir
 
     return cache_dir() / "eval" / f"{key}.json"
 

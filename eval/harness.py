@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from compress.eval.taskdata import data_hash
 
 from compress.errors import InputError, UsageError
 from compress.hub import hub_reachable, offline_unless_reachable  # noqa: F401 (hub_reachable: the tests ask it too)
@@ -65,7 +66,6 @@ def _digest(*parts: bytes) -> str:
 
 def resolve_tasks(refs: list[str]) -> list[TaskRef]:
     """Task names, YAML files and folders -> what to run (files and folders must exist)."""
-    from compress.eval.taskdata import data_hash
 
     out: list[TaskRef] = []
     for ref in refs:

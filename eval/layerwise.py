@@ -29,7 +29,9 @@ import resource
 import time
 from pathlib import Path
 
+import psutil
 import torch
+from accelerate.utils import set_module_tensor_to_device
 from compress.eval.perplexity import next_token_nll, summary
 from torch import nn
 
@@ -66,7 +68,6 @@ def _param_names(model: nn.Module, module: nn.Module | None) -> set[str]:
 def layerwise_perplexity(source: ModelSource, windows: torch.Tensor, batch_size: int = 1, progress=lambda done, total: None) -> dict:
     """``windows`` (n, T) int64 -> the dict ``compress.eval.perplexity.perplexity`` returns, with
     ``"mode": "layerwise"``. ``progress(done, total)`` counts the blocks, then the head."""
-    from accelerate.utils import set_module_tensor_to_device
 
     t0 = time.time()
     model = source.skeleton(allow_quantized=True)
@@ -171,7 +172,6 @@ def available_memory_bytes() -> int:
     """Memory this process can still take: the least of the machine's available memory, the room
     left under an address-space limit (``ulimit -v``, RLIMIT_AS: it counts virtual memory, so the
     process's own mappings are subtracted) and the cgroup's limit (containers)."""
-    import psutil
 
     room = [psutil.virtual_memory().available]
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)

@@ -23,6 +23,7 @@ import re
 import sys
 from pathlib import Path
 
+from compress.checkpoint.source import cache_dir
 from compress.data import pydoc_topics
 
 MIN_WORDS = 12
@@ -54,7 +55,6 @@ _BUILDERS = {"pydoc_ppl": ppl_records, "pydoc_lastword": lastword_records}
 
 def data_file(name: str) -> Path:
     """The JSON Lines file of shipped task ``name``, written on first use (atomically)."""
-    from compress.checkpoint.source import cache_dir
 
     ver = "py{}.{}".format(*sys.version_info[:2])  # the corpus text changes between versions
     path = cache_dir() / "tasks" / f"{name}-{ver}.jsonl"

@@ -10,7 +10,10 @@ import torch
 
 from compress.errors import GateError
 from compress.eval.gates import failure_message
-from compress.eval.report import REPORT_SCHEMA, to_markdown  # one schema for every report: eval/report.schema.json
+from compress.eval.report import (  # one schema for every report: eval/report.schema.json
+    REPORT_SCHEMA,
+    to_markdown,
+)
 from compress.utils import atomic_write_text
 
 __all__ = ["REPORT_SCHEMA", "Hooks", "check_gates", "storage_dtype", "write_reports"]

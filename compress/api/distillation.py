@@ -17,7 +17,12 @@ from compress.checkpoint.source import ModelSource, resolve_model
 from compress.data import calibration_windows, load_texts, tokenize
 from compress.distill.config import DistillConfig
 from compress.distill.loop import split_windows
-from compress.distill.run import check_pair, distill_checkpoint, distill_perplexities, write_trained
+from compress.distill.run import (
+    check_pair,
+    distill_checkpoint,
+    distill_perplexities,
+    write_trained,
+)
 from compress.errors import UsageError
 from compress.recipe import CalibrationConfig, EvalConfig
 from compress.utils import peak_rss_mb

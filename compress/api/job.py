@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 
-from compress.api.common import REPORT_SCHEMA, Hooks, check_gates, storage_dtype, write_reports
+from compress.api.common import (
+    REPORT_SCHEMA,
+    Hooks,
+    check_gates,
+    storage_dtype,
+    write_reports,
+)
 from compress.api.evaluation import check_eval_config, evaluate
 from compress.api.inspection import inspect_checkpoint
 from compress.arch.families import find_blocks
@@ -23,7 +29,14 @@ from compress.checkpoint.source import ModelSource, resolve_model
 from compress.data import calibration_windows, load_texts, tokenize
 from compress.engine import SweepOptions, check_plan, compress_blocks
 from compress.engine.dist import World, close_world, init_world
-from compress.engine.model import ModelStage, clean_model_stage, mark_sweep_done, run_model_stage, staged, sweep_done
+from compress.engine.model import (
+    ModelStage,
+    clean_model_stage,
+    mark_sweep_done,
+    run_model_stage,
+    staged,
+    sweep_done,
+)
 from compress.errors import JobError, UsageError
 from compress.passes import Context, JobView, Pass, get_pass
 from compress.recipe import Recipe, dump_recipe

@@ -36,6 +36,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers import conversion_mapping as cm
+from transformers.pytorch_utils import Conv1D
 
 from compress.errors import UsageError
 
@@ -125,7 +127,6 @@ def _conversions(model: nn.Module, model_type: str) -> tuple[list[tuple[str, str
     module (checkpoint name, in-memory name, only at the root), and the per-expert Linear names
     (gate, up, down) of fused experts. Mappings that are not one of these shapes are ignored."""
     try:
-        from transformers import conversion_mapping as cm
 
         if hasattr(cm, "extract_weight_conversions_for_model"):
             rules = cm.extract_weight_conversions_for_model(model) or []
@@ -161,7 +162,6 @@ def _is_fused_experts(m: nn.Module) -> bool:
 
 def adapt(model: nn.Module, model_type: str) -> nn.Module:
     """Rewrite ``model`` in place as the module docstring says; returns it."""
-    from transformers.pytorch_utils import Conv1D
 
     renames, expert_names = _conversions(model, model_type)
     conv1d: list[str] = []

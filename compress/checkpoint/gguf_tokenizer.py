@@ -32,6 +32,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
 from compress.errors import InputError
 
 # gguf.TokenType values (llama.cpp's llama_token_type), spelled out to keep this module's import light.
@@ -103,7 +107,6 @@ class GGUFVocab:
 
 def read_gguf_vocab(path: Path) -> GGUFVocab:
     """Read ``tokenizer.ggml.*`` from a GGUF file (InputError when unreadable or absent)."""
-    import gguf
 
     path = Path(path)
     try:
@@ -187,8 +190,6 @@ def build_spm_bpe_tokenizer(vocab: GGUFVocab):
     ``add_space_prefix = false``), byte fallback to the ``<0xXX>`` pieces where they exist,
     control tokens special, user-defined ones matched whole, and the GGUF's special tokens and
     add_bos/add_eos. This is transformers' LlamaConverter layout for a BPE SentencePiece model."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     prefix = vocab.add_space_prefix is not False
     types = [vocab.type_of(i) for i in range(len(vocab.tokens))]
@@ -243,7 +244,6 @@ def gguf_tokenizer(path: Path, vocab: GGUFVocab) -> tuple[object, str]:
         tok = build_spm_bpe_tokenizer(vocab)
         kind = f"SentencePiece BPE rebuilt from the merge-rank scores ({len(vocab.tokens):,} tokens)"
     else:
-        from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = type(tok.backend_tokenizer.model).__name__

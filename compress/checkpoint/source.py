@@ -28,8 +28,14 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from compress.arch.adapt import adapt, from_disk
 from compress.checkpoint.gguf_tokenizer import (
     gguf_tokenizer,
     read_gguf_vocab,
@@ -69,7 +75,6 @@ def gguf_to_hf(gguf: Path, out: Path, log=print) -> Path:
     BPE vocabulary, see ``compress.checkpoint.gguf_tokenizer``) and verified on a fixed English sample; a
     tokenizer that fails stops here with InputError, before the weights are read or ``out`` is
     written."""
-    from transformers import AutoModelForCausalLM
 
     log(f"converting {gguf.name} to a Hugging Face checkpoint (once; cached at {out})")
     vocab = read_gguf_vocab(gguf)
@@ -141,7 +146,6 @@ def resolve_model(ref: str | os.PathLike, log=print) -> Path:
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         raise InputError(f"{ref}: no such folder or file (a hub id looks like 'org/name')")
     try:
-        from huggingface_hub import snapshot_download
 
         return Path(
             snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"])
@@ -161,7 +165,6 @@ class ModelSource:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        from transformers import AutoConfig
 
         try:
             self.config = AutoConfig.from_pretrained(self.path)
@@ -171,7 +174,6 @@ class ModelSource:
 
     @cached_property
     def tokenizer(self):
-        from transformers import AutoTokenizer
 
         try:
             return AutoTokenizer.from_pretrained(self.path)
@@ -188,7 +190,6 @@ class ModelSource:
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise InputError(f"{self.path}: no .safetensors weights (convert .bin checkpoints with transformers first)")
-        from safetensors import safe_open
 
         out = {}
         for f in files:
@@ -209,7 +210,6 @@ class ModelSource:
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Read tensors by name, one file handle at a time (the mapping is closed after)."""
-        from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
         for n in names:
@@ -225,7 +225,6 @@ class ModelSource:
 
     def tensor_info(self, names: list[str]) -> dict[str, tuple[tuple[int, ...], int]]:
         """Shape and size in bytes of each tensor, from the safetensors headers (no data read)."""
-        from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
         for n in names:
@@ -244,8 +243,6 @@ class ModelSource:
 
     def skeleton(self, allow_quantized: bool = False) -> nn.Module:
         """The model with parameters on the meta device (buffers real: rotary tables etc.)."""
-        from accelerate import init_empty_weights
-        from transformers import AutoModelForCausalLM
 
         cfg = self.config
         if self.quantized and not allow_quantized:
@@ -268,7 +265,6 @@ class ModelSource:
                     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
             except (ValueError, KeyError) as e:
                 raise UsageError(f"{self.path}: transformers has no causal-LM class for model_type {cfg.model_type!r} ({e})") from e
-        from compress.arch.adapt import adapt
 
         adapt(model, cfg.model_type)  # Linears where the checkpoint stores Linears (Conv1D, fused experts)
         model.eval()
@@ -313,9 +309,7 @@ def check_finite(name: str, t: torch.Tensor, source: Path | None = None) -> None
 def materialize(module: nn.Module, prefix: str, source: ModelSource, dtype=torch.float32, skip=()) -> None:
     """Fill ``module``'s meta parameters from the checkpoint (names ``prefix + local name``);
     a weight holding NaN or inf stops here (InputError, exit 3), before anything uses it."""
-    from accelerate.utils import set_module_tensor_to_device
 
-    from compress.arch.adapt import from_disk
 
     names = [n for n, p in module.named_parameters() if p.is_meta and n not in skip]
     tensors = source.read([prefix + n for n in names])

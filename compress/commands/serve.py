@@ -21,7 +21,7 @@ def generate_cmd(
     quiet: QuietOpt = False,
 ):
     """Greedy decoding with HF generate() on a loaded model; compressed layers run the chosen kernel."""
-    from compress.kernels.runtime import (
+    from compress.api.serving import (
         generate,  # imports torch: only when the command runs, not at --help
     )
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from compress.errors import UsageError
 
@@ -96,7 +97,6 @@ class World:
         counts), not one per tensor. Every rank must call it with the same names and fields."""
         if not self.distributed:
             return
-        import torch.distributed as dist
 
         fields = [(st, f) for n in sorted(stats) for s in sorted(stats[n]) for st in [stats[n][s]] for f in sorted(st)]
         for op, is_max in ((dist.ReduceOp.SUM, False), (dist.ReduceOp.MAX, True)):
@@ -120,7 +120,6 @@ class World:
         """A float summed over the ranks (losses of a search each rank evaluates on its batches)."""
         if not self.distributed:
             return value
-        import torch.distributed as dist
 
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
@@ -130,7 +129,6 @@ class World:
         """Every rank's ``obj`` (picklable; tensors should be on the CPU), in rank order."""
         if not self.distributed:
             return [obj]
-        import torch.distributed as dist
 
         out = [None] * self.size
         dist.all_gather_object(out, obj)
@@ -140,7 +138,6 @@ class World:
         """Every rank's ``obj`` on rank 0 (None elsewhere)."""
         if not self.distributed:
             return [obj]
-        import torch.distributed as dist
 
         out = [None] * self.size if self.main else None
         dist.gather_object(obj, out, dst=0)
@@ -150,7 +147,6 @@ class World:
         """Rank 0's ``obj`` on every rank."""
         if not self.distributed:
             return obj
-        import torch.distributed as dist
 
         box = [obj]
         dist.broadcast_object_list(box, src=0)
@@ -167,7 +163,6 @@ def init_world(device: str | None = "auto") -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World(device=resolve_device(device))
-    import torch.distributed as dist
 
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
@@ -183,7 +178,6 @@ def init_world(device: str | None = "auto") -> World:
 
 def close_world(world: World) -> None:
     if world.distributed:
-        import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()

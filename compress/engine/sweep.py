@@ -26,7 +26,15 @@ from compress.checkpoint.source import ModelSource, materialize, release
 from compress.engine.block import finish_block, run_block
 from compress.engine.context import BlockRun, Sweep, SweepOptions
 from compress.engine.dist import World, to_cpu
-from compress.engine.inputs import BlockInputs, capture_inputs, merge_inputs, offload, on, scatter_inputs, to_device
+from compress.engine.inputs import (
+    BlockInputs,
+    capture_inputs,
+    merge_inputs,
+    offload,
+    on,
+    scatter_inputs,
+    to_device,
+)
 from compress.engine.plan import check_plan
 from compress.engine.preview import preview
 from compress.engine.records import BlockResult, LayerReport

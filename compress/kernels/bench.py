@@ -20,6 +20,7 @@ Without a GPU and without --cpu it says so and exits 0 (there is nothing to meas
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -27,6 +28,13 @@ import time
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from compress.checkpoint.formats import Int8Linear, QuantLinear
+from compress.checkpoint.load import load
+from compress.kernels import int8_linear, missing, wna16_linear
+from compress.quant.rtn import QuantScheme, rtn_quantize
+from compress.utils import replace_linear
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # (in_features K, out_features N)
 MS = [1, 4, 16, 64, 256, 1024]
@@ -77,9 +85,7 @@ def _l2_bytes(dev) -> int:
 
 def make_layers(scheme: str, K: int, N: int, dev, copies: int):
     """``copies`` layers of one scheme with random weights, and the bytes one call reads."""
-    from compress.quant.rtn import QuantScheme, rtn_quantize
 
-    from compress.checkpoint.formats import Int8Linear, QuantLinear
 
     w = torch.randn(N, K) * 0.02
     if scheme == "w8a8":
@@ -95,13 +101,11 @@ def make_layers(scheme: str, K: int, N: int, dev, copies: int):
 
 
 def _clone(layer):
-    import copy
 
     return copy.deepcopy(layer)
 
 
 def run_kernels(dev, shapes, ms, schemes, backends, reps: int, log=print) -> list[dict]:
-    from compress.kernels import int8_linear, missing, wna16_linear
 
     rows = []
     bw = copy_bandwidth(dev, (1 << 30) if dev.type == "cuda" else (64 << 20))
@@ -156,7 +160,6 @@ def run_kernels(dev, shapes, ms, schemes, backends, reps: int, log=print) -> lis
 
 def tiny_model():
     """A small random llama in memory (the --cpu smoke run; no download)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model("llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2)
@@ -166,10 +169,7 @@ def tiny_model():
 
 def quantize_model(model, scheme: str):
     """RTN in memory (data-free): every Linear of the decoder blocks -> QuantLinear / Int8Linear."""
-    from compress.quant.rtn import QuantScheme, rtn_quantize
 
-    from compress.checkpoint.formats import Int8Linear, QuantLinear
-    from compress.utils import replace_linear
 
     names = [n for n, m in model.named_modules() if ".layers." in n and isinstance(m, torch.nn.Linear)]
     for n in names:
@@ -188,12 +188,10 @@ def quantize_model(model, scheme: str):
 
 def run_decode(model_ref, dev, tokens: int, backend, cpu: bool, log=print) -> list[dict]:
     """Greedy decode tokens/s through generate(): bf16, then W4A16 and W8A8 of the same weights."""
-    import copy
 
     if cpu:
         base = tiny_model()
     else:
-        from compress.checkpoint.load import load
 
         base = load(model_ref, dtype=torch.float32, log=log)
     dtype = torch.float32 if cpu else torch.bfloat16

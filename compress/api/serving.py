@@ -8,6 +8,7 @@ import torch
 
 from compress.errors import UsageError
 from compress.modules import compressed_modules
+from compress.checkpoint.load import load
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -22,7 +23,6 @@ def generate(model_ref, prompt: str, max_new_tokens: int = 32, kernel: str | Non
     counts, tokens/s of the decode and the kernel each quantized layer ran.
     """
     # lazily: the kernels package imports no checkpoint loader (formats imports the kernels)
-    from compress.checkpoint.load import load
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is not None and dtype not in DTYPES:
