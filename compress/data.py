@@ -14,11 +14,20 @@ Data references:
 Documents are joined with blank lines and tokenized once; calibration takes ``samples`` windows
 of ``seq_len`` tokens evenly spaced over the text (``sampling: random`` draws their starts with
 the seed instead); evaluation uses consecutive non-overlapping windows.
+
+Calibration text is checked for being text (``calibration.check_text``, on by default; the
+one-method commands' ``--no-text-check`` turns it off): files decode as strict UTF-8, at most
+``MAX_BAD_CHAR_SHARE`` of the characters are control or replacement characters, and the model's
+tokenizer gives at most ``MAX_TOKENS_PER_CHAR_RATIO`` times the tokens per character it gives on
+English (``SAMPLE_TEXT``). A failed check is a UsageError (exit 2) naming the file and what was
+found, before any model work.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -27,6 +36,42 @@ from compress.errors import InputError, UsageError
 from compress.hub import offline_unless_reachable
 
 BUILTIN = ("builtin:pydoc",)
+
+# Plain ASCII English prose (two paragraphs): the reference every tokenizer is measured on, here
+# and by the GGUF tokenizer check (compress.checkpoint.gguf_tokenizer). Any vocabulary, with or
+# without byte fallback, encodes it without an unknown token and decodes it back exactly.
+SAMPLE_TEXT = (
+    "The river had been rising for three days when the village council finally met in the old "
+    "school house. Nobody wanted to leave, but everyone agreed that the bridge would not hold "
+    "much longer. The farmers moved their animals to the hills, and the baker, who had lived by "
+    "the water all his life, packed his bread into baskets and carried it up the road to the "
+    "church, where the families were gathering for the night.\n\n"
+    "By morning the rain had stopped. Children stood on the wall and counted the trees that were "
+    "floating past, while their parents talked quietly about what they would need to rebuild: "
+    "timber, stone, at least 40 workers, and a great deal of patience. It would take months, "
+    "perhaps a year, but the mayor said it plainly: \"We have done this before, and we will do "
+    "it again.\""
+)
+
+# Control characters (C0 and C1, but tab, line feed, vertical tab, form feed and carriage return)
+# and U+FFFD, the replacement character a lenient decoder leaves for each undecodable byte. Text
+# has next to none (measured: under 0.01% in each of the standard library's 11,000 Python files,
+# none in Python's docs or in vim's tutor in 30 languages); random bytes decoded leniently are
+# over half replacement characters, Latin-1 decoded binary a quarter controls, a UTF-16 file of
+# ASCII text read as UTF-8 half NULs.
+MAX_BAD_CHAR_SHARE = 0.05
+_BAD_CHARS = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd]")
+
+# Tokens per character over the tokenizer's own figure on SAMPLE_TEXT (measured with SmolLM2's
+# byte-level BPE, 0.215 on the sample): Python source 1.2, Python's docs 1.1, European languages
+# 1.3-2.4, Cyrillic and Greek 3.0-3.9, Arabic and Devanagari 4.4, Chinese and Japanese 4.1-6.9,
+# Korean 5.2-8.9 (pure Hangul); random CJK or BMP characters 12.5-13. The check catches text no
+# tokenizer sees as language; base64 or hex of random bytes (3.8-4.2) reads as ASCII text and
+# passes, and a tokenizer that knows no merges of a script sees that script's prose as noise.
+MAX_TOKENS_PER_CHAR_RATIO = 10.0
+MIN_CHECKED_CHARS = 1000  # fewer characters say little about tokens per character
+
+_OVERRIDE = "pass --no-text-check (recipe: calibration.check_text: false) to calibrate on it anyway"
 
 
 def pydoc_topics(split: str) -> list[str]:
@@ -40,8 +85,10 @@ def pydoc_topics(split: str) -> list[str]:
     return [T.topics[k] for i, k in enumerate(keys) if i % 5 != 0]
 
 
-def load_texts(ref: str, split: str = "calibration", text_field: str = "text") -> list[str]:
-    """The documents of a data reference; ``split`` is ``calibration`` or ``eval``."""
+def load_texts(ref: str, split: str = "calibration", text_field: str = "text", strict: bool = False) -> list[str]:
+    """The documents of a data reference; ``split`` is ``calibration`` or ``eval``. ``strict``:
+    text that is not UTF-8 is a UsageError naming the file and the byte (else bad bytes become
+    U+FFFD)."""
     if ref == "builtin:pydoc":
         return pydoc_topics(split)
     if ref.startswith("builtin:"):
@@ -52,7 +99,7 @@ def load_texts(ref: str, split: str = "calibration", text_field: str = "text") -
             raise InputError(f"{p}: no such data file")
         if p.suffix == ".jsonl":
             texts = []
-            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            for i, line in enumerate(_read_text(p, strict).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -71,12 +118,12 @@ def load_texts(ref: str, split: str = "calibration", text_field: str = "text") -
             table = pq.read_table(p)
             if text_field not in table.column_names:
                 raise InputError(f"{p}: no {text_field!r} column (has {table.column_names}); set calibration.text_field")
-            return [str(t) for t in table.column(text_field).to_pylist()]
-        return [p.read_text(encoding="utf-8", errors="replace")]
-    return _hub_texts(ref.removeprefix("hf:"), split, text_field)
+            return [_as_text(t, f"{p}: row {i}", strict) for i, t in enumerate(table.column(text_field).to_pylist())]
+        return [_read_text(p, strict)]
+    return _hub_texts(ref.removeprefix("hf:"), split, text_field, strict)
 
 
-def _hub_texts(spec: str, split: str, text_field: str) -> list[str]:
+def _hub_texts(spec: str, split: str, text_field: str, strict: bool = False) -> list[str]:
     name, *rest = spec.split(":")
     config = rest[0] if rest and rest[0] else None
     hf_split = rest[1] if len(rest) > 1 else ("validation" if split == "eval" else "train")
@@ -95,7 +142,69 @@ def _hub_texts(spec: str, split: str, text_field: str) -> list[str]:
         ) from e
     if text_field not in ds.column_names:
         raise InputError(f"{spec}: no {text_field!r} column (has {ds.column_names}); set calibration.text_field")
-    return [str(t) for t in ds[text_field]]
+    return [_as_text(t, f"{spec}: row {i}", strict) for i, t in enumerate(ds[text_field])]
+
+
+def _read_text(p: Path, strict: bool) -> str:
+    """A text file's content with newlines as ``Path.read_text`` gives them (\\r\\n and \\r become \\n)."""
+    return decode_utf8(p.read_bytes(), str(p), strict).replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _as_text(value, where: str, strict: bool) -> str:
+    """A record's text: bytes (a binary column) decoded as UTF-8, anything else as ``str``."""
+    return decode_utf8(value, where, strict) if isinstance(value, bytes) else str(value)
+
+
+def decode_utf8(data: bytes, where: str, strict: bool = True) -> str:
+    """``data`` as UTF-8. ``strict``: bytes that are not UTF-8 are a UsageError naming ``where``,
+    the byte offset and line of the first ones and how many places do not decode; else each
+    undecodable sequence becomes U+FFFD."""
+    try:
+        return data.decode("utf-8", errors="strict" if strict else "replace")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        bad = data.decode("utf-8", errors="replace").count("\ufffd")
+        bom = " (it starts with a UTF-16 byte-order mark: convert it, e.g. iconv -f UTF-16 -t UTF-8)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise UsageError(f"{where}: not UTF-8 text: at byte {e.start:,} (line {line:,}), {data[e.start:e.start + 4].hex(' ')} is not UTF-8 "
+                         f"({e.reason}), and {bad:,} place{'s' * (bad != 1)} in its {len(data):,} bytes {'do' if bad != 1 else 'does'} not decode{bom}; save it as UTF-8, or {_OVERRIDE}") from None
+
+
+def check_characters(text: str, source: str) -> None:
+    """UsageError when over ``MAX_BAD_CHAR_SHARE`` of ``text`` is control or replacement
+    characters, naming ``source``, the share, the commonest ones and where the first is."""
+    found = Counter(_BAD_CHARS.findall(text))
+    n = sum(found.values())
+    if not text or n / len(text) <= MAX_BAD_CHAR_SHARE:
+        return
+    first = _BAD_CHARS.search(text).start()
+    top = ", ".join(f"U+{ord(c):04X} ×{k:,}" for c, k in found.most_common(3))
+    raise UsageError(f"{source}: not text: {n / len(text):.0%} of its {len(text):,} characters are control or replacement "
+                     f"characters ({top}; the first at character {first:,}); text has under {MAX_BAD_CHAR_SHARE:.0%}; use text, or {_OVERRIDE}")
+
+
+def check_tokens_per_char(n_tokens: int, n_chars: int, tokenizer, source: str) -> None:
+    """UsageError when the tokenizer splits the text into over ``MAX_TOKENS_PER_CHAR_RATIO`` times
+    the tokens per character it gives on English (``SAMPLE_TEXT``): no language it knows."""
+    if n_chars < MIN_CHECKED_CHARS:
+        return
+    english = len(tokenizer.encode(SAMPLE_TEXT, add_special_tokens=False)) / len(SAMPLE_TEXT)
+    tpc = n_tokens / n_chars
+    if tpc > MAX_TOKENS_PER_CHAR_RATIO * english:
+        raise UsageError(f"{source}: does not read as text to the model's tokenizer: {tpc:.2f} tokens per character, "
+                         f"{tpc / english:.1f} times its {english:.2f} on English (prose in other languages and code stay under "
+                         f"{MAX_TOKENS_PER_CHAR_RATIO:g} times; random characters go over); use text, or {_OVERRIDE}")
+
+
+def calibration_tokens(texts: list[str], tokenizer, source: str, check: bool = True) -> torch.Tensor:
+    """``tokenize(texts, tokenizer)``, with the text checks of ``calibration.check_text`` (module
+    docstring) where ``check``: characters before tokenizing, tokens per character after."""
+    text = "\n\n".join(texts)
+    if check:
+        check_characters(text, source)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if check:
+        check_tokens_per_char(len(ids), len(text), tokenizer, source)
+    return ids
 
 
 def tokenize(texts: list[str], tokenizer) -> torch.Tensor:

@@ -49,6 +49,9 @@ class CalibrationConfig(_Strict):
     # calibrate each block on the outputs of the already compressed blocks before it (false: on
     # the uncompressed model's, every layer compressed in isolation; for comparison)
     propagate: bool = True
+    # refuse data that is not text (invalid UTF-8, control or replacement characters, far more
+    # tokens per character than the tokenizer gives on English; compress.data); false: use it as it is
+    check_text: bool = True
 
 
 class PerplexityConfig(_Strict):
@@ -193,10 +196,18 @@ class Recipe(_Strict):
             raise UsageError("invalid recipe: " + "; ".join(m.removeprefix("invalid recipe: ") for m in errors))
         return out
 
+    def seq_lens(self) -> dict[str, int]:
+        """The window lengths the job feeds the model, by recipe field (those it uses)."""
+        out = {"calibration.seq_len": self.calibration.seq_len} if self.calibration.samples > 0 else {}
+        if self.eval.perplexity is not None:
+            out["eval.perplexity.seq_len"] = self.eval.perplexity.seq_len
+        return out
+
     def fingerprint(self, passes: int | None = None) -> str:
         """Hash of what determines the compressed weights (not eval or export settings);
         ``passes``: of the first that many passes only."""
         r = self.resolved()
+        r["calibration"].pop("check_text")  # a check, not an input: the same data gives the same weights
         key = {k: r[k] for k in ("model", "seed", "calibration", "passes")}
         if passes is not None:
             key["passes"] = key["passes"][:passes]

@@ -20,10 +20,18 @@ from compress.distill.trainable import commit, prepare
 from safetensors.torch import load_file, save_file
 
 from compress.arch.families import find_blocks
+from compress.checkpoint.files import (
+    RETRY,
+    check_target,
+    disk_writes,
+    export_lock,
+    install,
+    work_folder,
+)
 from compress.checkpoint.load import load_source
 from compress.checkpoint.source import METADATA, ModelSource, read_metadata
 from compress.errors import UsageError
-from compress.utils import peak_rss_mb
+from compress.utils import atomic_write, atomic_write_text, peak_rss_mb
 
 # config fields a student must share with its teacher (the architecture and the vocabulary)
 SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -120,11 +128,27 @@ def _progress(hooks, task, done, total, info):
 def write_trained(src: Path, model: torch.nn.Module, target: Path, record: dict, *, overwrite: bool = False) -> Path:
     """``src`` with every tensor that ``model`` holds under the same name replaced by the model's
     value (cast to the stored dtype), the distillation ``record`` added to compress.json;
-    written into ``.<target>.partial`` and renamed to ``target`` once complete."""
+    written into ``.<target>.partial`` and renamed to ``target`` once complete (an earlier
+    checkpoint there is deleted only once the new one is in place), under the export path's lock.
+    A full or failing disk raises DiskError (exit 3) and leaves nothing half-written: the work
+    folder goes (it is rebuilt from ``src`` in seconds), the training's own state stays."""
     src, target = Path(src), Path(target)
+    check_target(target)  # a file there is refused even with --overwrite (exit 2)
     if target.exists() and not overwrite:
         raise UsageError(f"{target}: already exists; pass --overwrite to replace it, or choose another export path")
-    work = target.parent / f".{target.name}.partial"
+    work = work_folder(target)
+    with export_lock(target):
+        try:
+            with disk_writes(f"{RETRY} (the training continues from its last saved state)", path=work):
+                _write_student(src, model, work, record)
+            return install(work, target)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+
+def _write_student(src: Path, model: torch.nn.Module, work: Path, record: dict) -> None:
+    """The trained student into the work folder, every file written atomically."""
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -132,7 +156,7 @@ def write_trained(src: Path, model: torch.nn.Module, target: Path, record: dict,
     shards = sorted({p.name for p in ModelSource(src).weight_map.values()})
     for f in src.iterdir():
         if f.is_file() and f.name not in shards and not f.name.startswith(("distill_state", "teacher_topk", "stage.json")):
-            shutil.copy2(f, work / f.name)
+            atomic_write(work / f.name, lambda tmp, f=f: shutil.copy2(f, tmp))
     changed = 0
     for name in shards:
         tensors = load_file(src / name)
@@ -144,17 +168,7 @@ def write_trained(src: Path, model: torch.nn.Module, target: Path, record: dict,
                 if not torch.equal(new, t):
                     changed += 1
                 tensors[k] = new
-        save_file(tensors, work / name, metadata={"format": "pt"})
+        atomic_write(work / name, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
     meta = read_metadata(src) or {"format": "compress.checkpoint/1"}
     meta["distill"] = {k: v for k, v in record.items() if k != "curve"} | {"tensors_changed": changed}
-    (work / METADATA).write_text(json.dumps(meta, indent=2))
-    if target.exists():
-        old = target.parent / f".{target.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        target.rename(old)
-        work.rename(target)
-        shutil.rmtree(old)
-    else:
-        work.rename(target)
-    return target
+    atomic_write_text(work / METADATA, json.dumps(meta, indent=2))

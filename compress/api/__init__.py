@@ -12,7 +12,7 @@ from compress.api.common import Hooks, check_gates, write_reports
 from compress.api.distillation import distill
 from compress.api.evaluation import eval_report, evaluate
 from compress.api.inspection import inspect_checkpoint
-from compress.api.serving import generate
 from compress.api.job import run
+from compress.api.serving import generate
 
 __all__ = ["Hooks", "check_gates", "distill", "eval_report", "evaluate", "generate", "inspect_checkpoint", "run", "write_reports"]

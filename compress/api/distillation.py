@@ -14,7 +14,7 @@ from compress.api.common import REPORT_SCHEMA, Hooks, check_gates, write_reports
 from compress.api.evaluation import check_eval_config, evaluate
 from compress.api.inspection import inspect_checkpoint
 from compress.checkpoint.source import ModelSource, resolve_model
-from compress.data import calibration_windows, load_texts, tokenize
+from compress.data import calibration_tokens, calibration_windows, load_texts
 from compress.distill.config import DistillConfig
 from compress.distill.loop import split_windows
 from compress.distill.run import (
@@ -55,7 +55,12 @@ def distill(student_ref, teacher_ref, output, cfg=None, *, calibration=None, eva
     student.verify()
     teacher.verify()
     check_pair(student, teacher)
-    ids = tokenize(load_texts(cal.data, "calibration", cal.text_field), teacher.tokenizer)
+    lens = {"calibration.seq_len": cal.seq_len}
+    if eval_cfg.perplexity is not None:
+        lens["eval.perplexity.seq_len"] = eval_cfg.perplexity.seq_len
+    teacher.check_seq_len(lens)  # windows longer than the model's positions: exit 2
+    texts = load_texts(cal.data, "calibration", cal.text_field, strict=cal.check_text)
+    ids = calibration_tokens(texts, teacher.tokenizer, cal.data, check=cal.check_text)
     windows = calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, seed, source=cal.data)
     split_windows(windows, cfg.holdout)
     work = target.parent / f".{target.name}.distill"

@@ -131,6 +131,8 @@ def evaluate(model_ref, baseline_ref=None, cfg=None, *, seed: int = 0, hooks: Ho
         sources["baseline"] = ModelSource(resolve_model(baseline_ref, log=hooks.log))
     for s in sources.values():
         s.verify()
+        if cfg.perplexity is not None:
+            s.check_seq_len({"eval.perplexity.seq_len": cfg.perplexity.seq_len})  # exit 2 before any model work
     for label in ("baseline", "model"):  # the baseline first: it is the one most often cached
         if label in sources:
             ref = baseline_ref if label == "baseline" else model_ref

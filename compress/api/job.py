@@ -7,7 +7,9 @@ transforms that checkpoint where a pass asks for it; then evaluation, the report
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,9 +26,17 @@ from compress.api.common import (
 from compress.api.evaluation import check_eval_config, evaluate
 from compress.api.inspection import inspect_checkpoint
 from compress.arch.families import find_blocks
-from compress.checkpoint.export import Exporter
+from compress.checkpoint.export import TOKENIZER_FILES, Exporter
+from compress.checkpoint.files import (
+    activation_bytes,
+    claim,
+    copied_bytes,
+    export_bound,
+    folder_bytes,
+    work_folder,
+)
 from compress.checkpoint.source import ModelSource, resolve_model
-from compress.data import calibration_windows, load_texts, tokenize
+from compress.data import calibration_tokens, calibration_windows, load_texts
 from compress.engine import SweepOptions, check_plan, compress_blocks
 from compress.engine.dist import World, close_world, init_world
 from compress.engine.model import (
@@ -37,10 +47,10 @@ from compress.engine.model import (
     staged,
     sweep_done,
 )
-from compress.errors import JobError, UsageError
+from compress.errors import InputError, JobError, UsageError
 from compress.passes import Context, JobView, Pass, get_pass
 from compress.recipe import Recipe, dump_recipe
-from compress.utils import peak_rss_mb
+from compress.utils import DiskError, peak_rss_mb, size_words
 
 
 def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> dict:
@@ -72,8 +82,12 @@ def _calibration(recipe: Recipe, source: ModelSource, passes: list[Pass], hooks:
         return None
     if cal.samples <= 0:
         return None
-    ids = tokenize(load_texts(cal.data, "calibration", cal.text_field), source.tokenizer)
+    texts = load_texts(cal.data, "calibration", cal.text_field, strict=cal.check_text)
+    ids = calibration_tokens(texts, source.tokenizer, cal.data, check=cal.check_text)  # not text: exit 2 here
     return calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, recipe.seed, source=cal.data)
+
+
+COPIED = ("config.json", *TOKENIZER_FILES)  # the source's files an export holds a copy of (or a version of)
 
 
 class Job:
@@ -94,6 +108,7 @@ class Job:
         self.source = ModelSource(resolve_model(recipe.model, log=self.hooks.log))
         self.source.verify()  # a truncated or corrupt weights file stops here (exit 3), not minutes into the run
         check_eval_config(recipe.eval, recipe.eval.baseline)  # before minutes of compression, not after
+        self.source.check_seq_len(recipe.seq_lens())  # windows longer than the model's positions: exit 2
         self.dtype = storage_dtype(self.source.config)
         self.passes = [get_pass(name)(cfg, Context(dtype=self.dtype, seed=recipe.seed)) for name, cfg in recipe.pass_configs()]
         self.model = self.source.skeleton()
@@ -109,6 +124,27 @@ class Job:
 
     def run(self) -> dict:
         self._prepare()
+        with self._preflight():  # the export location checked, then locked until the run ends
+            return self._run()
+
+    def _preflight(self) -> contextlib.AbstractContextManager:
+        """The export location before any model work: not a file (exit 2), writable (exit 3), not
+        another run's (exit 2), room for the export and the resume state (exit 3). Returns the
+        context that holds its lock (``compress.checkpoint.files.claim``). Rank 0 alone writes."""
+        self.needed = 0
+        if not self.world.main:
+            return contextlib.nullcontext()
+        src, copies = self.source, 2 if self.model_passes else 1  # a model stage writes a second checkpoint
+        export = (export_bound(src.tensor_info(list(src.weight_map)), self.dtype.itemsize) + copied_bytes(src.path, COPIED)) * copies
+        state = 0 if self.calib is None else activation_bytes(*self.calib.shape[:2], getattr(src.config, "hidden_size", 0) or 0)
+        kept = [work_folder(self.target), work_folder(staged(self.target))] + [staged(self.target, k) for k in range(len(self.model_passes))]
+        done = sum(folder_bytes(f) for f in kept) if self.resume else 0
+        self.needed = export + state
+        what = (f"the export, at most {size_words(export)}" + (" (two checkpoints: the model stage's input and output)" if copies > 1 else "")
+                + (f", and the resume state, {size_words(state)}" if state else "") + (f", less {size_words(done)} already written" if done else ""))
+        return claim(self.target, max(0, self.needed - done), what)
+
+    def _run(self) -> dict:
         recipe, model_passes = self.recipe, self.model_passes
         # with a model-scope stage the sweep exports beside the target (kept until the end, so
         # --resume skips the sweep), and the model stage writes the target
@@ -167,7 +203,7 @@ class Job:
             blocks_path, n_blocks = _blocks(source, self.model)
             exporter = Exporter(target, source, recipe.fingerprint(), blocks_path, n_blocks, self.dtype,
                                 overwrite=recipe.export.overwrite or bool(self.model_passes), resume=self.resume,
-                                lowrank=recipe.export.lowrank)
+                                lowrank=recipe.export.lowrank, needed=self.needed)
             start, cached = exporter.begin()
         start = world.broadcast(start)
         if start and exporter is not None:  # rank 0 (the only rank that logs)
@@ -175,14 +211,21 @@ class Job:
         t0 = time.time()
         options = SweepOptions.from_calibration(recipe.calibration, progress=lambda i, n, msg: self.hooks.progress("compress", i, n))
         sink = exporter.write_block if exporter is not None else (lambda res, inputs: None)
-        how = compress_blocks(source, self.model, self.passes, self.calib, sink, options, resume=(start, cached), world=world)
-        if not world.main:
-            return None, None
-        report = self._sweep_report(exporter, time.time() - t0 + sum(exporter.block_seconds[:start]), how)
-        sections = {}
-        for p in self.passes:
-            sections.update(p.export_metadata(exporter.layers, recipe.export))
-        out = exporter.finalize(self.model, dump_recipe(recipe), report, sections)
+        try:
+            how = compress_blocks(source, self.model, self.passes, self.calib, sink, options, resume=(start, cached), world=world)
+            if not world.main:
+                return None, None
+            report = self._sweep_report(exporter, time.time() - t0 + sum(exporter.block_seconds[:start]), how)
+            sections = {}
+            for p in self.passes:
+                sections.update(p.export_metadata(exporter.layers, recipe.export))
+            out = exporter.finalize(self.model, dump_recipe(recipe), report, sections)
+        except InputError as e:
+            if exporter is not None and not isinstance(e, DiskError):
+                # the source itself is bad (a NaN or infinite weight, a truncated or unreadable file): no --resume
+                # can succeed on it, so nothing is left beside the export path. A full or failing disk keeps the blocks.
+                shutil.rmtree(exporter.work, ignore_errors=True)
+            raise
         self._note_conv1d(exporter)
         return report, out
 

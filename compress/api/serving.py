@@ -6,9 +6,9 @@ import time
 
 import torch
 
+from compress.checkpoint.load import load
 from compress.errors import UsageError
 from compress.modules import compressed_modules
-from compress.checkpoint.load import load
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}

@@ -17,7 +17,12 @@ Layout of the output folder (what vLLM and transformers read unchanged):
 Everything is written into ``.<name>.partial`` beside the target; each finished block is flushed
 to its shard immediately (so memory does not grow with the model) together with the activations
 the next block needs, so ``--resume`` continues from the last finished block. Only a complete,
-verified folder is renamed to the target.
+verified folder is renamed to the target (an earlier export there is deleted once the new one is
+in place: ``compress.checkpoint.files.install``).
+
+Every file is written to a temporary name and renamed (never half a file at a final name; the
+temporary file goes on failure). A full, read-only or failing disk raises ``DiskError`` (exit 3)
+naming the cause in words; the finished blocks stay in the work folder for ``--resume``.
 """
 
 from __future__ import annotations
@@ -32,13 +37,25 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compress.arch.adapt import transformers_names
+from compress.checkpoint.files import (
+    RETRY,
+    check_target,
+    disk_writes,
+    install,
+    work_folder,
+)
 from compress.checkpoint.formats import quantization_config
 from compress.checkpoint.source import METADATA, METADATA_FORMAT, ModelSource
 from compress.engine.inputs import BlockInputs
 from compress.engine.records import BlockResult, LayerReport
 from compress.errors import InputError, UsageError
 from compress.modules import compressed_modules, quant_spec
-from compress.utils import atomic_torch_save, atomic_write_text
+from compress.utils import (
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_text,
+    remove_quietly,
+)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -55,6 +72,10 @@ TOKENIZER_FILES = (
 
 def shard_name(k: int, total: int) -> str:
     return f"model-{k:05d}-of-{total:05d}.safetensors"
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def _size_groups(source: ModelSource, names: list[str], limit: int = 256 * 2**20) -> list[list[str]]:
@@ -76,10 +97,10 @@ class Exporter:
 
     def __init__(
         self, target: Path, source: ModelSource, fingerprint: str, blocks_path: str, n_blocks: int, dtype: torch.dtype,
-        *, overwrite=False, resume=False, lowrank: str = "factored",
+        *, overwrite=False, resume=False, lowrank: str = "factored", needed: int = 0,
     ):
         self.target = Path(target)
-        self.work = self.target.parent / f".{self.target.name}.partial"
+        self.work = work_folder(self.target)
         self.source, self.fingerprint, self.n_blocks, self.dtype = source, fingerprint, n_blocks, dtype
         # Tensors outside the blocks are copied at the end, a bounded shard at a time: holding
         # them all (two 200 MB embeddings in a 2B model) would set the run's peak memory.
@@ -89,10 +110,21 @@ class Exporter:
         self.layers: list[LayerReport] = []
         self.block_seconds: list[float] = []
         self.quantized: dict[str, dict] = {}  # full name -> its scheme (for the config's groups)
+        check_target(self.target)  # a file there is refused even with --overwrite (exit 2)
         if self.target.exists() and not overwrite:
             raise UsageError(f"{self.target}: already exists; pass --overwrite to replace it, or choose another export path")
         self.resume = resume
         self.lowrank = lowrank  # "factored" or "merged" (ExportConfig.lowrank)
+        self.needed = needed  # the bytes the run needs (the pre-flight estimate), for a full disk's message
+        self.done = 0  # blocks finished and flushed
+
+    def _disk(self):
+        """Disk failures while writing, as DiskError with what is kept and what to do."""
+        n = self.done
+        if not n:
+            return disk_writes(RETRY, self.needed, self.work)
+        kept = f"{n} finished block{'s are' if n > 1 else ' is'} kept in {self.work}: "
+        return disk_writes(f"{kept}{RETRY} (or delete that folder to start over)", self.needed, self.work)
 
     # ---------------------------------------------------------------- progress / resume
 
@@ -110,11 +142,14 @@ class Exporter:
             self.layers = [LayerReport(**d) for d in p["layers"]]
             self.block_seconds = p["block_seconds"]
             self.quantized = p["quantized"]
-            inputs = torch.load(self.work / "inputs.pt", weights_only=False) if (self.work / "inputs.pt").exists() else None
+            saved = p.get("inputs", "inputs.pt")  # None: a data-free run; "inputs.pt": a folder from before the record named it
+            inputs = torch.load(self.work / saved, weights_only=False) if saved and (self.work / saved).is_file() else None
+            self.done = p["done"]
             return p["done"], inputs
-        if self.work.exists():
-            shutil.rmtree(self.work)
-        self.work.mkdir(parents=True)
+        with self._disk():
+            if self.work.exists():
+                shutil.rmtree(self.work)
+            self.work.mkdir(parents=True)
         return 0, None
 
     def write_block(self, res: BlockResult, inputs: BlockInputs | None) -> None:
@@ -134,21 +169,34 @@ class Exporter:
             if spec is not None:
                 self.quantized[res.prefix + name] = spec
         fname = shard_name(len(self.outside) + res.index + 1, self.total)
-        save_file(tensors, self.work / fname, metadata={"format": "pt"})
         self.weight_map.update({k: fname for k in tensors})
         self.layers.extend(res.layers)
         self.block_seconds.append(round(res.seconds, 3))
-        if inputs is not None:
-            atomic_torch_save(inputs, self.work / "inputs.pt")
+        saved = f"inputs-{res.index + 1:05d}.pt"  # the activations entering the next block
         state = {
             "fingerprint": self.fingerprint,
             "done": res.index + 1,
+            "inputs": saved if inputs is not None else None,
             "weight_map": self.weight_map,
             "layers": [vars(r) for r in self.layers],
             "block_seconds": self.block_seconds,
             "quantized": self.quantized,
         }
-        atomic_write_text(self.work / "progress.json", json.dumps(state))
+        # the shard, the activations after it (a new file: the record names the one entering its next
+        # block), then the record that counts the block as done: a failure before the record leaves
+        # the previous record and its activations whole, and --resume redoes this block
+        with self._disk():
+            _save_shard(tensors, self.work / fname)
+            if inputs is not None:
+                atomic_torch_save(inputs, self.work / saved)
+            atomic_write_text(self.work / "progress.json", json.dumps(state))
+        self.done = res.index + 1
+        self._drop_inputs(keep=saved)
+
+    def _drop_inputs(self, keep: str | None = None) -> None:
+        for f in self.work.glob("inputs*.pt"):
+            if f.name != keep:
+                remove_quietly(f)
 
     # ---------------------------------------------------------------- finalize
 
@@ -156,36 +204,30 @@ class Exporter:
         """Write everything but the blocks, verify, and rename the work folder to the target.
         ``sections``: the passes' sections of ``compress.json`` (``Pass.export_metadata``)."""
         src = self.source
-        for k, names in enumerate(self.outside, 1):
-            fname = shard_name(k, self.total)
-            save_file({n: t.contiguous() for n, t in src.read(names).items()}, self.work / fname, metadata={"format": "pt"})
-            self.weight_map.update({n: fname for n in names})
-
-        total_size = sum((self.work / f).stat().st_size for f in set(self.weight_map.values()))
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.work / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
         cfg = src.config.to_dict()
         cfg.pop("quantization_config", None)
         if self.quantized:  # a pruned-only model is a plain checkpoint: no quantization_config
             cfg["quantization_config"] = self._quant_config(model)
-        (self.work / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        (self.work / METADATA).write_text(json.dumps(self.metadata(sections), indent=2))
-        for f in TOKENIZER_FILES:
-            if (src.path / f).exists():
-                shutil.copy2(src.path / f, self.work / f)
-        (self.work / "recipe.yaml").write_text(recipe_yaml)
-        (self.work / "report.json").write_text(json.dumps(report, indent=2))
-        self._verify()
-        for f in ("progress.json", "inputs.pt"):
-            (self.work / f).unlink(missing_ok=True)
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old"
-            self.target.rename(old)
-            self.work.rename(self.target)
-            shutil.rmtree(old)
-        else:
-            self.work.rename(self.target)
+        with self._disk():
+            for k, names in enumerate(self.outside, 1):
+                fname = shard_name(k, self.total)
+                _save_shard({n: t.contiguous() for n, t in src.read(names).items()}, self.work / fname)
+                self.weight_map.update({n: fname for n in names})
+            total_size = sum((self.work / f).stat().st_size for f in set(self.weight_map.values()))
+            index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+            texts = {"model.safetensors.index.json": json.dumps(index, indent=2), "config.json": json.dumps(cfg, indent=2, sort_keys=True),
+                     METADATA: json.dumps(self.metadata(sections), indent=2), "recipe.yaml": recipe_yaml,
+                     "report.json": json.dumps(report, indent=2)}
+            for name, text in texts.items():
+                atomic_write_text(self.work / name, text)
+            for f in TOKENIZER_FILES:
+                if (src.path / f).exists():
+                    atomic_write(self.work / f, lambda tmp, f=f: shutil.copy2(src.path / f, tmp))
+            self._verify()
+            self._drop_inputs()
+        # progress.json stays until the export is in place: a failed rename leaves a resumable folder
+        install(self.work, self.target)
+        remove_quietly(self.target / "progress.json")
         return self.target
 
     @staticmethod

@@ -36,6 +36,7 @@ import gguf
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from compress.data import SAMPLE_TEXT
 from compress.errors import InputError
 
 # gguf.TokenType values (llama.cpp's llama_token_type), spelled out to keep this module's import light.
@@ -56,20 +57,7 @@ MIN_CONSTRUCTIBLE = 0.9
 # 0.6 is twice what a real vocabulary gives (0.2-0.3) and 1.6 times below character level.
 MAX_TOKENS_PER_CHAR = 0.6
 
-# Check sample: plain ASCII English prose (two paragraphs), so that any vocabulary, with or
-# without byte fallback, can encode it without an unknown token and decode it back exactly.
-SAMPLE_TEXT = (
-    "The river had been rising for three days when the village council finally met in the old "
-    "school house. Nobody wanted to leave, but everyone agreed that the bridge would not hold "
-    "much longer. The farmers moved their animals to the hills, and the baker, who had lived by "
-    "the water all his life, packed his bread into baskets and carried it up the road to the "
-    "church, where the families were gathering for the night.\n\n"
-    "By morning the rain had stopped. Children stood on the wall and counted the trees that were "
-    "floating past, while their parents talked quietly about what they would need to rebuild: "
-    "timber, stone, at least 40 workers, and a great deal of patience. It would take months, "
-    "perhaps a year, but the mayor said it plainly: \"We have done this before, and we will do "
-    "it again.\""
-)
+# Check sample: SAMPLE_TEXT, plain ASCII English prose (compress.data: calibration text is measured on it too).
 
 
 @dataclass

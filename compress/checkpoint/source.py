@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from torch import nn
@@ -76,6 +78,7 @@ def gguf_to_hf(gguf: Path, out: Path, log=print) -> Path:
     tokenizer that fails stops here with InputError, before the weights are read or ``out`` is
     written."""
 
+    check_gguf(gguf)  # a truncated download stops here (exit 3), before the conversion reads anything else
     log(f"converting {gguf.name} to a Hugging Face checkpoint (once; cached at {out})")
     vocab = read_gguf_vocab(gguf)
     try:
@@ -205,6 +208,15 @@ class ModelSource:
         for f in sorted(set(self.weight_map.values())):
             check_safetensors(f)
 
+    def check_seq_len(self, seq_lens: dict[str, int]) -> None:
+        """UsageError (exit 2) when a window length (recipe field -> tokens) is longer than the
+        model has positions for (``position_limit``), naming the fields, the limit and where it is set."""
+        limit = position_limit(self.config)
+        over = [f"{field} = {n:,}" for field, n in seq_lens.items() if limit is not None and n > limit[0]]
+        if over:
+            raise UsageError(f"{' and '.join(over)}: longer than the {limit[0]:,} positions the model has ({limit[1]} in "
+                             f"{self.path / 'config.json'}); use a seq_len of at most {limit[0]:,}")
+
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
@@ -295,6 +307,120 @@ def check_safetensors(path: Path) -> None:
                     what = f"truncated: the header's tensors need {need:,} bytes, the file has {size:,}"
     if what:
         raise InputError(f"{path}: {what}. Download or copy the checkpoint again")
+
+
+_ROPE_EXTENDING = ("linear", "dynamic", "yarn", "longrope", "llama3")
+
+
+def position_limit(config) -> tuple[int, str] | None:
+    """The most positions the model encodes, and which config field says so:
+    ``max_position_embeddings`` (GPT-2's ``n_positions``), or a RoPE scaling's factor times the
+    length it extends where that is more (yarn, linear, dynamic, llama3, longrope). None where the
+    config names no limit (ALiBi models: bloom, falcon with alibi). A sliding window (mistral,
+    gemma3, qwen2) is no limit: each layer attends to its window over sequences of any length."""
+    field = getattr(config, "attribute_map", {}).get("max_position_embeddings", "max_position_embeddings")
+    n = getattr(config, field, None)
+    if not isinstance(n, int) or n <= 0 or getattr(config, "alibi", False) is True:
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    nested = isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values())  # per layer type (gemma3)
+    for r in (rope.values() if nested else [rope] if isinstance(rope, dict) else []):
+        kind, factor = r.get("rope_type", r.get("type")), r.get("factor")
+        base = r.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None) or n
+        if kind in _ROPE_EXTENDING and isinstance(factor, (int, float)) and base * factor > n:
+            return int(base * factor), f"{base:,} original positions × the {kind} RoPE scaling factor {factor:g}"
+    return n, field
+
+
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}  # value type -> struct
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _HeaderEnds(Exception):
+    """The file ends before its GGUF header does."""
+
+
+class _GGUFHeader:
+    """A GGUF file's header read field by field (no memory map, nothing past the header)."""
+
+    def __init__(self, fh, size: int):
+        self.fh, self.size, self.order = fh, size, "<"
+
+    def read(self, code: str):
+        n = struct.calcsize(code)
+        b = self.fh.read(n)
+        if len(b) < n:
+            raise _HeaderEnds
+        return struct.unpack(self.order + code, b)[0]
+
+    def skip(self, n: int) -> None:
+        if self.fh.tell() + n > self.size:
+            raise _HeaderEnds
+        self.fh.seek(n, os.SEEK_CUR)
+
+    def string(self) -> bytes:
+        n = self.read("Q")
+        if self.fh.tell() + n > self.size:
+            raise _HeaderEnds
+        return self.fh.read(n)
+
+    def value(self, vtype: int):
+        """One metadata value: a scalar is returned; strings and arrays are skipped (None)."""
+        if vtype in _GGUF_SCALARS:
+            return self.read(_GGUF_SCALARS[vtype])
+        if vtype == _GGUF_STRING:
+            self.skip(self.read("Q"))
+        elif vtype == _GGUF_ARRAY:
+            itype, count = self.read("I"), self.read("Q")
+            if itype in _GGUF_SCALARS:
+                self.skip(count * struct.calcsize(_GGUF_SCALARS[itype]))
+            else:
+                for _ in range(count):
+                    self.value(itype)
+        else:
+            raise ValueError(f"unknown metadata value type {vtype}")
+        return None
+
+    def tensor_extent(self) -> tuple[int, int]:
+        """(the offset where tensor data starts, the bytes its tensors span from there)."""
+        if self.fh.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        version = self.read("I")
+        if version & 0xFFFF == 0:  # written on a machine of the other byte order
+            self.order, version = ">", int.from_bytes(version.to_bytes(4, "little"), "big")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version}")
+        n_tensors, n_kv = self.read("Q"), self.read("Q")
+        align = 32
+        for _ in range(n_kv):
+            key = self.string()
+            found = self.value(self.read("I"))
+            align = found if key == b"general.alignment" and isinstance(found, int) and found > 0 else align
+        end = 0
+        for _ in range(n_tensors):
+            self.skip(self.read("Q"))
+            dims = [self.read("Q") for _ in range(self.read("I"))]
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(self.read("I"))]
+            end = max(end, self.read("Q") + math.prod(dims) * type_size // block)
+        return -(-self.fh.tell() // align) * align, end
+
+
+def check_gguf(path: Path) -> None:
+    """Raise InputError when a GGUF file is shorter than its header says: the header runs past
+    the end of the file, or its tensors need more bytes than follow it (a truncated download).
+    A header this reader cannot walk is left to the GGUF reader's own error."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        try:
+            start, need = _GGUFHeader(fh, size).tensor_extent()
+        except _HeaderEnds:
+            raise InputError(f"{path}: truncated: the file ends inside its header, at byte {size:,}; download it again") from None
+        except (ValueError, KeyError, struct.error, OverflowError):
+            return
+    if size - start < need:
+        raise InputError(f"{path}: truncated: the header lists {need:,} bytes of tensors, the file has {max(0, size - start):,} "
+                         f"after its {start:,}-byte header; download it again")
 
 
 def check_finite(name: str, t: torch.Tensor, source: Path | None = None) -> None:

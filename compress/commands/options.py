@@ -44,6 +44,9 @@ LowrankMethodOpt = Annotated[str, typer.Option("--method", help=method_help("low
 SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration samples.")]
 CalSeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sample.")]
 CalDataOpt = Annotated[str, typer.Option("--data", help="Calibration data: builtin:pydoc, a .txt/.jsonl/.parquet file, or a hub dataset.")]
+NoTextCheckOpt = Annotated[bool, typer.Option("--no-text-check", help=(
+    "Calibrate on the data even where it does not look like text (not UTF-8, control characters, far more tokens per "
+    "character than English gives): calibration.check_text: false."))]
 IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="Layers to leave alone (name, suffix or re:regex; repeatable).")]
 NoEvalOpt = Annotated[bool, typer.Option("--no-eval", help="Skip the before/after perplexity.")]
 # --- evaluation and gates
@@ -137,9 +140,10 @@ class Calibration:
     samples: SamplesOpt = 128
     seq_len: CalSeqLenOpt = 512
     data: CalDataOpt = "builtin:pydoc"
+    no_text_check: NoTextCheckOpt = False
 
     def recipe(self) -> dict:
-        return {"data": self.data, "samples": self.samples, "seq_len": self.seq_len}
+        return {"data": self.data, "samples": self.samples, "seq_len": self.seq_len, "check_text": not self.no_text_check}
 
 
 @dataclasses.dataclass

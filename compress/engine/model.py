@@ -5,6 +5,8 @@ and write the next. The sweep's export is the first; the last pass writes the ru
 The intermediate checkpoints live beside the target as ``.<name>.student`` (the sweep's export:
 what the model stage starts from) and ``.<name>.student<k>``; each pass keeps its resumable state
 inside the folder it reads, so ``--resume`` continues the stage without running the sweep again.
+The stage runs under the export path's lock (``compress.checkpoint.files.export_lock``: the one
+``compress run`` holds already), and its files are written atomically.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Any
 
 import torch
 
+from compress.checkpoint.files import RETRY, disk_writes, export_lock
 from compress.passes import Pass
+from compress.utils import atomic_write_text
 
 STAGE_FILE = "stage.json"  # in the sweep's export: the fingerprint of the passes that made it
 
@@ -54,18 +58,20 @@ def sweep_done(target: Path, fingerprint: str) -> bool:
 
 
 def mark_sweep_done(target: Path, fingerprint: str) -> None:
-    (staged(target) / STAGE_FILE).write_text(json.dumps({"fingerprint": fingerprint}))
+    with disk_writes(f"the compressed student is kept in {staged(target)}: {RETRY}"):
+        atomic_write_text(staged(target) / STAGE_FILE, json.dumps({"fingerprint": fingerprint}))
 
 
 def run_model_stage(passes: list[Pass], target: Path, stage: ModelStage) -> tuple[Path, dict]:
     """Each pass in turn, from the sweep's export to ``target``. Returns (the final checkpoint,
     the report sections the passes returned)."""
     sections: dict = {}
-    for k, p in enumerate(passes):
-        last = k == len(passes) - 1
-        stage.checkpoint = staged(target, k)
-        stage.output = target if last else staged(target, k + 1)
-        sections.update(p.transform_model(stage))
+    with export_lock(target):  # held already under compress run: one run per export path
+        for k, p in enumerate(passes):
+            last = k == len(passes) - 1
+            stage.checkpoint = staged(target, k)
+            stage.output = target if last else staged(target, k + 1)
+            sections.update(p.transform_model(stage))
     return stage.output, sections
 
 
