@@ -13,6 +13,7 @@ import torch
 from compress.api.common import REPORT_SCHEMA, Hooks, check_gates, write_reports
 from compress.api.evaluation import check_eval_config, evaluate
 from compress.api.inspection import inspect_checkpoint
+from compress.checkpoint.files import claim, folder_bytes
 from compress.checkpoint.source import ModelSource, resolve_model
 from compress.data import calibration_tokens, calibration_windows, load_texts
 from compress.distill.config import DistillConfig
@@ -25,7 +26,7 @@ from compress.distill.run import (
 )
 from compress.errors import UsageError
 from compress.recipe import CalibrationConfig, EvalConfig
-from compress.utils import peak_rss_mb
+from compress.utils import peak_rss_mb, size_words
 
 
 def distill(student_ref, teacher_ref, output, cfg=None, *, calibration=None, eval_cfg=None, seed: int = 0, overwrite: bool = False,
@@ -63,24 +64,28 @@ def distill(student_ref, teacher_ref, output, cfg=None, *, calibration=None, eva
     ids = calibration_tokens(texts, teacher.tokenizer, cal.data, check=cal.check_text)
     windows = calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, seed, source=cal.data)
     split_windows(windows, cfg.holdout)
-    work = target.parent / f".{target.name}.distill"
-    if not resume and work.exists():
-        shutil.rmtree(work)
-    model, rec = distill_checkpoint(student.path, teacher.path, windows, cfg, seed=seed, work=work, resume=resume, hooks=hooks)
-    report = {"schema": REPORT_SCHEMA, "kind": "distill", "distill": {"scope": "model", **rec},
-              "settings": {"student": str(student_ref), "teacher": str(teacher_ref), "calibration": cal.model_dump(mode="json"),
-                           "distill": cfg.model_dump(mode="json"), "seed": seed}}
-    out = write_trained(student.path, model, target, report["distill"], overwrite=overwrite)
-    del model
-    report["checkpoints"] = {"model": inspect_checkpoint(out), "baseline": inspect_checkpoint(teacher.path)}
-    if eval_cfg.perplexity is not None or eval_cfg.tasks:
-        report["eval"] = evaluate(out, teacher.path, eval_cfg, seed=seed, hooks=hooks)
-        if eval_cfg.perplexity is not None:
-            before = evaluate(student.path, None, eval_cfg.perplexity, seed=seed, hooks=hooks)
-            report["distill"]["perplexity"] = distill_perplexities(report["eval"], before)
-    report["time"] = {"distill_s": rec["total_s"], "total_s": round(time.time() - t0, 1)}
-    report["peak_rss_mb"] = peak_rss_mb()
-    write_reports(report, out)
-    shutil.rmtree(work, ignore_errors=True)
-    check_gates(report)
-    return report
+    # the trained student is written in the student's own format: about its size on disk; the
+    # location is checked and locked now (exit 2/3), not after the training
+    need = folder_bytes(student.path)
+    with claim(target, need, f"the trained student, about {size_words(need)}"):
+        work = target.parent / f".{target.name}.distill"
+        if not resume and work.exists():
+            shutil.rmtree(work)
+        model, rec = distill_checkpoint(student.path, teacher.path, windows, cfg, seed=seed, work=work, resume=resume, hooks=hooks)
+        report = {"schema": REPORT_SCHEMA, "kind": "distill", "distill": {"scope": "model", **rec},
+                  "settings": {"student": str(student_ref), "teacher": str(teacher_ref), "calibration": cal.model_dump(mode="json"),
+                               "distill": cfg.model_dump(mode="json"), "seed": seed}}
+        out = write_trained(student.path, model, target, report["distill"], overwrite=overwrite)
+        del model
+        report["checkpoints"] = {"model": inspect_checkpoint(out), "baseline": inspect_checkpoint(teacher.path)}
+        if eval_cfg.perplexity is not None or eval_cfg.tasks:
+            report["eval"] = evaluate(out, teacher.path, eval_cfg, seed=seed, hooks=hooks)
+            if eval_cfg.perplexity is not None:
+                before = evaluate(student.path, None, eval_cfg.perplexity, seed=seed, hooks=hooks)
+                report["distill"]["perplexity"] = distill_perplexities(report["eval"], before)
+        report["time"] = {"distill_s": rec["total_s"], "total_s": round(time.time() - t0, 1)}
+        report["peak_rss_mb"] = peak_rss_mb()
+        write_reports(report, out)
+        shutil.rmtree(work, ignore_errors=True)
+        check_gates(report)
+        return report

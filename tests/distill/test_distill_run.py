@@ -3,6 +3,8 @@
 interrupted run resumes to the same weights, and bad input exits with its code and message."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -375,3 +377,30 @@ def test_w8a8_and_qat_students_export_valid_checkpoints(tiny, w3, tmp_path, quan
         a, b = _codes(w3), _codes(out)
         assert rep["distill"]["trained"]["qat"] == 14
         assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("weight_packed"))  # new codes
+
+
+def test_compress_distill_checks_and_locks_its_output_before_training(tiny, w3, tmp_path, monkeypatch):
+    """A file at -o, or another run writing there: exit 2 before any training (issue 23)."""
+    import compress.api.distillation as job
+    from compress.checkpoint.files import export_lock
+    from compress.errors import UsageError
+
+    monkeypatch.setattr(job, "distill_checkpoint", lambda *a, **k: pytest.fail("trained although the output was refused"))
+    cal = load_recipe({"calibration": {"samples": 4, "seq_len": 32}}).calibration
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UsageError, match="a file is there, not an export folder"):
+        api.distill(w3, tiny, tmp_path / "file", calibration=cal, overwrite=True)
+    assert (tmp_path / "file").read_text() == "mine"
+
+    code = ("import sys, time; from pathlib import Path; from compress.checkpoint.files import export_lock\n"
+            "with export_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "busy")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UsageError, match=str(holder.pid)):
+            api.distill(w3, tiny, tmp_path / "busy", calibration=cal)
+    finally:
+        holder.kill()
+        holder.wait()
+    with export_lock(tmp_path / "busy"):  # a killed holder's lock is free again
+        pass
