@@ -238,3 +238,9 @@ def test_demo_model_offline_tasks_end_to_end(tmp_path, cache):
     assert lw["metrics"]["acc"] > 0  # a trained model predicts some paragraph endings (random weights: none)
     assert 1 < ppl["metrics"]["byte_perplexity"] < 3  # English prose and code, bf16 SmolLM2
     assert ppl["metrics"]["bits_per_byte"] == pytest.approx(math.log2(ppl["metrics"]["byte_perplexity"]), rel=1e-6)
+
+
+def test_bench_refuses_shapes_it_cannot_quantize():
+    for shape, words in (("64x64", "multiple of 128"), ("4096", "expected IN x OUT")):
+        r = runner.invoke(app, ["bench", "--cpu", "--no-decode", "--shape", shape])
+        assert r.exit_code == 2 and words in r.output.replace("\n", " "), r.output

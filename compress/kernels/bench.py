@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from compress.checkpoint.formats import Int8Linear, QuantLinear
 from compress.checkpoint.load import load
+from compress.errors import UsageError
 from compress.kernels import int8_linear, missing, wna16_linear
 from compress.quant.rtn import QuantScheme, rtn_quantize
 from compress.utils import replace_linear
@@ -222,11 +223,26 @@ def run_decode(model_ref, dev, tokens: int, backend, cpu: bool, log=print) -> li
     return rows
 
 
+def parse_shapes(shapes) -> list[tuple[int, int]]:
+    """``["4096x14336", ...]`` (in x out) -> [(K, N), ...]; exit 2 for a malformed shape, or an in
+    width the W4A16 layers' group size (128) does not divide."""
+    out = []
+    for s in shapes:
+        try:
+            K, N = (int(v) for v in s.lower().split("x")) if isinstance(s, str) else (int(v) for v in s)
+        except ValueError:
+            raise UsageError(f"--shape {s!r}: expected IN x OUT, e.g. 4096x14336") from None
+        if K <= 0 or N <= 0 or K % 128:
+            raise UsageError(f"--shape {s!r}: in must be a positive multiple of 128 (the W4A16 layers use group_size 128), out positive")
+        out.append((K, N))
+    return out
+
+
 def run(cpu: bool = False, shapes=None, ms=None, schemes=SCHEMES, backends=None, reps=None, model="demo",
         decode_tokens=None, decode=True, log=print) -> dict:
     """The whole benchmark; returns {device, torch, kernels: [rows], decode: [rows]}."""
     dev = torch.device("cpu" if cpu else "cuda")
-    shapes = [tuple(int(v) for v in s.lower().split("x")) if isinstance(s, str) else tuple(s) for s in shapes] if shapes else (CPU_SHAPES if cpu else SHAPES)
+    shapes = parse_shapes(shapes) if shapes else (CPU_SHAPES if cpu else SHAPES)
     ms = ms or (CPU_MS if cpu else MS)
     result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__}
     result["kernels"] = run_kernels(dev, shapes, ms, schemes, backends or (["torch"] if cpu else ["triton", "cuda", "torch"]), reps or (3 if cpu else 50), log=log)
