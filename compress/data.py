@@ -187,12 +187,17 @@ def check_tokens_per_char(n_tokens: int, n_chars: int, tokenizer, source: str) -
     the tokens per character it gives on English (``SAMPLE_TEXT``): no language it knows."""
     if n_chars < MIN_CHECKED_CHARS:
         return
-    english = len(tokenizer.encode(SAMPLE_TEXT, add_special_tokens=False)) / len(SAMPLE_TEXT)
+    english = tokens_per_char(tokenizer)
     tpc = n_tokens / n_chars
     if tpc > MAX_TOKENS_PER_CHAR_RATIO * english:
         raise UsageError(f"{source}: does not read as text to the model's tokenizer: {tpc:.2f} tokens per character, "
                          f"{tpc / english:.1f} times its {english:.2f} on English (prose in other languages and code stay under "
                          f"{MAX_TOKENS_PER_CHAR_RATIO:g} times; random characters go over); use text, or {_OVERRIDE}")
+
+
+def tokens_per_char(tokenizer, text: str = SAMPLE_TEXT) -> float:
+    """Tokens per character of ``text`` (no special tokens added)."""
+    return len(tokenizer.encode(text, add_special_tokens=False)) / len(text)
 
 
 def calibration_tokens(texts: list[str], tokenizer, source: str, check: bool = True) -> torch.Tensor:
@@ -201,7 +206,7 @@ def calibration_tokens(texts: list[str], tokenizer, source: str, check: bool = T
     text = "\n\n".join(texts)
     if check:
         check_characters(text, source)
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    ids = tokenize([text], tokenizer)
     if check:
         check_tokens_per_char(len(ids), len(text), tokenizer, source)
     return ids
@@ -235,6 +240,15 @@ def calibration_windows(ids: torch.Tensor, samples: int, seq_len: int, sampling:
     else:
         raise UsageError(f"calibration.sampling: {sampling!r} is not 'even' or 'random'")
     return torch.stack([ids[s : s + seq_len] for s in starts])
+
+
+def calibration_set(cal, tokenizer, seed: int) -> torch.Tensor:
+    """The calibration windows of a recipe's ``calibration`` section (``CalibrationConfig``): its
+    text read (strictly UTF-8 and checked as text unless ``check_text`` is off), tokenized, cut
+    into ``samples`` windows of ``seq_len`` tokens."""
+    texts = load_texts(cal.data, "calibration", cal.text_field, strict=cal.check_text)
+    ids = calibration_tokens(texts, tokenizer, cal.data, check=cal.check_text)  # not text: exit 2 here
+    return calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, seed, source=cal.data)
 
 
 def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:

@@ -91,11 +91,17 @@ def size_words(n: int) -> str:
     return f"{n} bytes"
 
 
-def existing_folder(path: Path) -> Path:
-    """``path`` or its nearest existing ancestor (what a disk-usage query can ask about)."""
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (a folder or a file)."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
+    return path
+
+
+def existing_folder(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor folder (what a disk-usage query can ask about)."""
+    path = nearest_existing(path)
     return path if path.is_dir() else path.parent
 
 

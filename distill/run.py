@@ -133,9 +133,7 @@ def write_trained(src: Path, model: torch.nn.Module, target: Path, record: dict,
     A full or failing disk raises DiskError (exit 3) and leaves nothing half-written: the work
     folder goes (it is rebuilt from ``src`` in seconds), the training's own state stays."""
     src, target = Path(src), Path(target)
-    check_target(target)  # a file there is refused even with --overwrite (exit 2)
-    if target.exists() and not overwrite:
-        raise UsageError(f"{target}: already exists; pass --overwrite to replace it, or choose another export path")
+    check_target(target, overwrite)  # a file there is refused even with --overwrite (exit 2)
     work = work_folder(target)
     with export_lock(target):
         try:

@@ -13,9 +13,9 @@ import torch
 from compress.api.common import REPORT_SCHEMA, Hooks, check_gates, write_reports
 from compress.api.evaluation import check_eval_config, evaluate
 from compress.api.inspection import inspect_checkpoint
-from compress.checkpoint.files import claim, folder_bytes
+from compress.checkpoint.files import check_target, claim, folder_bytes
 from compress.checkpoint.source import ModelSource, resolve_model
-from compress.data import calibration_tokens, calibration_windows, load_texts
+from compress.data import calibration_set
 from compress.distill.config import DistillConfig
 from compress.distill.loop import split_windows
 from compress.distill.run import (
@@ -48,8 +48,7 @@ def distill(student_ref, teacher_ref, output, cfg=None, *, calibration=None, eva
     if cal.samples < 2:
         raise UsageError("--samples: distillation trains on calibration windows and holds some out; use at least 2")
     target = Path(output)
-    if target.exists() and not overwrite:
-        raise UsageError(f"{target}: already exists; pass --overwrite to replace it, or choose another export path")
+    check_target(target, overwrite)
     check_eval_config(eval_cfg, True)
     student = ModelSource(resolve_model(student_ref, log=hooks.log))
     teacher = ModelSource(resolve_model(teacher_ref, log=hooks.log))
@@ -60,9 +59,7 @@ def distill(student_ref, teacher_ref, output, cfg=None, *, calibration=None, eva
     if eval_cfg.perplexity is not None:
         lens["eval.perplexity.seq_len"] = eval_cfg.perplexity.seq_len
     teacher.check_seq_len(lens)  # windows longer than the model's positions: exit 2
-    texts = load_texts(cal.data, "calibration", cal.text_field, strict=cal.check_text)
-    ids = calibration_tokens(texts, teacher.tokenizer, cal.data, check=cal.check_text)
-    windows = calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, seed, source=cal.data)
+    windows = calibration_set(cal, teacher.tokenizer, seed)
     split_windows(windows, cfg.holdout)
     # the trained student is written in the student's own format: about its size on disk; the
     # location is checked and locked now (exit 2/3), not after the training

@@ -10,11 +10,10 @@ from compress.checkpoint.source import ModelSource, read_metadata, resolve_model
 from compress.modules import runtime_fields
 
 
-def _parameters(source: ModelSource, stored: dict) -> int:
+def _parameters(source: ModelSource, stored: dict, info: dict) -> int:
     """Weights the checkpoint stands for: each compressed layer's (its type says how many), and
-    every other tensor's elements."""
+    every other tensor's elements (``info``: every tensor's shape and bytes)."""
     n = sum(t.stored_parameters(source, q) for q, t in stored.items())
-    info = source.tensor_info(list(source.weight_map))
     return n + sum(math.prod(shape) for k, (shape, _) in info.items() if k.rpartition(".")[0] not in stored)
 
 
@@ -22,8 +21,9 @@ def inspect_checkpoint(path) -> dict:
     """Layers, schemes, bits per parameter and size on disk of a checkpoint folder."""
     source = ModelSource(resolve_model(path))
     stored = {q: t for q, t in stored_modules(source).items() if not t.container}  # low-rank: its factors count
-    bits = 8 * sum(nbytes for _, nbytes in source.tensor_info(list(source.weight_map)).values())
-    n_params = _parameters(source, stored)
+    info = source.tensor_info(list(source.weight_map))  # every shard's header, read once
+    bits = 8 * sum(nbytes for _, nbytes in info.values())
+    n_params = _parameters(source, stored, info)
     out = {
         "path": str(source.path),
         "model_type": source.config.model_type,

@@ -29,6 +29,7 @@ from compress.arch.families import find_blocks
 from compress.checkpoint.export import TOKENIZER_FILES, Exporter
 from compress.checkpoint.files import (
     activation_bytes,
+    check_target,
     claim,
     copied_bytes,
     export_bound,
@@ -36,7 +37,7 @@ from compress.checkpoint.files import (
     work_folder,
 )
 from compress.checkpoint.source import ModelSource, resolve_model
-from compress.data import calibration_tokens, calibration_windows, load_texts
+from compress.data import calibration_set
 from compress.engine import SweepOptions, check_plan, compress_blocks
 from compress.engine.dist import World, close_world, init_world
 from compress.engine.model import (
@@ -82,9 +83,7 @@ def _calibration(recipe: Recipe, source: ModelSource, passes: list[Pass], hooks:
         return None
     if cal.samples <= 0:
         return None
-    texts = load_texts(cal.data, "calibration", cal.text_field, strict=cal.check_text)
-    ids = calibration_tokens(texts, source.tokenizer, cal.data, check=cal.check_text)  # not text: exit 2 here
-    return calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, recipe.seed, source=cal.data)
+    return calibration_set(cal, source.tokenizer, recipe.seed)
 
 
 COPIED = ("config.json", *TOKENIZER_FILES)  # the source's files an export holds a copy of (or a version of)
@@ -119,8 +118,8 @@ class Job:
         check_plan(self.source, self.model, self.passes)  # bad options fail here, before anything is written
         self.model_passes = [p for p in self.passes if p.in_stage("transform_model")]
         self.target = Path(recipe.export.path)
-        if self.model_passes and self.target.exists() and not recipe.export.overwrite:
-            raise UsageError(f"{self.target}: already exists; pass --overwrite to replace it, or choose another export path")
+        if self.model_passes:  # the sweep exports beside the target: its own check would not see it
+            check_target(self.target, recipe.export.overwrite)
 
     def run(self) -> dict:
         self._prepare()

@@ -110,9 +110,7 @@ class Exporter:
         self.layers: list[LayerReport] = []
         self.block_seconds: list[float] = []
         self.quantized: dict[str, dict] = {}  # full name -> its scheme (for the config's groups)
-        check_target(self.target)  # a file there is refused even with --overwrite (exit 2)
-        if self.target.exists() and not overwrite:
-            raise UsageError(f"{self.target}: already exists; pass --overwrite to replace it, or choose another export path")
+        check_target(self.target, overwrite)  # a file there is refused even with --overwrite (exit 2)
         self.resume = resume
         self.lowrank = lowrank  # "factored" or "merged" (ExportConfig.lowrank)
         self.needed = needed  # the bytes the run needs (the pre-flight estimate), for a full disk's message

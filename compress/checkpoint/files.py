@@ -38,6 +38,7 @@ from compress.utils import (
     DiskError,
     disk_error,
     existing_folder,
+    nearest_existing,
     remove_quietly,
     size_words,
 )
@@ -56,19 +57,20 @@ def work_folder(target: Path) -> Path:
     return target.parent / f".{target.name}.partial"
 
 
-def check_target(target: Path) -> None:
+def check_target(target: Path, overwrite: bool = True) -> None:
     """Exit 2 when something other than a folder is at the export path: ``--overwrite``
-    replaces an earlier export (a folder), never a file the user keeps there."""
+    replaces an earlier export (a folder), never a file the user keeps there; and, without
+    ``overwrite``, when an export is there already."""
     target = Path(target)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         what = "a symbolic link" if target.is_symlink() else "a file"
         raise UsageError(f"{target}: {what} is there, not an export folder; --overwrite replaces export folders only, so "
                          "move or delete it yourself, or choose another export path")
-    above = target.parent.absolute()
-    while not above.exists() and above != above.parent:
-        above = above.parent
+    above = nearest_existing(target.parent)
     if not above.is_dir():
         raise UsageError(f"{target}: {above} is a file, so no export folder can be made below it; choose another export path")
+    if target.exists() and not overwrite:
+        raise UsageError(f"{target}: already exists; pass --overwrite to replace it, or choose another export path")
 
 
 @contextmanager

@@ -240,11 +240,6 @@ def gguf_tokenizer(path: Path, vocab: GGUFVocab) -> tuple[object, str]:
     return tok, kind
 
 
-def tokens_per_char(tok, text: str = SAMPLE_TEXT) -> float:
-    """Tokens per character of ``text`` (no special tokens added)."""
-    return len(tok.encode(text, add_special_tokens=False)) / len(text)
-
-
 def verify_tokenizer(tok, path: Path, vocab: GGUFVocab) -> float:
     """Check a tokenizer converted from the GGUF at ``path``; return its tokens per character.
 

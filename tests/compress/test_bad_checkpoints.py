@@ -84,6 +84,7 @@ def test_empty_or_short_calibration_text_names_the_file(tiny, tmp_path):
 
 def test_data_free_recipes_read_no_calibration_data(tiny, tmp_path, monkeypatch):
     import compress.api.job as api_mod
+    import compress.data as data
     from compress.recipe import load_recipe
 
     def no_data(*a, **k):
@@ -91,7 +92,7 @@ def test_data_free_recipes_read_no_calibration_data(tiny, tmp_path, monkeypatch)
 
     rec = {"model": str(tiny), "passes": [{"rtn": {"bits": 4}}], "eval": {"perplexity": None}, "export": {"path": str(tmp_path / "o")}}
     with monkeypatch.context() as m:
-        m.setattr(api_mod, "load_texts", no_data)
+        m.setattr(data, "load_texts", no_data)  # where the calibration set is read
         rep = api_mod.run(load_recipe(rec))
     assert all(l["rel_output_error"] is None and 0 < l["info"]["rel_weight_error"] < 0.1 for l in rep["layers"])
     assert "relative weight error" in (tmp_path / "o" / "report.md").read_text()

@@ -28,10 +28,10 @@ from compress.checkpoint.gguf_tokenizer import (
     gguf_tokenizer,
     read_gguf_vocab,
     scores_are_merge_ranks,
-    tokens_per_char,
     verify_tokenizer,
 )
 from compress.checkpoint.source import gguf_to_hf
+from compress.data import tokens_per_char
 from compress.errors import InputError
 
 SPECIALS = ["<unk>", "<s>", "</s>"]

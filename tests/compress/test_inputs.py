@@ -212,12 +212,12 @@ def test_check_text_is_a_recipe_field_outside_the_fingerprint_and_a_flag_of_cali
 
 
 def test_calibration_seq_len_beyond_max_position_embeddings_exit_2_before_any_work(tiny, tmp_path, monkeypatch):
-    from compress.api import job
+    import compress.data as data
 
     def no_data(*a, **k):
         raise AssertionError("calibration data was read")
 
-    monkeypatch.setattr(job, "load_texts", no_data)
+    monkeypatch.setattr(data, "load_texts", no_data)  # where the calibration set is read
     r = runner.invoke(app, ["quantize", str(tiny), "-o", str(tmp_path / "o"), "--method", "gptq", "--seq-len", "2049", "--no-eval"])
     assert r.exit_code == 2, r.output
     text = _words(r)

@@ -229,10 +229,10 @@ def test_training_reads_the_calibration_split_only(tiny, tmp_path, monkeypatch):
     import compress.distill.run as run_mod
 
     import compress.api.evaluation as evaluation
-    import compress.api.job as api_mod
+    import compress.data as data
 
     events = []
-    real_load, real_train = api_mod.load_texts, run_mod.train_model
+    real_load, real_train = data.load_texts, run_mod.train_model
 
     def load_spy(ref, split="calibration", *a, **k):
         events.append(("load", split))
@@ -249,7 +249,7 @@ def test_training_reads_the_calibration_split_only(tiny, tmp_path, monkeypatch):
         assert " ".join(map(str, train[0].tolist())) not in evtext  # ... and not evaluation text
         return real_train(student, teacher, train, held, *a, **k)
 
-    monkeypatch.setattr(api_mod, "load_texts", load_spy)
+    monkeypatch.setattr(data, "load_texts", load_spy)  # the calibration set is read there
     monkeypatch.setattr(evaluation, "load_texts", load_spy)  # the evaluation reads its split there
     monkeypatch.setattr(run_mod, "train_model", train_spy)
 

@@ -1,10 +1,10 @@
 """The pass adapter: its options, what it does to a Linear, and the ``apply`` stage."""
 
-from example_family.binarize import binarize
-from example_family.module import SignLinear
 from pydantic import BaseModel, ConfigDict, Field
 
 from compress.passes import Pass, exclusive, register
+from example_family.binarize import binarize
+from example_family.module import SignLinear
 
 
 class SignConfig(BaseModel):
