@@ -18,8 +18,9 @@ def generate(model_ref, prompt: str, max_new_tokens: int = 32, kernel: str | Non
              device: str | None = None, log=print) -> dict:
     """Load ``model_ref`` (compressed layers stay packed), decode greedily after ``prompt``.
 
-    dtype: the compute dtype (default bf16 on a GPU, float32 on the CPU, whose bf16 matmuls are
-    slow); device: 'cpu', 'cuda', ... (default: cuda when available). Returns the text, the token
+    dtype: the compute dtype (default bf16 on a GPU; on the CPU the checkpoint's stored dtype,
+    bf16 for our exports, where the CPU has native bf16, so packed layers run the CPU integer
+    kernels; see ``compress.load``); device: 'cpu', 'cuda', ... (default: cuda when available). Returns the text, the token
     counts, tokens/s of the decode and the kernel each quantized layer ran.
     """
     # lazily: the kernels package imports no checkpoint loader (formats imports the kernels)
@@ -27,10 +28,11 @@ def generate(model_ref, prompt: str, max_new_tokens: int = 32, kernel: str | Non
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    dt = DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dt = DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else "auto")
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     model = load(model_ref, dtype=dt, log=log, kernel=kernel, device=dev)
+    dt = next(model.parameters()).dtype
     tok = model.compress_source.tokenizer
     ids = tok(prompt, return_tensors="pt").input_ids.to(dev)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id if tok.eos_token_id is not None else 0)

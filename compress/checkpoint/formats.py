@@ -55,6 +55,9 @@ WEIGHT_FIELDS = (
     "block_structure", "dynamic", "actorder", "observer", "observer_kwargs",
 )
 DENSE_SINCE = (0, 18)  # the first compressed-tensors release that packs 3/5/6/7 bits densely
+# the layout this process writes: the one the installed release (named in the config's
+# ``version``) reads, so an older compressed-tensors (vLLM pins 0.17) reads what we wrote
+WRITE_DENSE = Version(_dist_version("compressed-tensors")).release[:2] >= DENSE_SINCE
 VLLM_BITS = (4, 8)  # the weight widths vLLM serves (pack-quantized); others run on compress only
 
 
@@ -127,18 +130,18 @@ class QuantLinear(CompressedLinear):
         if bias_dtype is None:
             bias_dtype = bias.dtype if bias is not None else torch.float32
         m = cls(in_f, out_f, s.bits, s.group_size, s.symmetric, has_g_idx=result.act_order,
-                bias=bias is not None, scale_dtype=s.scale_dtype, bias_dtype=bias_dtype)
+                bias=bias is not None, scale_dtype=s.scale_dtype, bias_dtype=bias_dtype, dense=WRITE_DENSE)
         half = 1 << (s.bits - 1)
         scale = result.scale.to(s.scale_dtype)
         if not torch.equal(scale.float(), result.scale.float()):
             raise ValueError(f"scales are not exactly representable in {s.scale_dtype}; quantize with that scale_dtype")
-        m.weight_packed.copy_(pack_int32(result.q - half, s.bits, dim=1))
+        m.weight_packed.copy_(pack_int32(result.q - half, s.bits, dim=1, dense=WRITE_DENSE))
         m.weight_scale.copy_(scale)
         if s.symmetric:
             if not bool((result.zero == half).all()):
                 raise ValueError(f"a symmetric scheme stores no zero point; all zeros must be {half}")
         else:
-            m.weight_zero_point.copy_(pack_int32(result.zero - half, s.bits, dim=0))
+            m.weight_zero_point.copy_(pack_int32(result.zero - half, s.bits, dim=0, dense=WRITE_DENSE))
         if result.act_order:
             m.weight_g_idx.copy_(result.g_idx)
         if bias is not None:

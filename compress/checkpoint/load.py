@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.checkpoint.cpu_modules import to_cpu_kernels
 from compress.checkpoint.formats import read_quantization_config
 from compress.checkpoint.source import (
     ModelSource,
@@ -18,6 +19,7 @@ from compress.checkpoint.source import (
     resolve_model,
 )
 from compress.errors import InputError, UsageError
+from compress.kernels import cpu as cpu_kernels
 from compress.kernels import requested_backend
 from compress.kernels.sparse24 import semi_structured_support, to_semi_structured
 from compress.modules import CompressedLinear, compressed_modules, module_types
@@ -73,16 +75,41 @@ def load_source(source: ModelSource, dtype: torch.dtype = torch.float32) -> nn.M
     return model
 
 
+def resolve_dtype(dtype, source: ModelSource) -> torch.dtype:
+    """``load``'s dtype: a torch dtype as given; 'auto' -> the dtype of the checkpoint's stored
+    floating-point weights (float32 if none, or if bf16 and the CPU has no native bf16 arithmetic)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        raise UsageError(f"dtype must be a torch dtype or 'auto', got {dtype!r}")
+    named = source.float_dtype()
+    if named not in (torch.bfloat16, torch.float16):
+        return torch.float32
+    if named == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.float32
+    return named
+
+
 SPARSE24 = "sparse24"  # kernel= value forcing 2:4 semi-structured weights (and automatic packed kernels)
 
 
-def load(ref, dtype: torch.dtype = torch.float32, log=print, kernel: str | None = None, device=None) -> nn.Module:
+def load(ref, dtype: torch.dtype | str = "auto", log=print, kernel: str | None = None, device=None) -> nn.Module:
     """The model at ``ref`` in ``dtype`` compute, on ``device`` (default: where it was built, the
     CPU); compressed layers stay packed.
 
-    ``kernel``: the backend of every QuantLinear and Int8Linear, ``torch|triton|cuda`` (None or
+    ``dtype``: 'auto' (default) is the dtype the checkpoint stores its floating-point weights in
+    (bf16 for our exports; float32 for a GGUF or where the CPU has no native bf16 arithmetic);
+    or a torch dtype.
+
+    ``kernel``: the backend of every QuantLinear and Int8Linear, ``torch|cpu|triton|cuda`` (None or
     'auto': the fastest for the device, or $COMPRESS_KERNEL; see compress.kernels). An unknown
     name raises UsageError here; an unavailable one at the first forward, naming what is missing.
+
+    On the CPU with bf16/fp16 compute, automatic (or ``kernel='cpu'``) converts every packed layer
+    the CPU integer kernels run to their layout, keeping one copy of the codes
+    (``compress.checkpoint.cpu_modules``): memory is about the packed size. Layers they cannot
+    run keep the torch reference, and the load says which, once. Float32 compute keeps the exact
+    torch reference (``kernel='cpu'`` then computes the packed layers in bf16).
 
     2:4 checkpoints (``compress.json``: ``sparsity.structure == "2:4"``): on a CUDA GPU with
     sparse tensor cores and a float16/bfloat16 ``dtype``, the pruned dense Linears get PyTorch's
@@ -93,9 +120,16 @@ def load(ref, dtype: torch.dtype = torch.float32, log=print, kernel: str | None 
     sparse = kernel == SPARSE24
     backend = requested_backend(None if sparse else kernel) if kernel not in (None, "") else None
     source = ModelSource(resolve_model(ref, log=log))
+    dtype = resolve_dtype(dtype, source)
     model = load_source(source, dtype)
     for _, m in compressed_modules(model):
         m.backend = backend
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if on_cpu and (backend == "cpu" or (backend is None and not sparse and dtype in cpu_kernels.COMPUTE_DTYPES)):
+        why = cpu_kernels.available()
+        if why and backend == "cpu":
+            raise UsageError(f"kernel backend 'cpu' is unavailable: {why}")
+        model.compress_cpu_kernels = to_cpu_kernels(model, dtype if dtype in cpu_kernels.COMPUTE_DTYPES else torch.bfloat16, log=log)
     if device is not None:
         model.to(device)
     model.compress_source = source

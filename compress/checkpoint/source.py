@@ -250,6 +250,21 @@ class ModelSource:
                     out[n] = (shape, math.prod(shape) * _DTYPE_BYTES.get(sl.get_dtype(), 4))
         return out
 
+    def float_dtype(self) -> torch.dtype | None:
+        """The dtype most of the checkpoint's floating-point bytes are stored in (headers only;
+        None when it stores none, a GGUF for one)."""
+        names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+        by_dtype: dict[str, int] = {}
+        for f in set(self.weight_map.values()):
+            if f.suffix != ".safetensors":
+                continue
+            with safe_open(f, "pt") as h:
+                for n in h.keys():
+                    sl = h.get_slice(n)
+                    if sl.get_dtype() in names:
+                        by_dtype[sl.get_dtype()] = by_dtype.get(sl.get_dtype(), 0) + math.prod(sl.get_shape()) * _DTYPE_BYTES[sl.get_dtype()]
+        return names[max(by_dtype, key=by_dtype.get)] if by_dtype else None
+
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in set(self.weight_map.values()))
 
@@ -442,7 +457,8 @@ def materialize(module: nn.Module, prefix: str, source: ModelSource, dtype=torch
     for n in names:
         check_finite(prefix + n, tensors[prefix + n], source.path)
     for n in names:
-        set_module_tensor_to_device(module, n, "cpu", value=from_disk(module, n, tensors[prefix + n]).to(dtype))
+        # dtype= as well: without it accelerate casts the value back to the meta parameter's float32
+        set_module_tensor_to_device(module, n, "cpu", value=from_disk(module, n, tensors[prefix + n]).to(dtype), dtype=dtype)
 
 
 def release(module: nn.Module) -> None:

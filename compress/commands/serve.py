@@ -15,7 +15,7 @@ def generate_cmd(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate (greedy).")] = 32,
     kernel: KernelOpt = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="bfloat16, float16 or float32 (default: bf16 on a GPU, fp32 on the CPU).")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="bfloat16, float16 or float32 (default: bf16 on a GPU; on the CPU the dtype the checkpoint stores, bf16 for our exports, so packed layers run the CPU integer kernels).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,

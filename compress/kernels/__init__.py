@@ -1,6 +1,7 @@
 """Packed-int kernels, and the dispatcher that picks one per call (``dispatch``).
 
-Backends: ``torch`` (``reference``: the CPU path and the oracle of every test), ``triton``
+Backends: ``torch`` (``reference``: the float32 CPU path and the oracle of every test), ``cpu``
+(``cpu``: torch's int4/int8 CPU kernels and oneDNN's int8 GEMM, bf16/fp16 activations), ``triton``
 (``triton_kernels``: on a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1``) and ``cuda``
 (``cuda_kernel``: a CUDA C++ decode kernel built with nvcc at first use). ``dispatch`` says how
 one is chosen (argument, module, ``$COMPRESS_KERNEL``, automatic) and the kernels' weight layout;
@@ -14,10 +15,12 @@ from compress.kernels.dispatch import (
     ENV,
     KernelWeights,
     choose,
+    cpu_weights,
     int8_linear,
     kernel_weights,
     last_kernel,
     missing,
+    record_kernel,
     quantize_per_token,
     requested_backend,
     wna16_linear,
@@ -25,6 +28,6 @@ from compress.kernels.dispatch import (
 from compress.kernels.reference import cache_dense, dense_weight_cached
 
 __all__ = [
-    "BACKENDS", "CUDA_MAX_TOKENS", "ENV", "KernelWeights", "cache_dense", "choose", "dense_weight_cached", "int8_linear",
-    "kernel_weights", "last_kernel", "missing", "quantize_per_token", "requested_backend", "wna16_linear",
+    "BACKENDS", "CUDA_MAX_TOKENS", "ENV", "KernelWeights", "cache_dense", "choose", "cpu_weights", "dense_weight_cached", "int8_linear",
+    "kernel_weights", "last_kernel", "missing", "quantize_per_token", "record_kernel", "requested_backend", "wna16_linear",
 ]

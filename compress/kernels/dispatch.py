@@ -1,9 +1,14 @@
 """The dispatcher: which backend runs each packed-int call, and the kernel layout of the weights.
 
-Three backends compute the same functions (see ``reference`` for the exact definitions):
+Four backends compute the same functions (see ``reference`` for the exact definitions):
 
 * ``torch``  (``reference.py``): dequantize then ``F.linear``; W8A8 through ``torch._int_mm``.
-  Runs everywhere; the CPU path and the oracle of every test.
+  Runs everywhere; the float32 CPU path and the oracle of every test.
+* ``cpu``    (``cpu.py``): torch's integer CPU kernels: W4A16 ``_weight_int4pack_mm_for_cpu``,
+  W8A16 ``_weight_int8pack_mm``, W8A8 oneDNN ``qlinear_pointwise``, with bf16/fp16 activations.
+  ``compress.load`` on the CPU converts each packed layer to this layout once (the codes' only
+  copy in memory, ``CpuQuantLinear``/``CpuInt8Linear``); a plain module asked for it here builds
+  the layout at its first call and keeps it beside its buffers.
 * ``triton`` (``triton_kernels.py``): W4A16/W8A16 GEMM that dequantizes inside the K loop (a
   split-K decode path for up to 16 tokens, a tiled prefill path above), a fused per-token int8
   activation quantizer, and an int8 x int8 -> int32 GEMM with the scales in its epilogue. On a
@@ -13,8 +18,9 @@ Three backends compute the same functions (see ``reference`` for the exact defin
 
 Choosing: an explicit ``backend=`` argument wins, then the module's own choice
 (``QuantLinear.backend``, set by ``compress.load(path, kernel=...)``), then the ``COMPRESS_KERNEL``
-environment variable (``torch|triton|cuda``; empty or ``auto`` = automatic). Automatic picks torch
-on the CPU; on a GPU the CUDA kernel for weight-only calls of at most ``CUDA_MAX_TOKENS`` tokens,
+environment variable (``torch|cpu|triton|cuda``; empty or ``auto`` = automatic). Automatic picks,
+per call, torch on the CPU (``compress.load`` has already chosen ``cpu`` for the layers it converted,
+those with bf16/fp16 compute); on a GPU the CUDA kernel for weight-only calls of at most ``CUDA_MAX_TOKENS`` tokens,
 Triton otherwise, torch where neither applies (3/5/6/7-bit weights). A forced backend that cannot
 run raises ``compress.errors.UsageError`` naming what is missing. ``last_kernel()`` (per thread)
 and ``QuantLinear.kernel`` tell which backend ran last.
@@ -53,10 +59,10 @@ import torch
 
 from compress.checkpoint.packing import unpack_int32
 from compress.errors import UsageError
-from compress.kernels import cuda_kernel, reference
+from compress.kernels import cpu, cuda_kernel, reference
 from compress.utils import group_width
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "cpu", "triton", "cuda")
 ENV = "COMPRESS_KERNEL"
 CUDA_MAX_TOKENS = 16  # the CUDA kernel's decode range; above it Triton's tiled GEMM reuses weights better
 
@@ -68,9 +74,12 @@ def last_kernel() -> str | None:
     return getattr(_last, "name", None)
 
 
-def _record(name: str) -> str:
+def record_kernel(name: str) -> str:
+    """Note ``name`` as this thread's last backend (``last_kernel``); returns it."""
     _last.name = name
     return name
+
+
 
 
 def requested_backend(backend: str | None = None) -> str | None:
@@ -94,6 +103,13 @@ def missing(backend: str, device: torch.device, *, op: str = "wna16", bits: int 
     """Why ``backend`` cannot run ``op`` ('wna16' or 'w8a8') on ``device``; None when it can."""
     if backend == "torch":
         return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the CPU kernels need tensors on the CPU (they are on {device})"
+        why = cpu.available()
+        if why is None and op == "wna16" and bits not in (None, 4, 8):
+            why = f"the CPU kernels read 4 or 8-bit weights (this layer has {bits}-bit weights)"
+        return why
     if op == "wna16" and bits is not None and 32 % bits:
         return f"the {backend} kernels read 2, 4 or 8-bit weights only (this layer has {bits}-bit weights packed across int32 words)"
     if backend == "triton":
@@ -176,6 +192,22 @@ def kernel_weights(qlinear) -> KernelWeights:
     return kw
 
 
+def cpu_weights(qlinear, dtype: torch.dtype) -> "cpu.CpuWeights":
+    """The module's CPU kernel layout for ``dtype`` activations (bf16 for float32), built at
+    first use and rebuilt only if its buffers change (beside the buffers: ``compress.load``
+    converts instead, keeping one copy)."""
+    dt = dtype if dtype in cpu.COMPUTE_DTYPES else torch.bfloat16
+    key = (reference.buffers_key(qlinear), dt)
+    hit = qlinear.__dict__.get("_cpu_weights")
+    if hit is None or hit[0] != key:
+        try:
+            hit = (key, cpu.build(qlinear, dt))
+        except ValueError as e:
+            raise UsageError(f"kernel backend 'cpu' cannot run this layer: {e}") from None
+        qlinear.__dict__["_cpu_weights"] = hit
+    return hit[1]
+
+
 def wna16_linear(x: torch.Tensor, qlinear, backend: str | None = None) -> torch.Tensor:
     """y = x @ Ŵᵀ (+ bias) for a ``QuantLinear``; x (..., K) bf16/fp16/fp32 -> (..., N) in x.dtype.
 
@@ -190,9 +222,11 @@ def wna16_linear(x: torch.Tensor, qlinear, backend: str | None = None) -> torch.
     name = choose(backend, x.device, op="wna16", bits=qlinear.bits, tokens=tokens)
     if name != "torch" and x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise UsageError(f"kernel backend {name!r} computes with bf16, fp16 or fp32 activations, got {x.dtype}")
-    qlinear.kernel = _record(name)
+    qlinear.kernel = record_kernel(name)
     if name == "torch":
         return reference.wna16_linear(x, qlinear)
+    if name == "cpu":
+        return cpu.wna16_linear(x, cpu_weights(qlinear, x.dtype), qlinear.bias)
     kw = kernel_weights(qlinear)
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if name == "triton":
@@ -210,7 +244,7 @@ def wna16_linear(x: torch.Tensor, qlinear, backend: str | None = None) -> torch.
 def quantize_per_token(x: torch.Tensor, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., K) float -> (xq int8 (tokens, K), xs float32 (tokens, 1)); xs = absmax / 127,
     xq = round-half-even(x / xs) (see ``reference``)."""
-    name = _record(choose(backend, x.device, op="w8a8"))
+    name = record_kernel(choose(backend, x.device, op="w8a8"))
     if name == "triton":
         from compress.kernels import triton_kernels
 
@@ -228,9 +262,11 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     N, K = weight.shape
     if x.shape[-1] != K or weight_scale.numel() != N:
         raise UsageError(f"int8_linear shapes disagree: x {tuple(x.shape)}, weight {(N, K)}, weight_scale {tuple(weight_scale.shape)}")
-    name = _record(choose(backend, x.device, op="w8a8"))
+    name = record_kernel(choose(backend, x.device, op="w8a8"))
     if name == "torch":
         return reference.int8_linear(x, weight, weight_scale, bias)
+    if name == "cpu":
+        return cpu.int8_linear(x, cpu.build_int8(weight, weight_scale), bias, reference.quantize_per_token)
     from compress.kernels import triton_kernels
 
     xq, xs = triton_kernels.quantize_per_token(x.reshape(-1, K))

@@ -67,7 +67,7 @@ def test_family_compresses_exports_and_reloads(family, tmp_path):
     assert len(linear_groups(blocks[0], src.config.model_type)) > 1
     x = torch.randint(0, 300, (2, 24))
     with torch.no_grad():
-        a = load(tmp_path / "out")(input_ids=x).logits
+        a = load(tmp_path / "out", dtype=torch.float32)(input_ids=x).logits
         b = compressed_in_memory(path, rec, tmp_path / "mem")(input_ids=x).logits
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
@@ -149,7 +149,7 @@ def test_conv1d_is_a_linear_in_memory_and_conv1d_on_disk(tmp_path):
     layer = model.transformer.h[0].attn.c_attn
     assert isinstance(layer, Conv1DLinear) and (layer.in_features, layer.out_features) == (64, 192)
     run(_recipe(path, tmp_path / "out", "wanda"))
-    with safe_open(tmp_path / "out" / "model-00002-of-00003.safetensors", "pt") as h:
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as h:
         w = h.get_tensor("transformer.h.0.attn.c_attn.weight")
     assert w.shape == (64, 192)
     assert ((w.T.reshape(192, -1, 4) == 0).sum(-1) >= 2).all()  # 2:4 along the input dimension

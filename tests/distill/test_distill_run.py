@@ -207,7 +207,7 @@ def test_lowrank_then_distill_trains_the_factors_and_reloads(tiny, tmp_path):
 
     from compress.checkpoint.load import load
 
-    m = load(out, log=lambda *_: None)
+    m = load(out, log=lambda *_: None, dtype=torch.float32)
     assert any(isinstance(x, LowRankLinear) for x in m.modules())
 
 
@@ -370,7 +370,7 @@ def test_w8a8_and_qat_students_export_valid_checkpoints(tiny, w3, tmp_path, quan
     lr = 5e-2 if train == "qat" else 1e-3
     rep = api.run(_recipe(tiny, out, [quant, {"distill": {"steps": 3, "lr": lr, "train": train, "restore_best": False}}]))
     assert rep["distill"]["steps"] == 3
-    m = load(out, log=lambda *_: None)
+    m = load(out, log=lambda *_: None, dtype=torch.float32)
     with torch.no_grad():
         assert torch.isfinite(m(input_ids=torch.randint(0, 300, (1, 16))).logits).all()
     if train == "qat":

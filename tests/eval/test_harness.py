@@ -4,6 +4,7 @@ import json
 import time
 
 import pytest
+import torch
 from compress.eval import taskdata
 from compress.eval.harness import SHIPPED, hub_reachable, resolve_tasks
 
@@ -66,7 +67,7 @@ def test_shipped_tasks_run_on_an_in_memory_model(tiny_llama):
 
     from compress.checkpoint.load import load
 
-    model = load(tiny_llama, log=lambda m: None)
+    model = load(tiny_llama, log=lambda m: None, dtype=torch.float32)
     tok = model.compress_source.tokenizer
     res = run_tasks(model, tok, resolve_tasks(list(SHIPPED)), limit=3, quiet=True)
     ppl, lw = res["pydoc_ppl"], res["pydoc_lastword"]
@@ -92,7 +93,7 @@ def test_unreachable_task_data_fails_fast_with_how_to_use_a_local_copy(tiny_llam
     f = tmp_path / "hub_task.yaml"
     f.write_text("task: hub_lambada\ndataset_path: EleutherAI/lambada_openai\ndataset_name: default\noutput_type: loglikelihood\n"
                  "test_split: test\ndoc_to_text: \"{{text}}\"\ndoc_to_target: \" x\"\nmetric_list:\n  - metric: acc\n")
-    model = load(tiny_llama, log=lambda m: None)
+    model = load(tiny_llama, log=lambda m: None, dtype=torch.float32)
     t0 = time.time()
     with pytest.raises(InputError) as e:
         run_tasks(model, model.compress_source.tokenizer, resolve_tasks([str(f)]), limit=2, quiet=True)
@@ -112,6 +113,6 @@ def test_local_task_file_with_a_jsonl_dataset(tiny_llama, tmp_path):
     f = tmp_path / "mine.yaml"
     f.write_text(f"task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\noutput_type: loglikelihood\n"
                  "test_split: test\ndoc_to_text: \"{{q}}\"\ndoc_to_target: \"{{a}}\"\nmetric_list:\n  - metric: acc\n")
-    model = load(tiny_llama, log=lambda m: None)
+    model = load(tiny_llama, log=lambda m: None, dtype=torch.float32)
     res = run_tasks(model, model.compress_source.tokenizer, resolve_tasks([str(f)]), quiet=True)
     assert res["mine"]["samples"] == 4 and set(res["mine"]["metrics"]) == {"acc"}

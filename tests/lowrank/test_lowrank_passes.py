@@ -81,7 +81,7 @@ def test_factored_export_reloads_to_the_in_memory_logits(tiny, tmp_path, opts):
     info = inspect_checkpoint(out)
     assert info["lowrank"]["layers"] == sum(1 for l in layers if l["info"]["rank"] is not None)
 
-    ours = load(out)
+    ours = load(out, dtype=torch.float32)
     mods = {n: m for n, m in ours.named_modules() if isinstance(m, LowRankLinear)}
     assert {n: m.rank for n, m in mods.items()} == {k: v["rank"] for k, v in meta["layers"].items() if v["rank"] is not None}
     assert all(isinstance(m.A, torch.nn.Linear) and m.A.weight.requires_grad for m in mods.values())  # trainable factors
@@ -106,12 +106,12 @@ def test_merged_export_loads_in_plain_transformers(tiny, tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert "quantization_config" not in cfg
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
-    merged = load(tmp_path / "m")
+    merged = load(tmp_path / "m", dtype=torch.float32)
     assert not any(isinstance(m, LowRankLinear) for m in merged.modules())
     x = torch.randint(0, 300, (2, 16))
     torch.testing.assert_close(_logits(hf, x), _logits(merged, x), rtol=0, atol=0)
     # the same model as the factored export, up to rounding B·A to bf16
-    torch.testing.assert_close(_logits(merged, x), _logits(load(tmp_path / "f"), x), rtol=0.02, atol=0.02)
+    torch.testing.assert_close(_logits(merged, x), _logits(load(tmp_path / "f", dtype=torch.float32), x), rtol=0.02, atol=0.02)
 
 
 @pytest.mark.parametrize("quant", [{"rtn": {"bits": 4, "group_size": 16}}, {"gptq": {"bits": 4, "group_size": 16}}])
@@ -123,7 +123,7 @@ def test_lowrank_then_quantize_exports_and_reloads(tiny, tmp_path, quant):
         assert l["passes"] == ["lowrank", next(iter(quant))]
         if l["info"]["rank"] is not None:
             assert l["info"]["rank"] % 16 == 0  # ranks follow the factors' group size
-    ours = load(out)
+    ours = load(out, dtype=torch.float32)
     lr = [m for m in ours.modules() if isinstance(m, LowRankLinear)]
     assert lr and all(isinstance(m.A, QuantLinear) and isinstance(m.B, QuantLinear) for m in lr)
     assert inspect_checkpoint(out)["quantized_layers"] > 0

@@ -65,7 +65,7 @@ def test_prune_export_reload(tiny, tmp_path, method, pattern):
     assert "quantization_config" not in cfg  # pruned alone: a plain checkpoint every tool loads
     assert inspect_checkpoint(out)["sparsity"]["structure"] == pattern
 
-    ours = load(out)
+    ours = load(out, dtype=torch.float32)
     for name, lin in _linears(ours).items():
         _assert_pattern(lin.weight, pattern, s)
     x = torch.randint(0, 300, (2, 16))
@@ -80,7 +80,7 @@ def test_sparsegpt_then_gptq_is_joint_and_keeps_zeros(tiny, tmp_path):
     assert all(l["passes"] == ["sparsegpt"] and l["info"]["joint"] == "sparsegpt+gptq" for l in report["layers"])
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["format"] == "pack-quantized" and cfg["sparsity_config"] == {}  # vLLM-loadable: no declared 2:4
-    ours = load(out)
+    ours = load(out, dtype=torch.float32)
     packed = {n: m for n, m in ours.named_modules() if type(m).__name__ == "QuantLinear"}
     assert len(packed) == 14
     for m in packed.values():
@@ -107,7 +107,7 @@ def test_wanda_then_gptq_keeps_the_mask(tiny, tmp_path):
     out = tmp_path / "out"
     report = run(_recipe(tiny, out, [{"wanda": {"pattern": "2:4"}}, {"gptq": {"bits": 4, "group_size": 16}}]))
     assert all(l["passes"] == ["wanda", "gptq"] and l["info"]["sparsity"] >= 0.5 for l in report["layers"])
-    for m in load(out).modules():
+    for m in load(out, dtype=torch.float32).modules():
         if type(m).__name__ == "QuantLinear":
             _assert_pattern(m.dequantize(), "2:4", 0.5)
 
@@ -154,7 +154,7 @@ def test_prune_after_quantize_is_refused(tiny, tmp_path):
 def test_2_4_checkpoint_on_the_cpu_stays_dense(tiny, tmp_path):
     out = tmp_path / "out"
     run(_recipe(tiny, out, [{"magnitude": {"pattern": "2:4"}}], samples=0))
-    model = load(out)  # automatic: the CPU computes with the dense weights
+    model = load(out, dtype=torch.float32)  # automatic: the CPU computes with the dense weights
     assert all(lin.weight.layout == torch.strided for lin in _linears(model).values())
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="sparse24.*CUDA"):

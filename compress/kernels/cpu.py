@@ -1,0 +1,322 @@
+"""CPU packed-int kernels: the weights stay packed in memory and run through torch's integer
+kernels (AVX-512 / AVX2 / AMX, whatever torch's build dispatches to).
+
+* **W4A16** ``torch.ops.aten._weight_int4pack_mm_for_cpu``: codes in torch's own int4 CPU layout
+  (``_convert_weight_to_int4pack_for_cpu``: rows in blocks of 64 on AVX-512 builds, two codes per
+  byte), per-group ``(scale, zero)`` pairs; it computes ``Ŵ = (q - 8) · scale + zero``.
+* **W8A16** ``torch.ops.aten._weight_int8pack_mm``: signed int8 codes (N, K) with one scale per
+  row; grouped scales run one call per group (codes stored (G, N, gs)).
+* **W8A8** ``torch.ops.onednn.qlinear_pointwise``: oneDNN's int8 GEMM (VNNI / AMX) on the
+  prepacked weight; the per-token activation scales are applied after it.
+
+Exactness. Symmetric codes fold straight in (zero = 0). An asymmetric group's weight is
+``(q - z) · s = (q - 8) · s + (8 - z) · s`` (8 bits: 128): the second term is folded into the
+kernel's zero where it is exact in the compute dtype, and otherwise added exactly beside it as
+``(x summed over the group) @ ((8 - z) · s)`` in float32 (a (G, N) matrix, a few % of the codes'
+bytes). Act-order (``g_idx``) columns are permuted so every group is contiguous and the input
+permuted the same way at run time. Per-channel scales and group sizes the kernel does not take
+(it takes 32, 64, 128, 256) are repeated over the largest of those that divides the group.
+
+The int4/int8 weight-only kernels read the activations in bf16 or fp16 (fp32 runs them ~70x
+slower: the automatic choice keeps fp32 on the torch reference). They are decode kernels: their
+cost grows linearly with the tokens (no weight reuse), so above ``PREFILL_TOKENS`` tokens a call
+dequantizes the layer from the packed codes (exactly as the reference does) and runs the dense
+GEMM, which is faster there (measured, see BENCHMARKS.md "Serving on the CPU").
+
+What cannot run here (another width, a group size no kernel group divides, N not a multiple of 16
+for int4 is padded, K not a multiple of 32) is reported by ``unsupported`` and that layer keeps the
+reference path; ``compress.load`` says which layers, once.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from compress.checkpoint.packing import unpack_int32
+
+INT4_GROUPS = (256, 128, 64, 32)  # the group widths _weight_int4pack_mm_for_cpu takes
+PREFILL_TOKENS = 32  # above: dequantize + dense GEMM (the int kernels cost grows per token)
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def available() -> str | None:
+    """Why the CPU integer kernels cannot run in this torch build (None when they can)."""
+    ops = torch.ops.aten
+    for name in ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu", "_weight_int8pack_mm"):
+        if not hasattr(ops, name):
+            return f"this torch build ({torch.__version__}) has no aten.{name}"
+    if not hasattr(torch.ops, "onednn") or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        return f"this torch build ({torch.__version__}) has no oneDNN int8 linear"
+    if int4_block() is None:
+        return "this torch build packs int4 CPU weights in a layout compress does not know"
+    return None
+
+
+def kernel_group(gs: int) -> int | None:
+    """The largest int4 kernel group width that divides ``gs`` (None: none does)."""
+    return next((k for k in INT4_GROUPS if gs % k == 0), None)
+
+
+def unsupported(bits: int, K: int, gs: int, g_idx: torch.Tensor | None = None) -> str | None:
+    """Why a weight-only layer (``bits``, K inputs, ``gs`` columns per group) cannot run on the
+    CPU kernels; None when it can."""
+    if bits not in (4, 8):
+        return f"the CPU kernels read 4 or 8-bit weights ({bits}-bit runs on the torch reference)"
+    if bits == 4 and kernel_group(gs) is None:
+        return f"groups of {gs} columns: the int4 CPU kernel needs groups of a multiple of 32"
+    if g_idx is not None:
+        counts = torch.bincount(g_idx.long(), minlength=K // gs)
+        if bool((counts != gs).any()):
+            return "act-order groups of unequal sizes cannot be made contiguous"
+    return None
+
+
+# ----------------------------------------------------------------------------- int4 layout
+
+
+def _to_int4pack(codes: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit codes (N, K), N a multiple of 16 -> torch's int4 CPU layout (N, K/2) uint8."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+
+
+@functools.cache
+def int4_block() -> int | None:
+    """Rows per block of this build's int4 CPU layout (64 with AVX-512, 32 with AVX2), read off
+    a probe: in a full block, byte (k, d) holds row d (low nibble) and row d + block/2 (high).
+    None: a layout this module does not know (the CPU kernels then stay off)."""
+    rows = (torch.arange(64, dtype=torch.int32) // 16)[:, None].expand(64, 2)  # row r holds r // 16
+    high = int(_to_int4pack(rows).reshape(-1)[0]) >> 4  # row block/2's value
+    return {2: 64, 1: 32}.get(high)
+
+
+def unpack_int4(p: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """Inverse of ``_to_int4pack``: (Np, K/2) uint8 -> (Np, K) uint8 codes, exact (tested
+    against torch's own packing on full and partial row blocks)."""
+    B = int4_block()
+    nib = torch.stack([p.reshape(-1) & 15, p.reshape(-1) >> 4], dim=-1).reshape(-1)  # nibbles, low first
+    full = (N // B) * B
+    out = torch.empty(N, K, dtype=torch.uint8)
+    if full:
+        blk = nib[: full * K].reshape(full // B, K, B // 2, 2)  # [block, k, d, half]
+        out[:full] = blk.permute(0, 3, 2, 1).reshape(full, K)
+    if N > full:
+        out[full:] = nib[full * K :].reshape(K, N - full).t()
+    return out
+
+
+# ----------------------------------------------------------------------------- weight-only
+
+
+@dataclass
+class CpuWeights:
+    """A weight-only layer in the CPU kernels' layout; replaces the export's packed words in memory.
+
+    codes       int4: uint8 (Np, K/2) torch's int4 CPU layout, Np = N rounded up to 16;
+                int8: int8 (N, K) per-channel, or (G, N, gs) per group (signed: q - 128)
+    scale_zero  int4: (K / kgs, Np, 2) compute dtype;  int8: (N,) or (G, N) scales, compute dtype
+    corr        float32 (G, N) or None: (2^(b-1) - z) · s where it is not exact in the compute dtype
+    perm        int64 (K,) or None: act-order column order (groups contiguous)
+    """
+
+    bits: int
+    N: int
+    K: int
+    gs: int  # columns per stored group
+    kgs: int  # columns per kernel group (int4)
+    dtype: torch.dtype
+    codes: torch.Tensor
+    scale_zero: torch.Tensor
+    corr: torch.Tensor | None
+    perm: torch.Tensor | None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.codes, self.scale_zero, self.corr, self.perm) if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def _signed_codes(qlinear) -> torch.Tensor:
+    """(N, K) int32 signed codes q - 2^(b-1), from the export's words."""
+    return unpack_int32(qlinear.weight_packed, qlinear.bits, qlinear.in_features, dim=1, dense=qlinear.dense)
+
+
+def build(qlinear, dtype: torch.dtype) -> CpuWeights:
+    """The CPU layout of a ``QuantLinear``'s buffers for ``dtype`` activations (bf16 / fp16).
+    Raises ValueError where ``unsupported`` says so, or where a scale is not exact in ``dtype``."""
+    N, K, bits = qlinear.out_features, qlinear.in_features, qlinear.bits
+    gs = K if qlinear.group_size == -1 else qlinear.group_size
+    g_idx = qlinear.weight_g_idx if hasattr(qlinear, "weight_g_idx") else None
+    why = unsupported(bits, K, gs, g_idx)
+    if why:
+        raise ValueError(why)
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"the CPU kernels compute with bf16 or fp16 activations, not {dtype}")
+    s = qlinear.weight_scale.float()  # (N, G)
+    if not torch.equal(s.to(dtype).float(), s):
+        raise ValueError(f"the {qlinear.weight_scale.dtype} scales are not exact in {dtype}; load with dtype={qlinear.weight_scale.dtype}")
+    G = K // gs
+    v = _signed_codes(qlinear)  # (N, K) int32, q - 2^(b-1)
+    perm = None
+    if g_idx is not None:
+        perm = torch.argsort(g_idx.long(), stable=True)
+        v = v[:, perm]
+    fold = None
+    if not qlinear.symmetric:
+        z = unpack_int32(qlinear.weight_zero_point, bits, N, dim=0, dense=qlinear.dense).float()  # z - 2^(b-1)
+        fold = -z * s  # (N, G): (2^(b-1) - z) · s, exact in float32
+    corr = None
+    if fold is not None and not torch.equal(fold.to(dtype).float(), fold):
+        corr, fold = fold.t().contiguous(), None  # (G, N) float32, added beside the kernel
+    if bits == 4:
+        kgs = kernel_group(gs)
+        Np = -(-N // 16) * 16
+        codes = torch.zeros(Np, K, dtype=torch.int32)
+        codes[:N] = v + 8
+        rep = gs // kgs
+        sz = torch.zeros(K // kgs, Np, 2, dtype=dtype)
+        sz[:, :N, 0] = s.repeat_interleave(rep, dim=1).t().to(dtype)
+        if fold is not None:
+            sz[:, :N, 1] = fold.repeat_interleave(rep, dim=1).t().to(dtype)
+        return CpuWeights(4, N, K, gs, kgs, dtype, _to_int4pack(codes), sz, corr, perm)
+    v8 = v.to(torch.int8)
+    if fold is not None:  # int8pack has no zero: exact folded zeros go beside it too
+        corr = fold.t().contiguous()
+    if G == 1:
+        return CpuWeights(8, N, K, gs, gs, dtype, v8.contiguous(), s[:, 0].to(dtype).contiguous(), corr, perm)
+    grouped = v8.reshape(N, G, gs).permute(1, 0, 2).contiguous()  # (G, N, gs)
+    return CpuWeights(8, N, K, gs, gs, dtype, grouped, s.t().to(dtype).contiguous(), corr, perm)
+
+
+def _kernel_codes(cw: CpuWeights) -> torch.Tensor:
+    """(N, K) signed codes q - 2^(b-1) in the kernel's column order (int8 for 4 and 8 bits)."""
+    if cw.bits == 4:
+        return (unpack_int4(cw.codes, cw.codes.shape[0], cw.K)[: cw.N].view(torch.int8) - 8)
+    if cw.codes.dim() == 2:
+        return cw.codes
+    return cw.codes.permute(1, 0, 2).reshape(cw.N, cw.K)
+
+
+def codes(cw: CpuWeights) -> torch.Tensor:
+    """(N, K) int32 signed codes q - 2^(b-1) in the *stored* column order: the inverse of ``build``."""
+    v = _kernel_codes(cw).to(torch.int32)
+    if cw.perm is not None:
+        out = torch.empty_like(v)
+        out[:, cw.perm] = v
+        v = out
+    return v
+
+
+def _scales(cw: CpuWeights) -> torch.Tensor:
+    """(N, G) float32 scales in stored group order."""
+    if cw.bits == 4:
+        return cw.scale_zero[:: cw.gs // cw.kgs, : cw.N, 0].t().float()
+    return cw.scale_zero.float().reshape(-1, cw.N).t() if cw.scale_zero.dim() == 2 else cw.scale_zero.float()[:, None]
+
+
+def _zero_term(cw: CpuWeights) -> torch.Tensor | None:
+    """(N, G) float32 ``(2^(b-1) - z) · s`` (None: symmetric)."""
+    if cw.corr is not None:
+        return cw.corr.t()
+    if cw.bits == 4:
+        zt = cw.scale_zero[:: cw.gs // cw.kgs, : cw.N, 1].t().float()
+        return zt if bool(zt.any()) else None
+    return None
+
+
+def dequantize(cw: CpuWeights, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, K) in the kernel's column order (permuted for act-order): the reference's Ŵ rounded to
+    ``dtype``, bit for bit: (q - z) · s is exact in float32, and a symmetric layer's (q - 8) · s is
+    one correctly rounded product in bf16/fp16 as well (computed there, a third of the bytes)."""
+    zt = _zero_term(cw)
+    work = dtype if zt is None and dtype in COMPUTE_DTYPES and cw.scale_zero.dtype == dtype else torch.float32
+    w = _kernel_codes(cw).to(work).reshape(cw.N, -1, cw.gs)
+    w.mul_(_scales(cw).to(work)[:, :, None])
+    if zt is not None:
+        w.add_(zt[:, :, None])
+    return w.reshape(cw.N, cw.K).to(dtype)
+
+
+def _zero_correction(cw: CpuWeights, x2: torch.Tensor) -> torch.Tensor | None:
+    if cw.corr is None:
+        return None
+    return x2.float().reshape(x2.shape[0], -1, cw.gs).sum(-1) @ cw.corr  # (M, N) float32
+
+
+def wna16_linear(x: torch.Tensor, cw: CpuWeights, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ Ŵᵀ (+ bias), x (..., K) any float dtype -> (..., N) in x.dtype; computes in
+    ``cw.dtype`` (the activations are rounded to it)."""
+    out_dtype = x.dtype
+    x2 = x.reshape(-1, cw.K).to(cw.dtype)
+    if cw.perm is not None:
+        x2 = x2.index_select(1, cw.perm)
+    M = x2.shape[0]
+    if M > PREFILL_TOKENS:
+        y = F.linear(x2, dequantize(cw, cw.dtype))
+    else:
+        if cw.bits == 4:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), cw.codes, cw.kgs, cw.scale_zero)[:, : cw.N]
+        elif cw.codes.dim() == 2:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), cw.codes, cw.scale_zero)
+        else:
+            xg = x2.reshape(M, -1, cw.gs)
+            y = None
+            for g in range(cw.codes.shape[0]):
+                part = torch.ops.aten._weight_int8pack_mm(xg[:, g].contiguous(), cw.codes[g], cw.scale_zero[g])
+                y = part if y is None else y.add_(part)
+        c = _zero_correction(cw, x2)
+        if c is not None:
+            y = (y.float() + c).to(cw.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(out_dtype).reshape(*x.shape[:-1], cw.N)
+
+
+# ----------------------------------------------------------------------------- W8A8
+
+
+@dataclass
+class CpuInt8:
+    """A W8A8 layer's weight prepacked for oneDNN (the int8 codes' only copy in memory)."""
+
+    packed: torch.Tensor  # opaque oneDNN int8 tensor
+    scale: torch.Tensor  # float32 (N,)
+    N: int
+    K: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.N * self.K + self.scale.numel() * 4
+
+
+def build_int8(weight: torch.Tensor, weight_scale: torch.Tensor) -> CpuInt8:
+    """int8 (N, K) codes and (N, 1) scales -> oneDNN's prepacked layout."""
+    N, K = weight.shape
+    return CpuInt8(torch.ops.onednn.qlinear_prepack(weight.contiguous(), [1, K]), weight_scale.float().reshape(N).contiguous(), N, K)
+
+
+def _qlinear(xq: torch.Tensor, ci: CpuInt8, w_scale: torch.Tensor) -> torch.Tensor:
+    zeros = torch.zeros(ci.N, dtype=torch.int64)
+    return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, ci.packed, w_scale, zeros, None, 1.0, 0, torch.float32, "none", [], "")
+
+
+def int8_codes(ci: CpuInt8) -> torch.Tensor:
+    """The int8 (N, K) codes back out of the prepacked weight, exactly: the GEMM of the identity
+    (integers below 2^24 are exact in the float32 output)."""
+    eye = torch.eye(ci.K, dtype=torch.int8)
+    return _qlinear(eye, ci, torch.ones(ci.N)).t().round().to(torch.int8).contiguous()
+
+
+def int8_linear(x: torch.Tensor, ci: CpuInt8, bias: torch.Tensor | None, quantize) -> torch.Tensor:
+    """W8A8 on oneDNN: xq, xs = quantize(x) (per-token int8), acc = xq @ Wᵀ exactly in int32,
+    y = acc · ws · xs (+ bias), in x.dtype (the reference's ``(acc · xs) · ws`` to float32 rounding)."""
+    xq, xs = quantize(x)
+    y = _qlinear(xq, ci, ci.scale) * xs
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], ci.N)

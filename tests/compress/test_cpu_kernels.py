@@ -1,0 +1,191 @@
+"""The CPU integer kernels (compress.kernels.cpu) against the torch reference, on odd shapes: K not
+a multiple of 128, groups of 32/64/128/per-channel, symmetric and asymmetric, act-order, 1, 17
+and prefill-sized token counts; the converted modules give the export's tensors back exactly;
+compress.load keeps the demo's W4 export at its packed size in memory."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_kernels import oracle32, random_qlinear, rel_err
+
+import compress.kernels as kernels
+from compress.checkpoint.cpu_modules import (
+    CpuInt8Linear,
+    CpuQuantLinear,
+    resident_bytes,
+    to_cpu_kernels,
+)
+from compress.checkpoint.formats import Int8Linear, QuantLinear
+from compress.errors import UsageError
+from compress.kernels import cpu, reference
+
+pytestmark = pytest.mark.skipif(cpu.available() is not None, reason=f"CPU integer kernels unavailable: {cpu.available()}")
+
+BF16_TOL = 8e-3  # one bf16 rounding of the output (2^-9 relative), summed over K
+
+
+@pytest.fixture(autouse=True)
+def _no_env_backend(monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+
+
+@pytest.mark.parametrize("N,K", [(16, 64), (48, 96), (64, 32), (80, 64), (112, 128), (176, 576)])
+def test_int4_layout_inverse_is_exact(N, K):
+    q = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=torch.Generator().manual_seed(N))
+    assert torch.equal(cpu.unpack_int4(cpu._to_int4pack(q), N, K).to(torch.int32), q)
+
+
+CASES = [
+    # bits, N, K, group_size, symmetric, act_order
+    (4, 40, 96, 32, True, False),
+    (4, 24, 160, 32, False, False),
+    (4, 48, 192, 64, True, False),
+    (4, 17, 576, 64, False, False),  # N not a multiple of 16: padded rows
+    (4, 64, 384, 128, True, True),
+    (4, 33, 160, -1, False, False),  # per-channel: scales repeated over kernel groups of 32
+    (4, 32, 256, 256, True, False),
+    (8, 40, 96, -1, True, False),  # int8pack, one scale per row
+    (8, 24, 160, 32, True, True),  # grouped: one int8pack call per group
+    (8, 17, 192, 64, False, False),
+]
+
+
+def _converted(m, dtype=torch.bfloat16):
+    return CpuQuantLinear(m, cpu.build(m, dtype))
+
+
+@pytest.mark.parametrize("bits,N,K,gs,sym,act", CASES)
+@pytest.mark.parametrize("tokens", [1, 17, cpu.PREFILL_TOKENS + 7])
+def test_wna16_cpu_equals_reference(bits, N, K, gs, sym, act, tokens):
+    m = random_qlinear(N, K, bits, gs, sym, g_idx=act, bias=True, seed=N + K)
+    c = _converted(m)
+    x = torch.randn(2, tokens, K, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(tokens))
+    y = c(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, tokens, N) and c.kernel == "cpu" and kernels.last_kernel() == "cpu"
+    assert rel_err(y, oracle32(x, m)) < BF16_TOL
+    # against the torch reference module itself, same activations
+    assert rel_err(y, m(x)) < BF16_TOL
+
+
+@pytest.mark.parametrize("bits,N,K,gs,sym,act", CASES)
+def test_converted_module_gives_the_export_back(bits, N, K, gs, sym, act):
+    m = random_qlinear(N, K, bits, gs, sym, g_idx=act, bias=True, seed=3)
+    c = _converted(m)
+    assert torch.equal(c.dequantize(), m.dequantize())
+    want, got = m.state_dict(), c.state_dict()
+    assert sorted(want) == sorted(got)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    assert isinstance(c, QuantLinear) and "weight_packed" not in c._buffers  # the codes are held once, in c.cpu
+
+
+def test_asymmetric_zeros_fold_or_correct_exactly():
+    """(8 - z) · s folds into the kernel's zero where bf16 holds it; otherwise the exact float32
+    term goes beside the kernel. Both give the reference's weight exactly."""
+    m = random_qlinear(32, 128, 4, 32, symmetric=False, seed=5)
+    cw = cpu.build(m, torch.bfloat16)
+    assert cw.corr is not None  # random bf16 scales times 3-bit integers: not exact in bf16
+    assert torch.equal(cpu.dequantize(cw), m.dequantize())
+    # scales that are powers of two: every (8 - z) · s is exact in bf16, so it folds
+    m.weight_scale.copy_(torch.full_like(m.weight_scale, 2.0**-7))
+    cw2 = cpu.build(m, torch.bfloat16)
+    assert cw2.corr is None and bool(cw2.scale_zero[..., 1].any())
+    assert torch.equal(cpu.dequantize(cw2), m.dequantize())
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    assert rel_err(CpuQuantLinear(m, cw2)(x), oracle32(x, m)) < BF16_TOL
+
+
+def test_fp32_activations_compute_in_bf16():
+    m = random_qlinear(32, 64, 4, 32, seed=2)
+    x = torch.randn(5, 64)
+    y = _converted(m)(x)
+    assert y.dtype == torch.float32 and rel_err(y, oracle32(x.to(torch.bfloat16), m)) < BF16_TOL
+
+
+@pytest.mark.parametrize("bits,gs,why", [(3, 32, "4 or 8-bit"), (2, 32, "4 or 8-bit"), (4, 16, "multiple of 32")])
+def test_unsupported_layers_keep_the_reference_and_say_why(bits, gs, why):
+    model = torch.nn.Sequential(random_qlinear(32, 64, bits, gs, seed=1), random_qlinear(32, 32, 4, 32, seed=2))
+    logs = []
+    res = to_cpu_kernels(model, torch.bfloat16, log=logs.append)
+    assert res["converted"] == ["1"] and why in res["reference"]["0"]
+    assert type(model[0]) is QuantLinear and type(model[1]) is CpuQuantLinear
+    assert len(logs) == 1 and "1 packed layers" in logs[0] and "1 on the torch reference" in logs[0] and why in logs[0]
+
+
+def test_fp16_scales_with_bf16_compute_stay_on_the_reference():
+    m = random_qlinear(32, 64, 4, 32, scale_dtype=torch.float16, seed=4)
+    with pytest.raises(ValueError, match="not exact in torch.bfloat16"):
+        cpu.build(m, torch.bfloat16)
+    assert cpu.build(m, torch.float16).dtype == torch.float16
+
+
+def test_dispatcher_cpu_backend_on_a_plain_module():
+    m = random_qlinear(24, 96, 4, 32, symmetric=False, seed=6)
+    x = torch.randn(4, 96, dtype=torch.bfloat16)
+    y = kernels.wna16_linear(x, m, backend="cpu")
+    assert m.kernel == "cpu" and kernels.last_kernel() == "cpu"
+    assert rel_err(y, oracle32(x, m)) < BF16_TOL
+    with pytest.raises(UsageError, match="4 or 8-bit"):
+        kernels.wna16_linear(x.float(), random_qlinear(24, 96, 3, 32), backend="cpu")
+
+
+def _int8_linear(N, K, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    m = Int8Linear(K, N, bias=bias)
+    m.weight.copy_(torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8))
+    m.weight_scale.copy_((torch.rand(N, 1, generator=g) * 0.01 + 1e-3).to(m.weight_scale.dtype))
+    if bias:
+        m.bias.data.copy_(torch.randn(N, generator=g))
+    return m
+
+
+@pytest.mark.parametrize("N,K,tokens", [(40, 96, 1), (17, 200, 17), (64, 576, 130)])
+def test_w8a8_onednn_equals_reference(N, K, tokens):
+    m = _int8_linear(N, K, seed=N)
+    c = CpuInt8Linear(m)
+    assert torch.equal(c.weight, m.weight) and torch.equal(c.state_dict()["weight"], m.state_dict()["weight"])
+    x = torch.randn(tokens, K, generator=torch.Generator().manual_seed(K))
+    # the same int32 accumulators and scales; only the order of two float32 products differs
+    torch.testing.assert_close(c(x), reference.int8_linear(x, m.weight, m.weight_scale, m.bias), rtol=1e-5, atol=1e-4)
+    assert c.kernel == "cpu"
+    xb = x.to(torch.bfloat16)
+    assert rel_err(c(xb), reference.int8_linear(xb, m.weight, m.weight_scale, m.bias)) < BF16_TOL
+
+
+def test_resident_bytes_counts_the_kernel_layout_once():
+    m = random_qlinear(64, 256, 4, 64, seed=1)
+    model = torch.nn.Sequential(m)
+    packed = resident_bytes(model)
+    to_cpu_kernels(model, torch.bfloat16, log=lambda *_: None)
+    after = resident_bytes(model)
+    # int4 codes: 64 x 256 / 2 bytes either way; the (scale, zero) pairs add 4 bytes per group
+    assert abs(after - packed) <= 64 * (256 // 64) * 4 + 64 and after < 64 * 256 * 2 * 0.4
+
+
+@pytest.mark.slow
+def test_load_of_the_demo_w4_export_holds_its_packed_size(tmp_path):
+    """compress.load on the CPU keeps the demo's W4 g64 export packed: at most 0.45x the bytes of
+    the bf16 model, counted from the loaded modules' tensors. (RTN gives the default job's layout
+    and size in seconds; GPTQ differs only in the codes' values.)"""
+    from typer.testing import CliRunner
+
+    import compress
+    from compress.checkpoint.source import ModelSource, resolve_model
+    from compress.cli import app
+
+    out = tmp_path / "w4"
+    r = CliRunner().invoke(app, ["quantize", "demo", "-o", str(out), "--method", "rtn", "--bits", "4", "--group-size", "64", "--no-eval"])
+    assert r.exit_code == 0, r.output
+    logs = []
+    model = compress.load(out, log=logs.append)
+    assert next(model.parameters()).dtype == torch.bfloat16  # 'auto': the export's dtype
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert quant and all(type(m) is CpuQuantLinear for m in quant), logs
+    src = ModelSource(resolve_model("demo"))
+    params = sum(p.numel() for p in src.skeleton().parameters())  # tied embeddings counted once
+    ratio = resident_bytes(model) / (params * 2)
+    assert ratio <= 0.45, f"{ratio:.3f}"
+    ids = torch.tensor([[1, 200, 3000, 45, 7]])
+    ref = compress.load(out, dtype=torch.bfloat16, kernel="torch", log=lambda *_: None)
+    assert rel_err(model(input_ids=ids).logits, ref(input_ids=ids).logits) < 0.02
+    assert F.cosine_similarity(model(input_ids=ids).logits.float().flatten(), ref(input_ids=ids).logits.float().flatten(), dim=0) > 0.999
