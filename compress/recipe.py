@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -140,6 +141,19 @@ class EvalConfig(_Strict):
         return v
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def size_bytes(size: int | str) -> int:
+    """``export.max_shard_size`` in bytes: an int, or a number and a unit as transformers writes
+    them ("5GB" = 5·10^9, "2GiB" = 2·2^30, "500MB", "1.5GB")."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+    n = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()]) if m and not isinstance(size, bool) else 0
+    if n <= 0:
+        raise ValueError(f"{size!r} is not a size: give a positive number of bytes or a number and a unit (500MB, 4GB, 2GiB)")
+    return n
+
+
 class ExportConfig(_Strict):
     path: str | None = None  # the output folder; required by `run`
     format: Literal["compressed-tensors"] = "compressed-tensors"
@@ -147,6 +161,26 @@ class ExportConfig(_Strict):
     # low-rank layers: factored stores B and A (smaller and faster; compress.load rebuilds them);
     # merged multiplies them back into dense weights any tool loads (no size or speed gain)
     lowrank: Literal["factored", "merged"] = "factored"
+    # bytes of tensors per safetensors shard, as transformers' save_pretrained(max_shard_size=...):
+    # "4GB" (10^9 bytes), "500MB", "2GiB" (2^30) or a number of bytes; a tensor larger than that
+    # gets a shard of its own. 4GB: a 1-3B model stays one file, larger ones split into files a
+    # download or upload can retry one at a time, and the export folder holds about one shard more
+    # than the export while it is written (see compress.checkpoint.export)
+    max_shard_size: int | str = "4GB"
+    # the runtime the export is for: vllm (GPU), vllm-cpu, transformers, compress (compress.load);
+    # None: no restriction. Each pass checks that what it stores loads there, before any work
+    # (exit 2 naming the scheme and what works instead); the rules are the module types'
+    # (compress.modules.TARGETS), verified by tests/vllm and tests/checkpoint/test_transformers_load.py
+    target: Literal["vllm", "vllm-cpu", "transformers", "compress"] | None = None
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, v):
+        size_bytes(v)  # a bad size is refused here, naming the field
+        return v
+
+    def shard_bytes(self) -> int:
+        return size_bytes(self.max_shard_size)
 
 
 class ReportConfig(_Strict):

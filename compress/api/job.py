@@ -202,7 +202,7 @@ class Job:
             blocks_path, n_blocks = _blocks(source, self.model)
             exporter = Exporter(target, source, recipe.fingerprint(), blocks_path, n_blocks, self.dtype,
                                 overwrite=recipe.export.overwrite or bool(self.model_passes), resume=self.resume,
-                                lowrank=recipe.export.lowrank, needed=self.needed)
+                                lowrank=recipe.export.lowrank, needed=self.needed, max_shard_size=recipe.export.shard_bytes())
             start, cached = exporter.begin()
         start = world.broadcast(start)
         if start and exporter is not None:  # rank 0 (the only rank that logs)
@@ -246,12 +246,9 @@ class Job:
         }
 
     def _note_conv1d(self, exporter: Exporter) -> None:
-        conv1d = sorted(set(self.model.__dict__.get("_compress_conv1d", [])) & set(exporter.quantized))
-        if conv1d:
-            self.hooks.log(
-                f"note: {len(conv1d)} quantized layers were Conv1D in transformers ({conv1d[0]}, ...): compress.load and vLLM read "
-                "them; plain transformers cannot (compressed-tensors quantizes nn.Linear modules only)"
-            )
+        """Say which runtimes cannot load the export and refuse it (compress.json ``runtimes``)."""
+        for runtime, r in exporter.refusals.get("refuses", {}).items():
+            self.hooks.log(f"note: {runtime} refuses this export ({r['why']}); it loads in {', '.join(exporter.refusals['loads'])}")
 
 
 def _blocks(source: ModelSource, model) -> tuple[str, int]:

@@ -3,22 +3,31 @@
 Layout of the output folder (what vLLM and transformers read unchanged):
 
     config.json                      the model config + ``quantization_config`` (compressed-tensors)
-    model-0000k-of-0000N.safetensors for k <= m: everything outside the decoder blocks (embeddings,
-                                     norm, head), in shards of at most 256 MB
-    model-0000k-of-0000N.safetensors for k > m: decoder block k-m-1 (packed weights, scales, zero
-                                     points, g_idx)
-    model.safetensors.index.json     tensor -> shard
+    model.safetensors                every tensor, when they fit in one shard (``max_shard_size``)
+    model-0000k-of-0000N.safetensors otherwise: shards of at most ``max_shard_size`` bytes of tensors
+                                     each (a tensor larger than that alone), as transformers writes
+                                     them: decoder blocks in order, then what is outside them
+                                     (embeddings, norm, head)
+    model.safetensors.index.json     tensor -> shard (only with several shards)
     tokenizer files, generation_config.json
     compress.json                    our metadata: the passes' sections (sparsity structure, targets and
-                                     each layer's sparsity; low-rank ranks; ...)
+                                     each layer's sparsity; low-rank ranks; ...) and, where a runtime would
+                                     load it wrongly, ``runtimes``: those that load it, why and how the
+                                     others refuse (``Exporter._refuse_transformers``)
     recipe.yaml                      the resolved recipe that produced it
     report.json                      the run's report
 
-Everything is written into ``.<name>.partial`` beside the target; each finished block is flushed
-to its shard immediately (so memory does not grow with the model) together with the activations
-the next block needs, so ``--resume`` continues from the last finished block. Only a complete,
-verified folder is renamed to the target (an earlier export there is deleted once the new one is
-in place: ``compress.checkpoint.files.install``).
+Everything is written into ``.<name>.partial`` beside the target. Each finished block is flushed
+at once to its own file there (``block-0000k.safetensors``, so memory does not grow with the model)
+together with the activations the next block needs, so ``--resume`` continues from the last
+finished block. Whenever the blocks waiting there hold more than ``max_shard_size`` bytes, a shard
+is assembled from them by copying bytes file to file (``shard-0000k.safetensors``; one tensor in
+memory at a time, never a shard) and the block files it took are deleted; the work folder holds at
+most about one shard beyond the shards themselves. ``finalize`` adds the tensors outside the blocks
+(copied byte for byte from the source's files), writes the last shards, and names them as
+transformers does (``model.safetensors`` alone, or ``model-0000k-of-0000N`` with an index). Only a
+complete, verified folder is renamed to the target (an earlier export there is deleted once the
+new one is in place: ``compress.checkpoint.files.install``).
 
 Every file is written to a temporary name and renamed (never half a file at a final name; the
 temporary file goes on failure). A full, read-only or failing disk raises ``DiskError`` (exit 3)
@@ -28,7 +37,9 @@ naming the cause in words; the finished blocks stay in the work folder for ``--r
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -70,46 +81,110 @@ TOKENIZER_FILES = (
 )
 
 
+DEFAULT_MAX_SHARD_SIZE = 4 * 10**9  # "4GB": see ExportConfig.max_shard_size
+# bytes per element of each safetensors dtype (a shard orders its tensors by it, widest first, so
+# every tensor starts at a multiple of its own element size, as safetensors' own writer does)
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "U16": 2,
+             "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_COPY_CHUNK = 16 * 2**20
+# what transformers shows (pydantic prints it whole up to 50 characters) when it refuses an export
+# it would load as a different model (Exporter._refuse_transformers)
+REFUSAL = "transformers cannot load this; see compress.json"  # bytes copied at a time when a shard is assembled
+
+
 def shard_name(k: int, total: int) -> str:
     return f"model-{k:05d}-of-{total:05d}.safetensors"
+
+
+def final_names(n: int) -> list[str]:
+    """The names transformers gives ``n`` shards: ``model.safetensors`` alone, else numbered."""
+    return ["model.safetensors"] if n == 1 else [shard_name(k, n) for k in range(1, n + 1)]
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
-def _size_groups(source: ModelSource, names: list[str], limit: int = 256 * 2**20) -> list[list[str]]:
-    """Consecutive groups of tensors of at most ``limit`` bytes each (a larger tensor alone)."""
-    sizes = {n: nbytes for n, (_, nbytes) in source.tensor_info(names).items()}
-    groups: list[list[str]] = []
-    total = limit
-    for n in names:
-        if total + sizes[n] > limit:
-            groups.append([])
-            total = 0
-        groups[-1].append(n)
-        total += sizes[n]
-    return groups
+def read_header(path: Path) -> tuple[int, dict]:
+    """(where the data starts, {tensor: {dtype, shape, data_offsets}}) of a safetensors file."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def _data_bytes(path: Path) -> int:
+    """Bytes of the tensors in a safetensors file (its size less the header)."""
+    return sum(e - b for b, e in (h["data_offsets"] for h in read_header(path)[1].values()))
+
+
+def _copy(src, dst, n: int, what: str) -> None:
+    while n > 0:
+        chunk = src.read(min(n, _COPY_CHUNK))
+        if not chunk:
+            raise InputError(f"{what}: the file ended before the tensor's bytes (truncated while the export ran?)")
+        dst.write(chunk)
+        n -= len(chunk)
+
+
+def write_shard(path: Path, entries: list[tuple[str, Path]]) -> None:
+    """One safetensors file at ``path`` holding the tensors ``entries`` (name, the safetensors
+    file holding it), their bytes copied file to file: no tensor is decoded and at most
+    ``_COPY_CHUNK`` bytes are in memory. Written atomically (``atomic_write``)."""
+    headers = {f: read_header(f) for f in {f for _, f in entries}}
+    order = sorted(entries, key=lambda e: (-_ITEMSIZE.get(headers[e[1]][1][e[0]]["dtype"], 1), e[0]))
+    table, pos = {}, 0
+    for name, f in order:
+        h = headers[f][1][name]
+        b, e = h["data_offsets"]
+        table[name] = {"dtype": h["dtype"], "shape": h["shape"], "data_offsets": [pos, pos + e - b]}
+        pos += e - b
+    head = json.dumps({"__metadata__": {"format": "pt"}, **table}, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+
+    def write(tmp: Path) -> None:
+        handles: dict[Path, object] = {}
+        try:
+            with open(tmp, "wb") as out:
+                out.write(struct.pack("<Q", len(head)) + head)
+                for name, f in order:
+                    if f not in handles:
+                        handles[f] = open(f, "rb")
+                    start, h = headers[f]
+                    b, e = h[name]["data_offsets"]
+                    handles[f].seek(start + b)
+                    _copy(handles[f], out, e - b, str(f))
+        finally:
+            for h in handles.values():
+                h.close()
+
+    atomic_write(path, write)
 
 
 class Exporter:
-    """Receives finished blocks from the engine (``write_block``) and assembles the checkpoint."""
+    """Receives finished blocks from the engine (``write_block``) and assembles the checkpoint.
+    ``max_shard_size``: bytes of tensors per shard (``ExportConfig.max_shard_size``)."""
 
     def __init__(
         self, target: Path, source: ModelSource, fingerprint: str, blocks_path: str, n_blocks: int, dtype: torch.dtype,
-        *, overwrite=False, resume=False, lowrank: str = "factored", needed: int = 0,
+        *, overwrite=False, resume=False, lowrank: str = "factored", needed: int = 0, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     ):
         self.target = Path(target)
         self.work = work_folder(self.target)
         self.source, self.fingerprint, self.n_blocks, self.dtype = source, fingerprint, n_blocks, dtype
-        # Tensors outside the blocks are copied at the end, a bounded shard at a time: holding
-        # them all (two 200 MB embeddings in a 2B model) would set the run's peak memory.
-        self.outside = _size_groups(source, [n for n in source.weight_map if not n.startswith(blocks_path + ".")])
-        self.total = len(self.outside) + n_blocks
-        self.weight_map: dict[str, str] = {}
+        # tensors outside the blocks: copied byte for byte from the source's files at the end
+        self.outside = [n for n in source.weight_map if not n.startswith(blocks_path + ".")]
+        self.limit = int(max_shard_size)
+        self.shards: list[str] = []  # shards written, in order (work names until finalize gives the final ones)
+        self.pending: list[list] = []  # [tensor, file, bytes] waiting for a shard, in order (file: a block's)
+        self.outside_added = False  # the tensors outside the blocks are in pending or shards
+        self.weight_map: dict[str, str] = {}  # tensor -> its shard
         self.layers: list[LayerReport] = []
         self.block_seconds: list[float] = []
         self.quantized: dict[str, dict] = {}  # full name -> its scheme (for the config's groups)
+        self.factored: list[str] = []  # layers stored as factors (containers not merged): no other runtime reads them
+        self.refusals: dict = {}  # set by finalize: the runtimes that load the export, and why and how the others refuse it
         check_target(self.target, overwrite)  # a file there is refused even with --overwrite (exit 2)
         self.resume = resume
         self.lowrank = lowrank  # "factored" or "merged" (ExportConfig.lowrank)
@@ -136,10 +211,19 @@ class Exporter:
                     f"{self.work}: the interrupted run there used a different model, calibration or passes; "
                     "run without --resume to start over"
                 )
-            self.weight_map = p["weight_map"]
+            if "pending" not in p:
+                raise UsageError(f"{self.work}: the interrupted run there was written by an older compress (one file per block); "
+                                 "run without --resume to start over")
+            if p["max_shard_size"] != self.limit:
+                raise UsageError(f"{self.work}: the interrupted run there writes shards of at most {p['max_shard_size']:,} bytes, "
+                                 f"not {self.limit:,}; resume with the same export.max_shard_size (--max-shard-size), or run "
+                                 "without --resume to start over")
+            self.weight_map, self.shards, self.pending = p["weight_map"], p["shards"], p["pending"]
+            self.outside_added = p.get("outside_added", False)
             self.layers = [LayerReport(**d) for d in p["layers"]]
             self.block_seconds = p["block_seconds"]
             self.quantized = p["quantized"]
+            self.factored = p.get("factored", [])
             saved = p.get("inputs", "inputs.pt")  # None: a data-free run; "inputs.pt": a folder from before the record named it
             inputs = torch.load(self.work / saved, weights_only=False) if saved and (self.work / saved).is_file() else None
             self.done = p["done"]
@@ -166,35 +250,101 @@ class Exporter:
             spec = quant_spec(mod)
             if spec is not None:
                 self.quantized[res.prefix + name] = spec
-        fname = shard_name(len(self.outside) + res.index + 1, self.total)
-        self.weight_map.update({k: fname for k in tensors})
+        for name, mod in compressed_modules(res.module):
+            if mod.container and not (self.lowrank == "merged" and mod.merge_on_export):
+                self.factored.append(res.prefix + name)
+        part = f"block-{res.index + 1:05d}.safetensors"  # the block's own file until a shard takes its tensors
+        entries = [[k, part, t.numel() * t.element_size()] for k, t in tensors.items()]
         self.layers.extend(res.layers)
         self.block_seconds.append(round(res.seconds, 3))
         saved = f"inputs-{res.index + 1:05d}.pt"  # the activations entering the next block
+        # the block's file, the shards it completes, the activations after it (a new file: the record
+        # names the one entering its next block), then the record that counts the block as done: a
+        # failure before the record leaves the previous record, its block files and its activations
+        # whole, and --resume redoes this block (and rewrites the same shards)
+        with self._disk():
+            _save_shard(tensors, self.work / part)
+            del tensors
+            self.pending.extend(entries)
+            self._flush(final=False)
+            if inputs is not None:
+                atomic_torch_save(inputs, self.work / saved)
+            self.done = res.index + 1
+            self._record(saved if inputs is not None else None)
+        self._drop_inputs(keep=saved)
+        self._drop_blocks()
+
+    def _record(self, inputs: str | None) -> None:
         state = {
             "fingerprint": self.fingerprint,
-            "done": res.index + 1,
-            "inputs": saved if inputs is not None else None,
+            "done": self.done,
+            "inputs": inputs,
+            "max_shard_size": self.limit,
+            "shards": self.shards,
+            "pending": self.pending,
+            "outside_added": self.outside_added,
             "weight_map": self.weight_map,
             "layers": [vars(r) for r in self.layers],
             "block_seconds": self.block_seconds,
             "quantized": self.quantized,
+            "factored": self.factored,
         }
-        # the shard, the activations after it (a new file: the record names the one entering its next
-        # block), then the record that counts the block as done: a failure before the record leaves
-        # the previous record and its activations whole, and --resume redoes this block
-        with self._disk():
-            _save_shard(tensors, self.work / fname)
-            if inputs is not None:
-                atomic_torch_save(inputs, self.work / saved)
-            atomic_write_text(self.work / "progress.json", json.dumps(state))
-        self.done = res.index + 1
-        self._drop_inputs(keep=saved)
+        atomic_write_text(self.work / "progress.json", json.dumps(state))
+
+    def _file(self, f: str) -> Path:
+        """A pending tensor's file: a block's in the work folder, or (outside the blocks) the source's."""
+        return Path(f) if Path(f).is_absolute() else self.work / f
+
+    def _flush(self, final: bool) -> None:
+        """Write shards from the pending tensors: each the longest run of them, in order, whose bytes
+        stay within the limit (a larger tensor alone), as long as more than a shard is pending
+        (``final``: until none is). Where the cuts fall depends only on the tensors' order and
+        sizes, so a resumed run writes the same shards."""
+        while self.pending and (final or sum(e[2] for e in self.pending) > self.limit):
+            n, size = 0, 0
+            for e in self.pending:
+                if n and size + e[2] > self.limit:
+                    break
+                n, size = n + 1, size + e[2]
+            name = f"shard-{len(self.shards) + 1:05d}.safetensors"
+            take, self.pending = self.pending[:n], self.pending[n:]
+            write_shard(self.work / name, [(t, self._file(f)) for t, f, _ in take])
+            self.shards.append(name)
+            self.weight_map.update({t: name for t, _, _ in take})
+
+    def _drop_blocks(self) -> None:
+        """Block files whose tensors are all in shards (the record no longer names them)."""
+        keep = {f for _, f, _ in self.pending}
+        for f in self.work.glob("block-*.safetensors"):
+            if f.name not in keep:
+                remove_quietly(f)
 
     def _drop_inputs(self, keep: str | None = None) -> None:
         for f in self.work.glob("inputs*.pt"):
             if f.name != keep:
                 remove_quietly(f)
+
+    def _final_shards(self, sentinel: str | None = None) -> None:
+        """Every tensor in a shard (and the ``sentinel`` tensor, see ``_refuse_transformers``), and
+        the shards under the names transformers reads. Safe to repeat after a failure (a resumed
+        finalize): a shard already renamed is left as it is."""
+        if not self.outside_added:
+            info = self.source.tensor_info(self.outside)
+            self.pending.extend([n, str(Path(self.source.weight_map[n]).absolute()), info[n][1]] for n in self.outside)
+            if sentinel is not None:
+                _save_shard({sentinel: torch.zeros(0, dtype=self.dtype)}, self.work / "block-sentinel.safetensors")
+                self.pending.append([sentinel, "block-sentinel.safetensors", 0])
+            self.outside_added = True
+        self._flush(final=True)
+        names = final_names(len(self.shards))
+        for old, new in zip(self.shards, names):
+            if old != new and (self.work / old).exists():
+                os.replace(self.work / old, self.work / new)
+        rename = dict(zip(self.shards, names))
+        self.shards = names
+        self.weight_map = {t: rename.get(f, f) for t, f in self.weight_map.items()}
+        self._record(None)  # all flushed: a resumed finalize starts from here
+        self._drop_blocks()
 
     # ---------------------------------------------------------------- finalize
 
@@ -206,16 +356,19 @@ class Exporter:
         cfg.pop("quantization_config", None)
         if self.quantized:  # a pruned-only model is a plain checkpoint: no quantization_config
             cfg["quantization_config"] = self._quant_config(model)
+        sentinel = self._refuse_transformers(model, cfg)
+        if self.refusals:
+            sections = {**sections, "runtimes": self.refusals}
+            report["runtimes"] = self.refusals  # the caller's report: the run's report.json says it too
         with self._disk():
-            for k, names in enumerate(self.outside, 1):
-                fname = shard_name(k, self.total)
-                _save_shard({n: t.contiguous() for n, t in src.read(names).items()}, self.work / fname)
-                self.weight_map.update({n: fname for n in names})
-            total_size = sum((self.work / f).stat().st_size for f in set(self.weight_map.values()))
-            index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
-            texts = {"model.safetensors.index.json": json.dumps(index, indent=2), "config.json": json.dumps(cfg, indent=2, sort_keys=True),
+            self._final_shards(sentinel)
+            texts = {"config.json": json.dumps(cfg, indent=2, sort_keys=True),
                      METADATA: json.dumps(self.metadata(sections), indent=2), "recipe.yaml": recipe_yaml,
                      "report.json": json.dumps(report, indent=2)}
+            if len(self.shards) > 1:  # one shard: model.safetensors alone, as transformers writes it
+                total_size = sum(_data_bytes(self.work / f) for f in self.shards)  # tensor bytes, as transformers counts
+                index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+                texts = {"model.safetensors.index.json": json.dumps(index, indent=2), **texts}
             for name, text in texts.items():
                 atomic_write_text(self.work / name, text)
             for f in TOKENIZER_FILES:
@@ -227,6 +380,44 @@ class Exporter:
         install(self.work, self.target)
         remove_quietly(self.target / "progress.json")
         return self.target
+
+    def _refuse_transformers(self, model: nn.Module, cfg: dict) -> str | None:
+        """Where plain transformers would load the export as a different model (its Linears missing
+        and randomly initialized, with only a printed report), make it refuse instead, and say so
+        in ``self.refusals`` (compress.json ``runtimes``; the run logs it). Two such exports:
+
+        * quantized layers that are ``Conv1D`` in transformers (GPT-2): compressed-tensors quantizes
+          ``nn.Linear`` modules only, so transformers leaves them as random weights. vLLM (its own
+          Linears) and compress.load read them.
+        * layers stored as factors (low-rank, ``export.lowrank: factored``): transformers has one
+          weight there. Only compress.load reads them.
+
+        How it refuses: with a ``quantization_config``, its ``global_compression_ratio`` (an
+        informational float that neither vLLM nor compress reads) holds ``REFUSAL`` as text, which
+        transformers' compressed-tensors config rejects at load (a pydantic error that shows the
+        text). Without one (factors only), the returned ``sentinel``: an empty tensor under the
+        first factored layer's dense weight name, whose size mismatch stops transformers
+        (``ignore_mismatched_sizes`` is off by default); compress.load does not read that name."""
+        conv1d = sorted(set(model.__dict__.get("_compress_conv1d", [])) & set(self.quantized))
+        if not conv1d and not self.factored:
+            return None
+        if conv1d:
+            why = (f"{len(conv1d)} quantized layers are Conv1D in transformers ({conv1d[0]}, ...), which compressed-tensors "
+                   "does not quantize: transformers would load them as random weights")
+            loads = ["vLLM", "compress"] if not self.factored else ["compress"]
+        else:
+            why = (f"{len(self.factored)} layers are stored as low-rank factors ({self.factored[0]}, ...), which only "
+                   "compress.load reads; export.lowrank: merged writes dense weights every runtime loads")
+            loads = ["compress"]
+        sentinel = None
+        if "quantization_config" in cfg:
+            cfg["quantization_config"]["global_compression_ratio"] = REFUSAL
+            how = f"config.json quantization_config.global_compression_ratio = {REFUSAL!r} (transformers rejects the text)"
+        else:
+            sentinel = f"{sorted(self.factored)[0]}.weight"
+            how = f"the empty tensor {sentinel} (transformers stops on its size mismatch)"
+        self.refusals = {"loads": loads, "refuses": {"transformers": {"why": why, "how": how}}}
+        return sentinel
 
     @staticmethod
     def metadata(sections: dict) -> dict:

@@ -31,6 +31,12 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help=(
     "Where the engine computes: auto (the first CUDA GPU if any, else the CPU), cpu, cuda, cuda:N (overrides the recipe's)."))]
 # --- a compressing job's recipe and export folder
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing export folder.")]
+MaxShardSizeOpt = Annotated[str | None, typer.Option("--max-shard-size", help=(
+    "Largest safetensors shard of the export, as transformers writes them: 4GB (default), 500MB, 2GiB or bytes "
+    "(export.max_shard_size); one file when the export fits."))]
+TargetOpt = Annotated[str | None, typer.Option("--target", help=(
+    "The runtime the export is for: vllm, vllm-cpu, transformers or compress (export.target). Checked before any work: "
+    "a scheme that runtime cannot load exits 2 naming what works instead (e.g. symmetric for vllm-cpu)."))]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last finished block.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and stop.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: --set passes.0.gptq.bits=3 (repeatable).")]
@@ -64,7 +70,7 @@ MaxWindowsOpt = Annotated[int | None, typer.Option("--max-windows", help="Perple
 PplOpt = Annotated[bool | None, typer.Option("--perplexity/--no-perplexity", help="Windowed perplexity (default: on, unless only --tasks/--task-file are given).")]
 EvalBatchOpt = Annotated[int, typer.Option("--batch-size", help="lm-eval requests per forward pass.")]
 # --- serving
-KernelOpt = Annotated[str | None, typer.Option("--kernel", help="Kernel backend: torch, triton or cuda (default: the fastest for the device, or $COMPRESS_KERNEL); sparse24 requires 2:4 semi-structured weights (2:4 checkpoints, CUDA GPUs of compute capability 8.0+, bf16/fp16; automatic there unless --kernel torch).")]
+KernelOpt = Annotated[str | None, typer.Option("--kernel", help="Kernel backend: torch, cpu (int4/int8 CPU kernels, bf16/fp16 compute), triton or cuda (default: the fastest for the device, or $COMPRESS_KERNEL); sparse24 requires 2:4 semi-structured weights (2:4 checkpoints, CUDA GPUs of compute capability 8.0+, bf16/fp16; automatic there unless --kernel torch).")]
 
 
 # ---------------------------------------------------------------- option groups
@@ -127,10 +133,13 @@ class Job:
     dry_run: DryRunOpt = False
     seed: SeedOpt = None
     device: DeviceOpt = None
+    max_shard_size: MaxShardSizeOpt = None
+    target: TargetOpt = None
 
     def overrides(self) -> list[str]:
-        """--seed and --device as recipe overrides (before the --set ones, which win)."""
-        return [f"{k}={v}" for k, v in (("seed", self.seed), ("device", self.device)) if v is not None]
+        """--seed, --device, --max-shard-size and --target as recipe overrides (before the --set ones, which win)."""
+        pairs = (("seed", self.seed), ("device", self.device), ("export.max_shard_size", self.max_shard_size), ("export.target", self.target))
+        return [f"{k}={v}" for k, v in pairs if v is not None]
 
 
 @dataclasses.dataclass
