@@ -50,7 +50,11 @@ from compress.registry import load_families
 ENTRY_POINT_GROUP = "compress.modules"
 
 COMPRESS = "compress"  # our own runtime (compress.load): it reads every registered type
-ALL_RUNTIMES = ("vLLM", "transformers", COMPRESS)
+VLLM, VLLM_CPU, TRANSFORMERS = "vLLM", "vLLM-CPU", "transformers"
+ALL_RUNTIMES = (VLLM, VLLM_CPU, TRANSFORMERS, COMPRESS)
+# export.target / --target values -> the runtime each names (tests/vllm and
+# tests/checkpoint/test_transformers_load.py verify the rules the module types give)
+TARGETS = {"vllm": VLLM, "vllm-cpu": VLLM_CPU, "transformers": TRANSFORMERS, "compress": COMPRESS}
 
 _TYPES: list[type["CompressedLinear"]] = []
 _loaded = False
@@ -97,8 +101,15 @@ class CompressedLinear(nn.Module):
         return None
 
     @classmethod
+    def refusal(cls, spec: dict, runtime: str) -> str | None:
+        """Why ``runtime`` cannot serve a layer of this type stored with ``spec``, and what works
+        instead (None: it serves it). Default: our runtime only."""
+        return None if runtime == COMPRESS else f"{runtime} has no reader for {cls.__name__} layers (compress.load reads them)"
+
+    @classmethod
     def runtimes(cls, spec: dict) -> list[str]:
-        return [COMPRESS]
+        """The runtimes that serve a layer stored with ``spec``."""
+        return [r for r in ALL_RUNTIMES if cls.refusal(spec, r) is None]
 
     @classmethod
     def stored_layers(cls, source) -> list[str]:
@@ -197,9 +208,15 @@ def keep_dense(model: nn.Module, on: bool = True) -> int:
 def runtimes_for(scheme: dict) -> list[str]:
     """The runtimes that read a layer stored with ``scheme`` (a ``read_quantization_config``
     group: its ``format`` picks the module type)."""
+    refused = scheme_refusals(scheme)
+    return [r for r in ALL_RUNTIMES if r not in refused]
+
+
+def scheme_refusals(scheme: dict) -> dict[str, str]:
+    """{runtime: why} for each runtime that cannot serve a layer stored with ``scheme``."""
     for t in module_types():
         if t.group_format is not None and t.group_format == scheme.get("format"):
-            return t.runtimes(scheme)
+            return {r: why for r in ALL_RUNTIMES if (why := t.refusal(scheme, r)) is not None}
     raise ValueError(f"no compressed module type stores quantization_config format {scheme.get('format')!r}")
 
 
@@ -207,4 +224,4 @@ def runtime_fields(scheme: dict) -> dict:
     """What ``compress inspect`` says of a scheme: ``vllm_servable`` and ``runtime`` (the
     runtimes, or 'compress only')."""
     names = runtimes_for(scheme)
-    return {"vllm_servable": "vLLM" in names, "runtime": "compress only" if names == [COMPRESS] else ", ".join(names)}
+    return {"vllm_servable": VLLM in names, "runtime": "compress only" if names == [COMPRESS] else ", ".join(names)}

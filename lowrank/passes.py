@@ -133,6 +133,12 @@ class LowRankPass(Pass):
 
     def validate(self, k, job):
         quantized = any("quantize" in p.effects for p in job.passes)
+        target = getattr(job.export, "target", None)
+        if target not in (None, "compress") and job.export.lowrank == "factored":
+            fix = ("quantized factors are read by compress.load only: drop the quantizer for that target, or use --target compress"
+                   if quantized else "use export.lowrank: merged (`compress lowrank --merged`), dense weights every runtime loads")
+            raise UsageError(f"passes.{k}.{self.name}: export.target is {target}, which cannot load factored low-rank layers "
+                             f"(B·A pairs); {fix}")
         if job.export is not None and job.export.lowrank == "merged" and quantized:
             raise UsageError("export.lowrank: merged would multiply quantized factors back into dense weights; use "
                              "export.lowrank: factored (compress.load reads it), or merge a low-rank-only run and quantize that")

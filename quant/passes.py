@@ -20,6 +20,8 @@ from torch import nn
 from compress.arch.families import Smooth, smooth_points
 from compress.arch.smoothing import fold_scales, output_loss, scaled_hessian
 from compress.checkpoint.formats import Int8Linear, QuantLinear
+from compress.errors import UsageError
+from compress.modules import TARGETS
 from compress.passes import Pass, exclusive, matches_any, register
 from compress.utils import get_module
 
@@ -112,6 +114,18 @@ class _QuantPass(Pass):
     def fix(self, in_features):
         ok = [g for g in (256, 128, 64, 32, 16) if all(k % g == 0 for k in in_features)]
         return f"use group_size {', '.join(map(str, ok[:3])) or '-1'} or -1, or list those layers under `ignore`"
+
+    def validate(self, k, job):
+        """``export.target``: the scheme this pass stores must be one that runtime serves."""
+        target = getattr(job.export, "target", None)
+        if target is None:
+            return
+        c = self.config
+        kind = Int8Linear if getattr(c, "activations", None) is not None else QuantLinear
+        g_idx = getattr(c, "act_order", False) and not getattr(c, "static_groups", True)
+        why = kind.refusal({"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric, "act_order": g_idx}, TARGETS[target])
+        if why:
+            raise UsageError(f"passes.{k}.{self.name}: export.target is {target}, and {why}")
 
     def _module(self, module: nn.Linear, result) -> nn.Module:
         bias = None if module.bias is None else module.bias.detach()

@@ -7,7 +7,7 @@ import math
 from compress.checkpoint.formats import read_quantization_config
 from compress.checkpoint.load import stored_modules
 from compress.checkpoint.source import ModelSource, read_metadata, resolve_model
-from compress.modules import runtime_fields
+from compress.modules import ALL_RUNTIMES, runtime_fields, runtimes_for
 
 
 def _parameters(source: ModelSource, stored: dict, info: dict) -> int:
@@ -38,7 +38,15 @@ def inspect_checkpoint(path) -> dict:
         out["format"] = qc.get("format")
         out["schemes"] = [{**g, **runtime_fields(g)} for g in read_quantization_config(qc).values()]
         out["ignore"] = qc.get("ignore", [])
-    out.update(_metadata_summary(read_metadata(source.path)))
+    meta = read_metadata(source.path)
+    out.update(_metadata_summary(meta))
+    # which runtimes load it: what the export recorded (its schemes and layers, the refusals it
+    # wrote), or, for a checkpoint without that record, what its schemes allow
+    rt = meta.get("runtimes")
+    if rt is None:
+        loads = [r for r in ALL_RUNTIMES if all(r in runtimes_for(g) for g in read_quantization_config(qc).values())] if source.quantized else list(ALL_RUNTIMES)
+        rt = {"loads": loads, "refuses": {}}
+    out["runtimes"] = rt
     return out
 
 

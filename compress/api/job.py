@@ -248,7 +248,7 @@ class Job:
     def _note_conv1d(self, exporter: Exporter) -> None:
         """Say which runtimes cannot load the export and refuse it (compress.json ``runtimes``)."""
         for runtime, r in exporter.refusals.get("refuses", {}).items():
-            self.hooks.log(f"note: {runtime} refuses this export ({r['why']}); it loads in {', '.join(exporter.refusals['loads'])}")
+            self.hooks.log(f"note: {runtime} does not serve this export ({r['why']}); it loads in {', '.join(exporter.refusals['loads'])}")
 
 
 def _blocks(source: ModelSource, model) -> tuple[str, int]:

@@ -55,12 +55,18 @@ from compress.checkpoint.files import (
     install,
     work_folder,
 )
-from compress.checkpoint.formats import quantization_config
+from compress.checkpoint.formats import quantization_config, read_quantization_config
 from compress.checkpoint.source import METADATA, METADATA_FORMAT, ModelSource
 from compress.engine.inputs import BlockInputs
 from compress.engine.records import BlockResult, LayerReport
 from compress.errors import InputError, UsageError
-from compress.modules import compressed_modules, quant_spec
+from compress.modules import (
+    ALL_RUNTIMES,
+    COMPRESS,
+    compressed_modules,
+    quant_spec,
+    scheme_refusals,
+)
 from compress.utils import (
     atomic_torch_save,
     atomic_write,
@@ -357,9 +363,9 @@ class Exporter:
         if self.quantized:  # a pruned-only model is a plain checkpoint: no quantization_config
             cfg["quantization_config"] = self._quant_config(model)
         sentinel = self._refuse_transformers(model, cfg)
-        if self.refusals:
-            sections = {**sections, "runtimes": self.refusals}
-            report["runtimes"] = self.refusals  # the caller's report: the run's report.json says it too
+        self.refusals = self._runtimes(cfg)
+        sections = {**sections, "runtimes": self.refusals}
+        report["runtimes"] = self.refusals  # the caller's report: the run's report.json says it too
         with self._disk():
             self._final_shards(sentinel)
             texts = {"config.json": json.dumps(cfg, indent=2, sort_keys=True),
@@ -418,6 +424,21 @@ class Exporter:
             how = f"the empty tensor {sentinel} (transformers stops on its size mismatch)"
         self.refusals = {"loads": loads, "refuses": {"transformers": {"why": why, "how": how}}}
         return sentinel
+
+    def _runtimes(self, cfg: dict) -> dict:
+        """``{loads: [...], refuses: {runtime: {why[, how]}}}``: the refusals made above, and every
+        runtime that cannot serve a stored scheme or the factored layers (the module types' rules,
+        ``CompressedLinear.refusal``, verified by tests/vllm and tests/checkpoint)."""
+        refuses = dict(self.refusals.get("refuses", {}))
+        qc = cfg.get("quantization_config")
+        if qc:
+            for scheme in read_quantization_config({**qc, "global_compression_ratio": None}).values():
+                for runtime, why in scheme_refusals(scheme).items():
+                    refuses.setdefault(runtime, {"why": why})
+        for runtime in ALL_RUNTIMES:
+            if self.factored and runtime != COMPRESS:
+                refuses.setdefault(runtime, {"why": f"{len(self.factored)} layers are stored as low-rank factors, which only compress.load reads"})
+        return {"loads": [r for r in ALL_RUNTIMES if r not in refuses], "refuses": refuses}
 
     @staticmethod
     def metadata(sections: dict) -> dict:

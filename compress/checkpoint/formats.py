@@ -38,8 +38,9 @@ from compress.checkpoint.tuning import Int8ScaleTuned, QatLinear, ScaleTuned
 from compress.errors import InputError
 from compress.kernels import cache_dense, int8_linear, wna16_linear
 from compress.modules import (
-    ALL_RUNTIMES,
-    COMPRESS,
+    TRANSFORMERS,
+    VLLM,
+    VLLM_CPU,
     CompressedLinear,
     TrainableView,
     register_module_type,
@@ -192,8 +193,20 @@ class QuantLinear(CompressedLinear):
         return True
 
     @classmethod
-    def runtimes(cls, spec: dict) -> list[str]:
-        return list(ALL_RUNTIMES) if spec["bits"] in VLLM_BITS else [COMPRESS]
+    def refusal(cls, spec: dict, runtime: str) -> str | None:
+        if runtime in (VLLM, VLLM_CPU) and spec["bits"] not in VLLM_BITS:
+            return f"vLLM serves 4 and 8-bit packed weights, not {spec['bits']}-bit: use bits 4 or 8"
+        if runtime == VLLM_CPU and spec["bits"] != 4:
+            return ("vLLM-CPU 0.32 has no 8-bit weight-only kernel (its CPUWNA16 kernel: \"Quant type (uint8b128) not "
+                    "supported by CPUWNA16, supported types are: (ScalarType.uint4, ScalarType.uint4b8)\"): use bits 4, "
+                    "or W8A8 (activations: {bits: 8}, --method w8a8)")
+        if runtime == TRANSFORMERS and spec.get("act_order"):
+            return ("transformers' compressed-tensors (0.20) refuses act-order groups stored with g_idx (actorder: group): "
+                    "use static_groups: true (act-order without g_idx, the default)")
+        if runtime == VLLM_CPU and not spec["symmetric"]:
+            return ("vLLM-CPU 0.32 loads zero-point (asymmetric) weights but computes another model (perplexity "
+                    "+3.6% against compress eval on the same windows, docs/vllm.md): use symmetric: true (--sym)")
+        return None
 
     @classmethod
     def stored_layers(cls, source) -> list[str]:
@@ -298,8 +311,8 @@ class Int8Linear(CompressedLinear):
         return Int8ScaleTuned(self)
 
     @classmethod
-    def runtimes(cls, spec: dict) -> list[str]:
-        return list(ALL_RUNTIMES)
+    def refusal(cls, spec: dict, runtime: str) -> str | None:
+        return None  # vLLM (GPU and CPU), transformers and compress serve W8A8
 
     @classmethod
     def stored_layers(cls, source) -> list[str]:

@@ -191,3 +191,8 @@ def print_checkpoint(info: dict) -> None:
         out.print("  " + lowrank_summary(info["lowrank"]) + ("" if info["lowrank"]["export"] == "merged" else "; loads with compress only"))
     if info.get("ignore"):
         out.print(f"  left unquantized: {', '.join(info['ignore'][:8])}{' ...' if len(info['ignore']) > 8 else ''}")
+    rt = info.get("runtimes")
+    if rt:
+        out.print(f"loads in: {', '.join(rt['loads'])}", highlight=False)
+        for runtime, r in rt.get("refuses", {}).items():
+            out.print(f"  not {runtime}: {escape(r['why'])}", highlight=False)

@@ -20,8 +20,8 @@ from compress.kernels.dispatch import (
     kernel_weights,
     last_kernel,
     missing,
-    record_kernel,
     quantize_per_token,
+    record_kernel,
     requested_backend,
     wna16_linear,
 )
