@@ -70,7 +70,7 @@ def main() -> None:
         x = torch.randn(M, K, dtype=torch.bfloat16)
         base = median_ms(lambda: F.linear(x, w), a.reps)
         kern = median_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4.cpu.codes, 128, w4.cpu.scale_zero), a.reps)
-        deq = median_ms(lambda: F.linear(x, cpu.dequantize(w4.cpu).to(torch.bfloat16)), a.reps)
+        deq = median_ms(lambda: x @ cpu.dequantize_t(w4.cpu, torch.bfloat16), a.reps)
         t4, t8, ta = (median_ms(lambda m=m: m(x), a.reps) for m in (w4, w8, a8))
         print(f"{M:>5} {base:>9.3f} {kern:>10.3f} {deq:>11.3f} {t4:>8.3f} {t8:>8.3f} {ta:>8.3f}   "
               f"{base / t4:.2f}x / {base / t8:.2f}x / {base / ta:.2f}x")

@@ -121,7 +121,7 @@ class CpuInt8Linear(Int8Linear):
 def to_cpu_kernels(model: nn.Module, dtype: torch.dtype, log=print) -> dict:
     """Convert every packed layer of ``model`` (on the CPU) that the CPU kernels run, in place,
     one layer at a time (the export layout of each is freed as it goes). ``dtype``: the compute
-    dtype (bf16/fp16; float32 converts nothing: the torch reference is the exact float32 path).
+    dtype (bf16; float32 and fp16 convert nothing: the torch reference is the exact float32 path).
     Returns {'converted': [...], 'reference': {name: reason}} and logs a one-line summary."""
     out: dict = {"converted": [], "reference": {}}
     why_all = cpu.available()

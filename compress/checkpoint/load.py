@@ -105,7 +105,7 @@ def load(ref, dtype: torch.dtype | str = "auto", log=print, kernel: str | None =
     'auto': the fastest for the device, or $COMPRESS_KERNEL; see compress.kernels). An unknown
     name raises UsageError here; an unavailable one at the first forward, naming what is missing.
 
-    On the CPU with bf16/fp16 compute, automatic (or ``kernel='cpu'``) converts every packed layer
+    On the CPU with bf16 compute, automatic (or ``kernel="cpu"``) converts every packed layer
     the CPU integer kernels run to their layout, keeping one copy of the codes
     (``compress.checkpoint.cpu_modules``): memory is about the packed size. Layers they cannot
     run keep the torch reference, and the load says which, once. Float32 compute keeps the exact

@@ -70,7 +70,7 @@ MaxWindowsOpt = Annotated[int | None, typer.Option("--max-windows", help="Perple
 PplOpt = Annotated[bool | None, typer.Option("--perplexity/--no-perplexity", help="Windowed perplexity (default: on, unless only --tasks/--task-file are given).")]
 EvalBatchOpt = Annotated[int, typer.Option("--batch-size", help="lm-eval requests per forward pass.")]
 # --- serving
-KernelOpt = Annotated[str | None, typer.Option("--kernel", help="Kernel backend: torch, cpu (int4/int8 CPU kernels, bf16/fp16 compute), triton or cuda (default: the fastest for the device, or $COMPRESS_KERNEL); sparse24 requires 2:4 semi-structured weights (2:4 checkpoints, CUDA GPUs of compute capability 8.0+, bf16/fp16; automatic there unless --kernel torch).")]
+KernelOpt = Annotated[str | None, typer.Option("--kernel", help="Kernel backend: torch, cpu (int4/int8 CPU kernels, bf16 compute), triton or cuda (default: the fastest for the device, or $COMPRESS_KERNEL); sparse24 requires 2:4 semi-structured weights (2:4 checkpoints, CUDA GPUs of compute capability 8.0+, bf16/fp16; automatic there unless --kernel torch).")]
 
 
 # ---------------------------------------------------------------- option groups

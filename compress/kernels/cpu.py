@@ -17,9 +17,9 @@ bytes). Act-order (``g_idx``) columns are permuted so every group is contiguous 
 permuted the same way at run time. Per-channel scales and group sizes the kernel does not take
 (it takes 32, 64, 128, 256) are repeated over the largest of those that divides the group.
 
-The int4/int8 weight-only kernels read the activations in bf16 or fp16 (fp32 runs them ~70x
-slower: the automatic choice keeps fp32 on the torch reference). They are decode kernels: their
-cost grows linearly with the tokens (no weight reuse), so above ``PREFILL_TOKENS`` tokens a call
+The int4/int8 weight-only kernels read the activations in bf16 (fp32 runs them ~70x slower and
+fp16 ~40x, measured: the automatic choice keeps those on the torch reference). They are decode kernels: their
+cost grows linearly with the tokens (no weight reuse), so above ``PREFILL_TOKENS[bits]`` tokens a call
 dequantizes the layer from the packed codes (exactly as the reference does) and runs the dense
 GEMM, which is faster there (measured, see BENCHMARKS.md "Serving on the CPU").
 
@@ -39,8 +39,10 @@ import torch.nn.functional as F
 from compress.checkpoint.packing import unpack_int32
 
 INT4_GROUPS = (256, 128, 64, 32)  # the group widths _weight_int4pack_mm_for_cpu takes
-PREFILL_TOKENS = 32  # above: dequantize + dense GEMM (the int kernels cost grows per token)
-COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
+# above this many tokens per call: dequantize + dense GEMM, whose cost does not grow per token
+# (crossovers measured on 2048 x 5632, benchmarks/bench_cpu_kernels.py: int4 ~96, int8 ~40)
+PREFILL_TOKENS = {4: 96, 8: 32}
+COMPUTE_DTYPES = (torch.bfloat16,)  # fp16 activations run the int4 kernel ~40x slower (measured): reference there
 
 
 def available() -> str | None:
@@ -156,7 +158,7 @@ def build(qlinear, dtype: torch.dtype) -> CpuWeights:
     if why:
         raise ValueError(why)
     if dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"the CPU kernels compute with bf16 or fp16 activations, not {dtype}")
+        raise ValueError(f"the CPU kernels compute with bf16 activations, not {dtype}")
     s = qlinear.weight_scale.float()  # (N, G)
     if not torch.equal(s.to(dtype).float(), s):
         raise ValueError(f"the {qlinear.weight_scale.dtype} scales are not exact in {dtype}; load with dtype={qlinear.weight_scale.dtype}")
@@ -242,6 +244,38 @@ def dequantize(cw: CpuWeights, dtype: torch.dtype = torch.float32) -> torch.Tens
     return w.reshape(cw.N, cw.K).to(dtype)
 
 
+def _int4_codes_t(cw: CpuWeights) -> torch.Tensor:
+    """(K, Np) int8 codes q - 8, transposed, straight from the int4 layout: within a row block the
+    layout is k-major, so only 64-byte runs move (no byte-level transpose, unlike ``unpack_int4``)."""
+    B, Np, K = int4_block(), cw.codes.shape[0], cw.K
+    p = cw.codes.reshape(-1)
+    full = (Np // B) * B
+    out = torch.empty(K, Np, dtype=torch.int8)
+    if full:
+        blk = p[: full * K // 2].reshape(full // B, K, B // 2)
+        pair = torch.cat([blk & 15, blk >> 4], dim=-1).view(torch.int8)  # (block, k, B): rows d, then d + B/2
+        out[:, :full] = pair.permute(1, 0, 2).reshape(K, full)
+    if Np > full:
+        tail = p[full * K // 2 :].reshape(K, (Np - full) // 2)
+        out[:, full:] = torch.stack([tail & 15, tail >> 4], dim=-1).reshape(K, Np - full).view(torch.int8)
+    return out.sub_(8)
+
+
+def dequantize_t(cw: CpuWeights, dtype: torch.dtype) -> torch.Tensor:
+    """(K, N) Ŵᵀ in the kernel's column order, rounded to ``dtype``: the same values as
+    ``dequantize(cw, dtype).t()``, built in the layout the 4-bit codes are stored in (the prefill
+    path multiplies ``x @ Ŵᵀ`` with it; scales broadcast along K without a transpose)."""
+    if cw.bits != 4:
+        return dequantize(cw, dtype).t()
+    zt = _zero_term(cw)
+    work = dtype if zt is None and dtype in COMPUTE_DTYPES and cw.scale_zero.dtype == dtype else torch.float32
+    w = _int4_codes_t(cw)[:, : cw.N].to(work).reshape(-1, cw.gs, cw.N)  # (G, gs, N)
+    w.mul_(_scales(cw).t().to(work)[:, None, :])
+    if zt is not None:
+        w.add_(zt.t()[:, None, :])
+    return w.reshape(cw.K, cw.N).to(dtype)
+
+
 def _zero_correction(cw: CpuWeights, x2: torch.Tensor) -> torch.Tensor | None:
     if cw.corr is None:
         return None
@@ -256,8 +290,8 @@ def wna16_linear(x: torch.Tensor, cw: CpuWeights, bias: torch.Tensor | None) -> 
     if cw.perm is not None:
         x2 = x2.index_select(1, cw.perm)
     M = x2.shape[0]
-    if M > PREFILL_TOKENS:
-        y = F.linear(x2, dequantize(cw, cw.dtype))
+    if M > PREFILL_TOKENS[cw.bits]:
+        y = x2 @ dequantize_t(cw, cw.dtype)
     else:
         if cw.bits == 4:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), cw.codes, cw.kgs, cw.scale_zero)[:, : cw.N]

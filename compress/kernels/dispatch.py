@@ -5,7 +5,7 @@ Four backends compute the same functions (see ``reference`` for the exact defini
 * ``torch``  (``reference.py``): dequantize then ``F.linear``; W8A8 through ``torch._int_mm``.
   Runs everywhere; the float32 CPU path and the oracle of every test.
 * ``cpu``    (``cpu.py``): torch's integer CPU kernels: W4A16 ``_weight_int4pack_mm_for_cpu``,
-  W8A16 ``_weight_int8pack_mm``, W8A8 oneDNN ``qlinear_pointwise``, with bf16/fp16 activations.
+  W8A16 ``_weight_int8pack_mm``, W8A8 oneDNN ``qlinear_pointwise``, with bf16 activations.
   ``compress.load`` on the CPU converts each packed layer to this layout once (the codes' only
   copy in memory, ``CpuQuantLinear``/``CpuInt8Linear``); a plain module asked for it here builds
   the layout at its first call and keeps it beside its buffers.
@@ -20,7 +20,7 @@ Choosing: an explicit ``backend=`` argument wins, then the module's own choice
 (``QuantLinear.backend``, set by ``compress.load(path, kernel=...)``), then the ``COMPRESS_KERNEL``
 environment variable (``torch|cpu|triton|cuda``; empty or ``auto`` = automatic). Automatic picks,
 per call, torch on the CPU (``compress.load`` has already chosen ``cpu`` for the layers it converted,
-those with bf16/fp16 compute); on a GPU the CUDA kernel for weight-only calls of at most ``CUDA_MAX_TOKENS`` tokens,
+those with bf16 compute); on a GPU the CUDA kernel for weight-only calls of at most ``CUDA_MAX_TOKENS`` tokens,
 Triton otherwise, torch where neither applies (3/5/6/7-bit weights). A forced backend that cannot
 run raises ``compress.errors.UsageError`` naming what is missing. ``last_kernel()`` (per thread)
 and ``QuantLinear.kernel`` tell which backend ran last.
