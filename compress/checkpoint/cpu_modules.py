@@ -111,7 +111,7 @@ class CpuInt8Linear(Int8Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.kernel = record_kernel("cpu")
-        return cpu.int8_linear(x, self.cpu, self.bias, reference.quantize_per_token)
+        return cpu.int8_linear(x, self.cpu, self.bias)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -322,6 +322,7 @@ class CpuInt8:
     scale: torch.Tensor  # float32 (N,)
     N: int
     K: int
+    zeros: torch.Tensor  # int64 (N,): the weight zero points oneDNN asks for (all 0, symmetric)
 
     @property
     def nbytes(self) -> int:
@@ -331,11 +332,12 @@ class CpuInt8:
 def build_int8(weight: torch.Tensor, weight_scale: torch.Tensor) -> CpuInt8:
     """int8 (N, K) codes and (N, 1) scales -> oneDNN's prepacked layout."""
     N, K = weight.shape
-    return CpuInt8(torch.ops.onednn.qlinear_prepack(weight.contiguous(), [1, K]), weight_scale.float().reshape(N).contiguous(), N, K)
+    return CpuInt8(torch.ops.onednn.qlinear_prepack(weight.contiguous(), [1, K]), weight_scale.float().reshape(N).contiguous(), N, K,
+                   torch.zeros(N, dtype=torch.int64))
 
 
 def _qlinear(xq: torch.Tensor, ci: CpuInt8, w_scale: torch.Tensor) -> torch.Tensor:
-    zeros = torch.zeros(ci.N, dtype=torch.int64)
+    zeros = ci.zeros
     one = xq.shape[0] == 1
     if one:  # one row takes a oneDNN path ~100x slower on narrow outputs (2048 -> 256: 19 ms vs 0.16 ms for two rows)
         xq = xq.expand(2, -1).contiguous()
@@ -350,11 +352,24 @@ def int8_codes(ci: CpuInt8) -> torch.Tensor:
     return _qlinear(eye, ci, torch.ones(ci.N)).t().round().to(torch.int8).contiguous()
 
 
-def int8_linear(x: torch.Tensor, ci: CpuInt8, bias: torch.Tensor | None, quantize) -> torch.Tensor:
-    """W8A8 on oneDNN: xq, xs = quantize(x) (per-token int8), acc = xq @ Wᵀ exactly in int32,
-    y = acc · ws · xs (+ bias), in x.dtype (the reference's ``(acc · xs) · ws`` to float32 rounding)."""
-    xq, xs = quantize(x)
-    y = _qlinear(xq, ci, ci.scale) * xs
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.quantize_per_token``, bit for bit, in fewer passes over memory (prefill's
+    activations are megabytes per call; the reference's float32 copies cost more than the int8
+    GEMM there): the max of |x| in x's own dtype (exact), the division promoting bf16 to float32
+    as it reads, rounding and clamping in place."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xs = x2.abs().amax(dim=1, keepdim=True).float() / 127  # (T, 1)
+    safe = torch.where(xs > 0, xs, torch.ones_like(xs))
+    xq = (x2 / safe).round_().clamp_(-127, 127).to(torch.int8)
+    return xq, xs
+
+
+def int8_linear(x: torch.Tensor, ci: CpuInt8, bias: torch.Tensor | None) -> torch.Tensor:
+    """W8A8 on oneDNN: per-token int8 x (``quantize_per_token``), acc = xq @ Wᵀ exactly in int32,
+    y = acc · ws · xs (+ bias), in x.dtype (the reference's ``(acc · xs) · ws`` to float32
+    rounding), the epilogue in place."""
+    xq, xs = quantize_per_token(x)
+    y = _qlinear(xq, ci, ci.scale).mul_(xs)
     if bias is not None:
-        y = y + bias.float()
+        y.add_(bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], ci.N)

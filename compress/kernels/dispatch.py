@@ -266,7 +266,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     if name == "torch":
         return reference.int8_linear(x, weight, weight_scale, bias)
     if name == "cpu":
-        return cpu.int8_linear(x, cpu.build_int8(weight, weight_scale), bias, reference.quantize_per_token)
+        return cpu.int8_linear(x, cpu.build_int8(weight, weight_scale), bias)
     from compress.kernels import triton_kernels
 
     xq, xs = triton_kernels.quantize_per_token(x.reshape(-1, K))

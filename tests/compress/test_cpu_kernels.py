@@ -197,3 +197,14 @@ def test_load_of_the_demo_w4_export_holds_its_packed_size(tmp_path):
 def test_transposed_dequantize_of_the_prefill_path_is_the_same_weight(bits, N, K, gs, sym, act, dtype):
     cw = cpu.build(random_qlinear(N, K, bits, gs, sym, g_idx=act, seed=7), torch.bfloat16)
     assert torch.equal(cpu.dequantize_t(cw, dtype), cpu.dequantize(cw, dtype).t())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fast_per_token_quantizer_is_the_reference_bit_for_bit(dtype):
+    x = torch.randn(3, 33, 200) * torch.tensor([1e-3, 1.0, 40.0]).reshape(3, 1, 1)
+    x[1, 5] = 0  # an all-zero token
+    x = x.to(dtype)
+    before = x.clone()
+    got, want = cpu.quantize_per_token(x), reference.quantize_per_token(x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(x, before)  # the input is not modified in place
