@@ -18,7 +18,7 @@ from torch import nn
 from compress.checkpoint.formats import Int8Linear, QuantLinear
 from compress.checkpoint.packing import pack_int32
 from compress.kernels import cpu, record_kernel, reference
-from compress.utils import replace_linear
+from compress.utils import replace_linear, trim_heap
 
 
 def _copy_state(dst: nn.Module, src: nn.Module, skip: str) -> None:
@@ -143,6 +143,7 @@ def to_cpu_kernels(model: nn.Module, dtype: torch.dtype, log=print) -> dict:
             out["converted"].append(name)
         else:
             out["reference"][name] = why
+    trim_heap()  # the export layouts and the conversions' temporaries, handed back to the OS
     if out["converted"] or out["reference"]:
         msg = f"CPU integer kernels: {len(out['converted'])} packed layers"
         if out["reference"]:

@@ -208,3 +208,22 @@ def test_fast_per_token_quantizer_is_the_reference_bit_for_bit(dtype):
     got, want = cpu.quantize_per_token(x), reference.quantize_per_token(x)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert torch.equal(x, before)  # the input is not modified in place
+
+
+def test_w8a8_reuses_the_quantized_input_only_for_the_same_unmodified_tensor():
+    a, b = CpuInt8Linear(_int8_linear(24, 64, seed=1)), CpuInt8Linear(_int8_linear(24, 64, seed=2))
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    ya, yb = a(x), b(x)  # b reuses a's quantized x
+    assert torch.equal(yb, b(x.clone()))
+    x.mul_(3)  # modified in place: quantized again
+    assert rel_err(a(x), reference.int8_linear(x, a.weight, a.weight_scale, a.bias)) < BF16_TOL
+    assert not torch.equal(a(x), ya)
+
+
+def test_w8a8_in_inference_mode():
+    a = CpuInt8Linear(_int8_linear(24, 64, seed=1))
+    with torch.inference_mode():
+        x = torch.randn(5, 64, dtype=torch.bfloat16)
+        y = a(x)
+        x.mul_(3)
+        assert not torch.equal(a(x), y)
