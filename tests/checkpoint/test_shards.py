@@ -95,8 +95,8 @@ def test_the_reloaded_model_is_the_same_and_transformers_loads_the_shards(one, m
 
     x = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
-        ours_one = load(one, log=lambda *_: None)(input_ids=x).logits
-        ours_many = load(many, log=lambda *_: None)(input_ids=x).logits
+        ours_one = load(one, dtype=torch.float32, log=lambda *_: None)(input_ids=x).logits
+        ours_many = load(many, dtype=torch.float32, log=lambda *_: None)(input_ids=x).logits
         hf, info = AutoModelForCausalLM.from_pretrained(many, dtype=torch.float32, output_loading_info=True)
         theirs = hf(input_ids=x).logits
     assert torch.equal(ours_one, ours_many)

@@ -117,11 +117,12 @@ def test_transformers_loads_the_export_whole_or_refuses_it(models, kind, tmp_pat
     except Exception as e:  # (b): refused
         assert expect in (REFUSES, EITHER), f"{kind}: transformers refused it: {type(e).__name__}: {e}"
         meta = json.loads((out / "compress.json").read_text())
-        if "runtimes" in meta:  # our refusal: said in compress.json, the report and the log, with the reason
+        ours_refusal = meta["runtimes"]["refuses"].get("transformers", {})
+        if "how" in ours_refusal:  # our refusal: said in compress.json, the report and the log, with the reason
             assert REFUSAL in str(e) or "size mismatch" in str(e).lower() or "mismatched" in str(e)
-            why = meta["runtimes"]["refuses"]["transformers"]["why"]
+            why = ours_refusal["why"]
             assert report["runtimes"] == meta["runtimes"] and "transformers" not in meta["runtimes"]["loads"]
-            assert any("transformers refuses this export" in m and why in m for m in logs), logs
+            assert any("transformers does not serve this export" in m and why in m for m in logs), logs
         return
     # (a): loaded whole, and the same model
     assert expect in (LOADS, EITHER), f"{kind}: transformers loaded an export it should refuse ({info})"
@@ -135,7 +136,7 @@ def test_transformers_loads_the_export_whole_or_refuses_it(models, kind, tmp_pat
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
     else:  # the same float32 weights; the sums run in another order (merged experts)
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
-    assert "runtimes" not in json.loads((out / "compress.json").read_text())
+    assert "transformers" in json.loads((out / "compress.json").read_text())["runtimes"]["loads"]
 
 
 def test_gpt2_export_refused_by_transformers_names_the_reason_and_loads_in_compress(models, tmp_path):
@@ -152,6 +153,6 @@ def test_gpt2_export_refused_by_transformers_names_the_reason_and_loads_in_compr
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
     meta = json.loads((out / "compress.json").read_text())["runtimes"]
-    assert meta["loads"] == ["vLLM", "compress"] and "Conv1D" in meta["refuses"]["transformers"]["why"]
+    assert {"vLLM", "compress"} <= set(meta["loads"]) and "transformers" not in meta["loads"] and "Conv1D" in meta["refuses"]["transformers"]["why"]
     m = load(out, log=lambda *_: None)
     assert isinstance(m.transformer.h[0].attn.c_attn, CompressedLinear)  # packed, as stored
