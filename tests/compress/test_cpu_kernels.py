@@ -187,9 +187,14 @@ def test_load_of_the_demo_w4_export_holds_its_packed_size(tmp_path):
     ratio = resident_bytes(model) / (params * 2)
     assert ratio <= 0.45, f"{ratio:.3f}"
     ids = torch.tensor([[1, 200, 3000, 45, 7]])
-    ref = compress.load(out, dtype=torch.bfloat16, kernel="torch", log=lambda *_: None)
-    assert rel_err(model(input_ids=ids).logits, ref(input_ids=ids).logits) < 0.02
-    assert F.cosine_similarity(model(input_ids=ids).logits.float().flatten(), ref(input_ids=ids).logits.float().flatten(), dim=0) > 0.999
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        exact = compress.load(out, dtype=torch.float32, log=lambda *_: None)(input_ids=ids).logits
+        bf16_ref = compress.load(out, dtype=torch.bfloat16, kernel="torch", log=lambda *_: None)(input_ids=ids).logits
+    # bf16 through 30 layers moves the logits by ~3% either way: the kernels (exact weights, float32
+    # inside) stay at least as close to the float32 reference as the bf16 torch reference does
+    assert rel_err(got, exact) <= 1.1 * rel_err(bf16_ref, exact), (rel_err(got, exact), rel_err(bf16_ref, exact))
+    assert F.cosine_similarity(got.float().flatten(), exact.flatten(), dim=0) > 0.999
 
 
 @pytest.mark.parametrize("bits,N,K,gs,sym,act", CASES)
