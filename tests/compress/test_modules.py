@@ -78,12 +78,14 @@ def test_factors_and_quant_spec_of_any_module():
 
 
 def test_runtimes_for_a_read_scheme():
-    assert runtimes_for({"format": "pack-quantized", "bits": 4}) == ["vLLM", "transformers", "compress"]
-    assert runtimes_for({"format": "pack-quantized", "bits": 8}) == ["vLLM", "transformers", "compress"]
-    assert runtimes_for({"format": "pack-quantized", "bits": 3}) == ["compress"]
-    assert runtimes_for({"format": "int-quantized", "bits": 8}) == ["vLLM", "transformers", "compress"]
-    assert runtime_fields({"format": "pack-quantized", "bits": 4}) == {"vllm_servable": True, "runtime": "vLLM, transformers, compress"}
-    assert runtime_fields({"format": "pack-quantized", "bits": 6}) == {"vllm_servable": False, "runtime": "compress only"}
+    w4 = {"format": "pack-quantized", "bits": 4, "group_size": 64, "symmetric": True}
+    assert runtimes_for(w4) == ["vLLM", "vLLM-CPU", "transformers", "compress"]
+    assert runtimes_for({**w4, "symmetric": False}) == ["vLLM", "transformers", "compress"]
+    assert runtimes_for({**w4, "bits": 8}) == ["vLLM", "transformers", "compress"]  # no 8-bit weight-only kernel in vLLM-CPU
+    assert runtimes_for({**w4, "bits": 3}) == ["transformers", "compress"]
+    assert runtimes_for({"format": "int-quantized", "bits": 8}) == ["vLLM", "vLLM-CPU", "transformers", "compress"]
+    assert runtime_fields(w4) == {"vllm_servable": True, "runtime": "vLLM, vLLM-CPU, transformers, compress"}
+    assert runtime_fields({**w4, "bits": 6}) == {"vllm_servable": False, "runtime": "transformers, compress"}
     with pytest.raises(ValueError, match="float-quantized"):
         runtimes_for({"format": "float-quantized", "bits": 8})
 
