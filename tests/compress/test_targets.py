@@ -36,6 +36,7 @@ def test_the_rules():
     assert "W8A8" in QuantLinear.refusal(_spec(bits=8), VLLM_CPU)  # no 8-bit weight-only kernel there
     assert "static_groups" in QuantLinear.refusal(_spec(act_order=True), TRANSFORMERS)
     assert "group size" in QuantLinear.refusal(_spec(group_size=-1), VLLM_CPU)
+    assert QuantLinear.runtimes(_spec(act_order=True)) == [COMPRESS]  # g_idx: vLLM and transformers refuse it
     assert Int8Linear.runtimes({"bits": 8, "group_size": -1, "symmetric": True}) == list(ALL_RUNTIMES)
     assert set(TARGETS.values()) == set(ALL_RUNTIMES)
 
