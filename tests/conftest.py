@@ -83,6 +83,15 @@ def tiny_llama(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")
 
 
+def gptq_w4_recipe(model, out, **export):
+    """A small GPTQ W4 g16 job on ``model`` writing ``out`` (no evaluation): what the export tests run."""
+    from compress.recipe import load_recipe
+
+    return load_recipe({"model": str(model), "calibration": {"samples": 4, "seq_len": 32, "batch_size": 2},
+                        "passes": [{"gptq": {"bits": 4, "group_size": 16}}], "eval": {"perplexity": None},
+                        "export": {"path": str(out), **export}})
+
+
 def compressed_in_memory(model_path, recipe, tmp):
     """The recipe's compression with the compressed blocks kept in memory (no export reloaded):
     what a reloaded export must compute."""

@@ -35,7 +35,6 @@ import threading
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from compress.checkpoint.packing import unpack_int32
 
@@ -96,19 +95,27 @@ def int4_block() -> int | None:
     return {2: 64, 1: 32}.get(high)
 
 
-def unpack_int4(p: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """Inverse of ``_to_int4pack``: (Np, K/2) uint8 -> (Np, K) uint8 codes, exact (tested
-    against torch's own packing on full and partial row blocks)."""
+def unpack_int4_t(p: torch.Tensor, Np: int, K: int) -> torch.Tensor:
+    """Inverse of ``_to_int4pack``, transposed: (Np, K/2) uint8 -> (K, Np) uint8 codes, exact
+    (tested against torch's own packing on full and partial row blocks). Within a row block the
+    layout is k-major, so only 64-byte runs move, no byte-level transpose."""
     B = int4_block()
-    nib = torch.stack([p.reshape(-1) & 15, p.reshape(-1) >> 4], dim=-1).reshape(-1)  # nibbles, low first
-    full = (N // B) * B
-    out = torch.empty(N, K, dtype=torch.uint8)
+    p = p.reshape(-1)
+    full = (Np // B) * B
+    out = torch.empty(K, Np, dtype=torch.uint8)
     if full:
-        blk = nib[: full * K].reshape(full // B, K, B // 2, 2)  # [block, k, d, half]
-        out[:full] = blk.permute(0, 3, 2, 1).reshape(full, K)
-    if N > full:
-        out[full:] = nib[full * K :].reshape(K, N - full).t()
+        blk = p[: full * K // 2].reshape(full // B, K, B // 2)
+        pair = torch.cat([blk & 15, blk >> 4], dim=-1)  # (block, k, B): rows d, then d + B/2
+        out[:, :full] = pair.permute(1, 0, 2).reshape(K, full)
+    if Np > full:
+        tail = p[full * K // 2 :].reshape(K, (Np - full) // 2)
+        out[:, full:] = torch.stack([tail & 15, tail >> 4], dim=-1).reshape(K, Np - full)  # rows 2j, 2j + 1
     return out
+
+
+def unpack_int4(p: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """Inverse of ``_to_int4pack``: (N, K) uint8 codes (a transposed view of ``unpack_int4_t``)."""
+    return unpack_int4_t(p, N, K).t()
 
 
 # ----------------------------------------------------------------------------- weight-only
@@ -196,13 +203,14 @@ def build(qlinear, dtype: torch.dtype) -> CpuWeights:
     return CpuWeights(8, N, K, gs, gs, dtype, grouped, s.t().to(dtype).contiguous(), corr, perm)
 
 
-def _kernel_codes(cw: CpuWeights) -> torch.Tensor:
-    """(N, K) signed codes q - 2^(b-1) in the kernel's column order (int8 for 4 and 8 bits)."""
+def _kernel_codes(cw: CpuWeights, transposed: bool = False) -> torch.Tensor:
+    """(N, K) signed codes q - 2^(b-1) in the kernel's column order, int8; ``transposed``: (K, N)
+    (built so for 4 bits, whose layout decodes that way)."""
     if cw.bits == 4:
-        return (unpack_int4(cw.codes, cw.codes.shape[0], cw.K)[: cw.N].view(torch.int8) - 8)
-    if cw.codes.dim() == 2:
-        return cw.codes
-    return cw.codes.permute(1, 0, 2).reshape(cw.N, cw.K)
+        v = unpack_int4_t(cw.codes, cw.codes.shape[0], cw.K)[:, : cw.N].view(torch.int8) - 8
+        return v if transposed else v.t()
+    v = cw.codes if cw.codes.dim() == 2 else cw.codes.permute(1, 0, 2).reshape(cw.N, cw.K)
+    return v.t() if transposed else v
 
 
 def codes(cw: CpuWeights) -> torch.Tensor:
@@ -232,49 +240,29 @@ def _zero_term(cw: CpuWeights) -> torch.Tensor | None:
     return None
 
 
-def dequantize(cw: CpuWeights, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(N, K) in the kernel's column order (permuted for act-order): the reference's Ŵ rounded to
-    ``dtype``, bit for bit: (q - z) · s is exact in float32, and a symmetric layer's (q - 8) · s is
-    one correctly rounded product in bf16/fp16 as well (computed there, a third of the bytes)."""
-    zt = _zero_term(cw)
+def dequantize(cw: CpuWeights, dtype: torch.dtype = torch.float32, transposed: bool = False) -> torch.Tensor:
+    """(N, K) in the kernel's column order (permuted for act-order), or (K, N) Ŵᵀ when
+    ``transposed`` (what the prefill path multiplies ``x @ Ŵᵀ`` with; 4-bit codes decode that way):
+    the reference's Ŵ rounded to ``dtype``, bit for bit: (q - z) · s is exact in float32, and a
+    symmetric layer's (q - 8) · s is one correctly rounded product in bf16 as well (computed
+    there, a third of the bytes)."""
+    zt, s = _zero_term(cw), _scales(cw)  # (N, G)
     work = dtype if zt is None and dtype in COMPUTE_DTYPES and cw.scale_zero.dtype == dtype else torch.float32
-    w = _kernel_codes(cw).to(work).reshape(cw.N, -1, cw.gs)
-    w.mul_(_scales(cw).to(work)[:, :, None])
+    if transposed:  # groups along K, the first dimension
+        w = _kernel_codes(cw, transposed=True).to(work).reshape(-1, cw.gs, cw.N)
+        s, zt = s.t()[:, None, :], None if zt is None else zt.t()[:, None, :]
+    else:
+        w = _kernel_codes(cw).to(work).reshape(cw.N, -1, cw.gs)
+        s, zt = s[:, :, None], None if zt is None else zt[:, :, None]
+    w.mul_(s.to(work))
     if zt is not None:
-        w.add_(zt[:, :, None])
-    return w.reshape(cw.N, cw.K).to(dtype)
-
-
-def _int4_codes_t(cw: CpuWeights) -> torch.Tensor:
-    """(K, Np) int8 codes q - 8, transposed, straight from the int4 layout: within a row block the
-    layout is k-major, so only 64-byte runs move (no byte-level transpose, unlike ``unpack_int4``)."""
-    B, Np, K = int4_block(), cw.codes.shape[0], cw.K
-    p = cw.codes.reshape(-1)
-    full = (Np // B) * B
-    out = torch.empty(K, Np, dtype=torch.int8)
-    if full:
-        blk = p[: full * K // 2].reshape(full // B, K, B // 2)
-        pair = torch.cat([blk & 15, blk >> 4], dim=-1).view(torch.int8)  # (block, k, B): rows d, then d + B/2
-        out[:, :full] = pair.permute(1, 0, 2).reshape(K, full)
-    if Np > full:
-        tail = p[full * K // 2 :].reshape(K, (Np - full) // 2)
-        out[:, full:] = torch.stack([tail & 15, tail >> 4], dim=-1).reshape(K, Np - full).view(torch.int8)
-    return out.sub_(8)
+        w.add_(zt)
+    return w.reshape(cw.K, cw.N).to(dtype) if transposed else w.reshape(cw.N, cw.K).to(dtype)
 
 
 def dequantize_t(cw: CpuWeights, dtype: torch.dtype) -> torch.Tensor:
-    """(K, N) Ŵᵀ in the kernel's column order, rounded to ``dtype``: the same values as
-    ``dequantize(cw, dtype).t()``, built in the layout the 4-bit codes are stored in (the prefill
-    path multiplies ``x @ Ŵᵀ`` with it; scales broadcast along K without a transpose)."""
-    if cw.bits != 4:
-        return dequantize(cw, dtype).t()
-    zt = _zero_term(cw)
-    work = dtype if zt is None and dtype in COMPUTE_DTYPES and cw.scale_zero.dtype == dtype else torch.float32
-    w = _int4_codes_t(cw)[:, : cw.N].to(work).reshape(-1, cw.gs, cw.N)  # (G, gs, N)
-    w.mul_(_scales(cw).t().to(work)[:, None, :])
-    if zt is not None:
-        w.add_(zt.t()[:, None, :])
-    return w.reshape(cw.K, cw.N).to(dtype)
+    """(K, N) Ŵᵀ for the prefill path: 4-bit codes decode transposed; 8-bit ones are stored (N, K)."""
+    return dequantize(cw, dtype, transposed=True) if cw.bits == 4 else dequantize(cw, dtype).t()
 
 
 def _zero_correction(cw: CpuWeights, x2: torch.Tensor) -> torch.Tensor | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import gptq_w4_recipe, save_tiny
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -41,17 +41,11 @@ def tiny(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("faults") / "m", "llama")
 
 
-def _recipe(model, out, **export):
-    return load_recipe({"model": str(model), "calibration": {"samples": 4, "seq_len": 32, "batch_size": 2},
-                        "passes": [{"gptq": {"bits": 4, "group_size": 16}}], "eval": {"perplexity": None},
-                        "export": {"path": str(out), **export}})
-
-
 @pytest.fixture(scope="module")
 def reference(tiny, tmp_path_factory):
     """The export of an uninterrupted run."""
     out = tmp_path_factory.mktemp("ref") / "out"
-    run(_recipe(tiny, out))
+    run(gptq_w4_recipe(tiny, out))
     return out
 
 
@@ -172,14 +166,14 @@ def test_a_failed_write_leaves_nothing_at_the_final_path_and_resumes(tiny, refer
     with monkeypatch.context() as m:
         fault = Fault(m, name if name != "out" else "out", code, nth)
         with pytest.raises(DiskError) as e:
-            run(_recipe(tiny, target))
+            run(gptq_w4_recipe(tiny, target))
         assert fault.seen == nth, f"{step}: the write was never made"
     _check_after(tmp_path, target, e, code, step)
     assert not target.exists()
     assert (tmp_path / ".out.partial").is_dir()  # kept for --resume
     if code != errno.ENOSPC:
         return
-    run(_recipe(tiny, target), resume=True)  # the lock was released: a second run starts, and finishes the export
+    run(gptq_w4_recipe(tiny, target), resume=True)  # the lock was released: a second run starts, and finishes the export
     assert _same(target, reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -192,11 +186,11 @@ def test_with_overwrite_the_previous_export_stays_whole(tiny, reference, tmp_pat
     with monkeypatch.context() as m:
         Fault(m, name, errno.ENOSPC, nth)
         with pytest.raises(DiskError) as e:
-            run(_recipe(tiny, target, overwrite=True))
+            run(gptq_w4_recipe(tiny, target, overwrite=True))
     _check_after(tmp_path, target, e, errno.ENOSPC, step)
     assert (target / "mine.txt").read_text() == "the previous export" and _same(target, reference)
     assert not (tmp_path / ".out.old").exists()
-    run(_recipe(tiny, target, overwrite=True), resume=True)
+    run(gptq_w4_recipe(tiny, target, overwrite=True), resume=True)
     assert _same(target, reference) and not (target / "mine.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -206,7 +200,7 @@ def test_a_failed_report_after_the_export_is_in_place_says_so(tiny, reference, t
     with monkeypatch.context() as m:
         Fault(m, "report.md", errno.ENOSPC)
         with pytest.raises(DiskError) as e:
-            run(_recipe(tiny, target))
+            run(gptq_w4_recipe(tiny, target))
     assert e.value.exit_code == 3 and str(e.value).startswith(f"{target / 'report.md'}: the disk holding {target} is full")
     assert _same(target, reference) and not (target / "report.md").exists()  # the export is whole; the report is not half
     assert _leftovers(tmp_path) == [] and not files.lock_path(target).exists()
@@ -238,10 +232,10 @@ def test_ctrl_c_releases_the_lock_and_keeps_the_blocks(tiny, reference, tmp_path
     with monkeypatch.context() as m:
         m.setattr(export_mod.Exporter, "write_block", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            run(_recipe(tiny, target))
+            run(gptq_w4_recipe(tiny, target))
     assert not files.lock_path(target).exists() and _leftovers(tmp_path) == []
     assert json.loads((tmp_path / ".out.partial" / "progress.json").read_text())["done"] == 1
-    run(_recipe(tiny, target), resume=True)
+    run(gptq_w4_recipe(tiny, target), resume=True)
     assert _same(target, reference)
 
 
@@ -279,12 +273,12 @@ def test_a_real_full_disk(tiny, reference, tmp_path, monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(export_mod.Exporter, "write_block", fill_then_write)
             with pytest.raises(DiskError) as e:
-                run(_recipe(tiny, target))
+                run(gptq_w4_recipe(tiny, target))
         msg = str(e.value)
         assert f"the disk holding {disk / '.out.partial'} is full: 0 bytes free" in msg and "--resume" in msg, msg
         assert not target.exists() and _leftovers(disk) == [] and not files.lock_path(target).exists()
         filler.unlink()
-        run(_recipe(tiny, target), resume=True)
+        run(gptq_w4_recipe(tiny, target), resume=True)
         assert _same(target, reference)
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True, check=False)
@@ -339,10 +333,10 @@ def test_resume_asks_only_for_the_room_still_needed(tiny, tmp_path, monkeypatch)
     with monkeypatch.context() as m:
         Fault(m, "block-00002.safetensors", errno.ENOSPC)
         with pytest.raises(DiskError):
-            run(_recipe(tiny, target))
+            run(gptq_w4_recipe(tiny, target))
     monkeypatch.setattr(files.shutil, "disk_usage", lambda p: namedtuple("U", "total used free")(10**9, 10**9, 0))
     with pytest.raises(DiskError, match="already written"):
-        run(_recipe(tiny, target), resume=True)
+        run(gptq_w4_recipe(tiny, target), resume=True)
 
 
 # ---------------------------------------------------------------- one run per export path
@@ -381,7 +375,7 @@ def test_a_killed_runs_lock_is_taken_over(tiny, tmp_path, reference):
     p.kill()
     p.wait()
     assert files.lock_path(out).exists()
-    run(_recipe(tiny, out))
+    run(gptq_w4_recipe(tiny, out))
     assert _same(out, reference) and sorted(x.name for x in tmp_path.iterdir()) == ["o"]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import gptq_w4_recipe, save_tiny
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -30,12 +30,6 @@ def tiny(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("shards") / "m", "llama")
 
 
-def _recipe(model, out, **export):
-    return load_recipe({"model": str(model), "calibration": {"samples": 4, "seq_len": 32, "batch_size": 2},
-                        "passes": [{"gptq": {"bits": 4, "group_size": 16}}], "eval": {"perplexity": None},
-                        "export": {"path": str(out), **export}})
-
-
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
@@ -51,14 +45,14 @@ def _data_bytes(f: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def one(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "out"
-    run(_recipe(tiny, out))
+    run(gptq_w4_recipe(tiny, out))
     return out
 
 
 @pytest.fixture(scope="module")
 def many(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("many") / "out"
-    run(_recipe(tiny, out, max_shard_size=LIMIT))
+    run(gptq_w4_recipe(tiny, out, max_shard_size=LIMIT))
     return out
 
 
@@ -116,14 +110,14 @@ def test_a_run_interrupted_after_a_shard_resumes_into_the_same_export(tiny, many
     with monkeypatch.context() as m:
         m.setattr(export_mod.Exporter, "write_block", stop_after_first)
         with pytest.raises(KeyboardInterrupt):
-            run(_recipe(tiny, target, max_shard_size=LIMIT))
+            run(gptq_w4_recipe(tiny, target, max_shard_size=LIMIT))
     work = tmp_path / ".out.partial"
     progress = json.loads((work / "progress.json").read_text())
     assert progress["done"] == 1 and progress["shards"]  # block 0 filled a shard already
     assert not (work / "block-00001.safetensors").exists() or progress["pending"]
     with pytest.raises(UsageError, match="max_shard_size"):  # other shards than the interrupted run's
-        run(_recipe(tiny, target, max_shard_size=2 * LIMIT), resume=True)
-    run(_recipe(tiny, target, max_shard_size=LIMIT), resume=True)
+        run(gptq_w4_recipe(tiny, target, max_shard_size=2 * LIMIT), resume=True)
+    run(gptq_w4_recipe(tiny, target, max_shard_size=LIMIT), resume=True)
     assert sorted(p.name for p in target.glob("*.safetensors")) == sorted(p.name for p in many.glob("*.safetensors"))
     a, b = _tensors(target), _tensors(many)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -148,11 +142,11 @@ def test_a_failed_shard_write_leaves_no_half_file_and_resumes(tiny, many, tmp_pa
     with monkeypatch.context() as m:
         m.setattr(export_mod, "write_shard", full_disk)
         with pytest.raises(Exception) as e:
-            run(_recipe(tiny, target, max_shard_size=LIMIT))
+            run(gptq_w4_recipe(tiny, target, max_shard_size=LIMIT))
     assert getattr(e.value, "exit_code", None) == 3 and "--resume" in str(e.value)
     work = tmp_path / ".out.partial"
     assert not [p for p in work.iterdir() if p.name.endswith(".tmp")]
-    run(_recipe(tiny, target, max_shard_size=LIMIT), resume=True)
+    run(gptq_w4_recipe(tiny, target, max_shard_size=LIMIT), resume=True)
     a, b = _tensors(target), _tensors(many)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
