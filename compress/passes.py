@@ -127,6 +127,7 @@ class JobView:
     passes: list["Pass"]  # the recipe's passes, in order
     calibration: torch.Tensor | None  # the calibration windows (N, seq_len); None: no data
     export: Any = None  # the recipe's ExportConfig
+    model_config: Any = None  # the model's transformers config
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress.errors import InputError, UsageError
 
@@ -156,7 +156,11 @@ def size_bytes(size: int | str) -> int:
 
 class ExportConfig(_Strict):
     path: str | None = None  # the output folder; required by `run`
-    format: Literal["compressed-tensors"] = "compressed-tensors"
+    # compressed-tensors (vLLM, transformers, compress.load) or gguf (llama.cpp: OUT/model.gguf)
+    format: Literal["compressed-tensors", "gguf"] = "compressed-tensors"
+    # gguf: the llama.cpp type or mix (q4_0, q4_k_m, ...; compress.checkpoint.gguf.TYPES): the
+    # quantization passes solve on its grids, tensor by tensor as llama.cpp's mix assigns them
+    type: str | None = None
     overwrite: bool = False  # replace an existing folder at `path`
     # low-rank layers: factored stores B and A (smaller and faster; compress.load rebuilds them);
     # merged multiplies them back into dense weights any tool loads (no size or speed gain)
@@ -172,6 +176,28 @@ class ExportConfig(_Strict):
     # (exit 2 naming the scheme and what works instead); the rules are the module types'
     # (compress.modules.TARGETS), verified by tests/vllm and tests/checkpoint/test_transformers_load.py
     target: Literal["vllm", "vllm-cpu", "transformers", "compress"] | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, v):
+        if v is None:
+            return v
+        from compress.checkpoint.gguf import TYPES
+
+        t = str(v).strip().lower()
+        if t not in TYPES:
+            raise ValueError(f"{v!r} is not a GGUF type compress writes; use one of {', '.join(TYPES)}")
+        return t
+
+    @model_validator(mode="after")
+    def _gguf(self):
+        if self.format == "gguf" and self.type is None:
+            raise ValueError("format gguf needs a type (export.type or --gguf TYPE), e.g. q4_k_m")
+        if self.type is not None and self.format != "gguf":
+            self.format = "gguf"  # a type implies the format
+        if self.format == "gguf" and self.target is not None:
+            raise ValueError(f"target {self.target} names a compressed-tensors runtime; a GGUF export is for llama.cpp (drop --target)")
+        return self
 
     @field_validator("max_shard_size")
     @classmethod

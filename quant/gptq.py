@@ -20,6 +20,7 @@ Options beyond the paper's core loop:
 from __future__ import annotations
 
 import torch
+from compress.quant import ggml
 from compress.quant.rtn import (
     QuantResult,
     QuantScheme,
@@ -126,3 +127,50 @@ def gptq_quantize(
 
     _, losses = blockwise_solve(W, U, step, blocksize)
     return rounder.result(act_order, {"damp": damp_used, "loss": float(losses.sum())})
+
+
+# ---------------------------------------------------------------- GGUF storage grids
+
+
+class GridRounder:
+    """GPTQ's column step on a llama.cpp storage grid (``compress.quant.ggml``): every block's
+    stored parameters (fp16 scales, the K-quants' quantized sub-block scales and mins) are chosen
+    before the loop, as llama.cpp stores them, so the solver compensates exactly the rounding
+    llama.cpp will compute. ``perm``: the visiting order (act-order or natural)."""
+
+    def __init__(self, W: torch.Tensor, perm: torch.Tensor, params):
+        self.params, self.perm = params, perm.tolist()
+        self.codes = torch.zeros(W.shape[1], W.shape[0], dtype=torch.int32)  # row j: column visited j-th
+
+    def __call__(self, j: int, w: torch.Tensor, current) -> torch.Tensor:
+        codes, values = ggml.quantize_column(w, self.params, self.perm[j])
+        self.codes[j] = codes
+        return values
+
+
+def gptq_quantize_grid(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    grid,
+    *,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    name: str = "",
+):
+    """GPTQ of ``W`` (out, in) on the GGML grid ``grid`` (a ``compress.quant.ggml.GGMLGrid``)
+    given ``H`` (in, in). The blocks' parameters are fitted up front on the original weights,
+    weighting each column by ``H_jj`` (the mean squared activation, what llama.cpp's importance
+    matrix holds); then columns are rounded in act-order (``act_order``) or natural order, each
+    on its block's fixed grid, with the error pushed into the columns not yet rounded. Returns
+    ``(codes int32 (out, in), params, info)``: ``ggml.encode(codes, params)`` is the tensor's
+    GGUF data."""
+    W, H = prepare_hessian(W, H)
+    params = ggml.fit_params(W, grid, importance=torch.diag(H).clone())
+    W, H, perm = activation_order(W, H, act_order)
+    U, damp_used = inverse_cholesky(H, damp, name)
+    del H
+    rounder = GridRounder(W, perm, params)
+    _, losses = blockwise_solve(W, U, rounder, blocksize)
+    codes = rounder.codes.T[:, torch.argsort(perm)].contiguous()
+    return codes, params, {"damp": damp_used, "loss": float(losses.sum())}

@@ -11,7 +11,8 @@ from typing import Literal
 
 import torch
 from compress.quant import awq as awq_alg
-from compress.quant.gptq import gptq_quantize
+from compress.quant import ggml
+from compress.quant.gptq import gptq_quantize, gptq_quantize_grid
 from compress.quant.rtn import QuantScheme, rtn_quantize
 from compress.quant.smoothquant import smooth_scales
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -20,6 +21,8 @@ from torch import nn
 from compress.arch.families import Smooth, smooth_points
 from compress.arch.smoothing import fold_scales, output_loss, scaled_hessian
 from compress.checkpoint.formats import Int8Linear, QuantLinear
+from compress.checkpoint.ggml_linear import GGMLLinear
+from compress.checkpoint.gguf import F16, F32, arch_for, hf_layer_type
 from compress.errors import UsageError
 from compress.modules import TARGETS
 from compress.passes import Pass, exclusive, matches_any, register
@@ -101,11 +104,16 @@ class QuantConfig(BaseModel):
 
 class _QuantPass(Pass):
     effects = frozenset({"quantize"})
+    # (TYPE, the model's config) when the export is GGUF (set by ``validate``): each Linear is then
+    # solved on the llama.cpp grid that TYPE's mix assigns its tensor (compress.checkpoint.gguf)
+    gguf: tuple[str, object] | None = None
 
     def conflicts(self, planned):
         return exclusive(self, planned, "quantize", "quantization")
 
     def check(self, full_name, module):
+        if self.gguf is not None:  # the type's blocks, or llama.cpp's fallback for the width: any width fits
+            return None
         g = self.config.group_size
         if g != "auto" and g != -1 and module.in_features % g:
             return f"group_size {g} does not divide in_features {module.in_features}"
@@ -116,7 +124,15 @@ class _QuantPass(Pass):
         return f"use group_size {', '.join(map(str, ok[:3])) or '-1'} or -1, or list those layers under `ignore`"
 
     def validate(self, k, job):
-        """``export.target``: the scheme this pass stores must be one that runtime serves."""
+        """``export.target``: the scheme this pass stores must be one that runtime serves. A GGUF
+        export: the grids are llama.cpp's (bits, groups and symmetry come from the type)."""
+        if getattr(job.export, "format", None) == "gguf":
+            if getattr(self.config, "activations", None) is not None:
+                raise UsageError(f"passes.{k}.{self.name}: activations (W8A8) have no GGUF form (llama.cpp stores quantized "
+                                 "weights only); drop `activations` or export to compressed-tensors")
+            arch_for(job.model_config)  # an architecture llama.cpp does not read: exit 2 now
+            self.gguf = (job.export.type, job.model_config)
+            return
         target = getattr(job.export, "target", None)
         if target is None:
             return
@@ -126,6 +142,20 @@ class _QuantPass(Pass):
         why = kind.refusal({"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric, "act_order": g_idx}, TARGETS[target])
         if why:
             raise UsageError(f"passes.{k}.{self.name}: export.target is {target}, and {why}")
+
+    def grid_for(self, full_name: str, in_features: int) -> str:
+        """The GGUF storage type of this Linear (``f16`` where llama.cpp's fallback keeps it dense)."""
+        return hf_layer_type(self.gguf[0], full_name, in_features, self.gguf[1], imatrix=self.needs_calibration())
+
+    def _grid_apply(self, full_name: str, module: nn.Linear, solve) -> tuple[nn.Module, dict]:
+        """GGUF export: ``solve(grid) -> (codes, params, info)`` on this Linear's llama.cpp grid."""
+        t = self.grid_for(full_name, module.in_features)
+        if t in (F16, F32):
+            return module, {"gguf_type": t}
+        g = ggml.grid(t)
+        codes, params, info = solve(g)
+        bias = None if module.bias is None else module.bias.detach().float()
+        return GGMLLinear.from_blocks(ggml.encode(codes, params), g.qtype, module.in_features, bias), {"gguf_type": t, **info}
 
     def _module(self, module: nn.Linear, result) -> nn.Module:
         bias = None if module.bias is None else module.bias.detach()
@@ -142,6 +172,8 @@ class RTNPass(_QuantPass):
     Config = QuantConfig
 
     def apply(self, full_name, module, stats):
+        if self.gguf is not None:
+            return self._grid_apply(full_name, module, lambda g: (*ggml.rtn(module.weight.detach().float(), g), {}))
         res = rtn_quantize(module.weight.detach().float(), self.config.scheme(self.ctx.dtype, module.in_features))
         return self._module(module, res), {"group_size": res.scheme.group_size}
 
@@ -169,6 +201,10 @@ class GPTQPass(_QuantPass):
 
     def apply(self, full_name, module, stats):
         c = self.config
+        if self.gguf is not None:  # static groups: a GGUF block has its parameters, whatever the visiting order
+            return self._grid_apply(full_name, module, lambda g: gptq_quantize_grid(
+                module.weight.detach().float(), stats["hessian"]["H"], g, blocksize=c.block_size, damp=c.damp,
+                act_order=c.act_order, name=full_name))
         res = gptq_quantize(
             module.weight.detach().float(),
             stats["hessian"]["H"],
@@ -248,7 +284,14 @@ class AWQPass(_SmoothPass, _QuantPass):
     def link(self, later):
         self.defer = any("quantize" in q.effects for q in later if "smooth" not in q.effects)
 
-    def _search_scheme(self, in_features: int):
+    def _search_scheme(self, in_features: int, full_name: str | None = None):
+        """The grid the search rounds on: the recipe's, or for a GGUF export the uniform grid
+        closest to the layer's llama.cpp type (its bits, sub-block width, and min or not)."""
+        if self.gguf is not None and full_name is not None:
+            t = self.grid_for(full_name, in_features)
+            if t not in (F16, F32):
+                g = ggml.grid(t)
+                return QuantScheme(bits=g.bits, group_size=g.sub, symmetric=not g.has_min, observer="minmax", scale_dtype=torch.float16)
         return replace(self.config.scheme(self.ctx.dtype, in_features), observer="minmax")
 
     @torch.no_grad()
@@ -260,7 +303,7 @@ class AWQPass(_SmoothPass, _QuantPass):
             if not self.targets_point(prefix, block, point):
                 continue
             lins = [get_module(block, n) for n in point.linears]
-            scheme = self._search_scheme(lins[0].in_features)  # the point's Linears share their input
+            scheme = self._search_scheme(lins[0].in_features, prefix + point.linears[0])  # the point's Linears share their input
             weights = [l.weight.detach().float().clone() for l in lins]
             st = stats[point.linears[0]]
             x_mean = awq_alg.activation_mean(st["absmean"]["sum"], st["absmean"]["n"])
@@ -283,7 +326,7 @@ class AWQPass(_SmoothPass, _QuantPass):
                 mod = get_module(block, n)
                 if not self.matches(full, mod) or any(full.endswith("." + k) for k in c.clip_skip):
                     continue
-                lo, hi = awq_alg.search_clip(mod.weight.float(), H, self._search_scheme(mod.in_features), c.clip_grid, c.clip_max_shrink)
+                lo, hi = awq_alg.search_clip(mod.weight.float(), H, self._search_scheme(mod.in_features, full), c.clip_grid, c.clip_max_shrink)
                 mod.weight.copy_(awq_alg.clamp_to(mod.weight.float(), lo, hi))
                 info.setdefault(full, {})["awq_clipped"] = True
         return info

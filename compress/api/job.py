@@ -36,6 +36,8 @@ from compress.checkpoint.files import (
     folder_bytes,
     work_folder,
 )
+from compress.checkpoint.gguf import arch_for
+from compress.checkpoint.gguf_export import GGUFExporter, read_tokenizer
 from compress.checkpoint.source import ModelSource, resolve_model
 from compress.data import calibration_set
 from compress.engine import SweepOptions, check_plan, compress_blocks
@@ -112,11 +114,17 @@ class Job:
         self.passes = [get_pass(name)(cfg, Context(dtype=self.dtype, seed=recipe.seed)) for name, cfg in recipe.pass_configs()]
         self.model = self.source.skeleton()
         self.calib = _calibration(recipe, self.source, self.passes, self.hooks)
-        job = JobView(self.passes, self.calib, recipe.export)
+        job = JobView(self.passes, self.calib, recipe.export, self.source.config)
         for k, p in enumerate(self.passes):
             p.validate(k, job)
         check_plan(self.source, self.model, self.passes)  # bad options fail here, before anything is written
         self.model_passes = [p for p in self.passes if p.in_stage("transform_model")]
+        if recipe.export.format == "gguf":  # an architecture llama.cpp does not read: exit 2 before any work
+            arch_for(self.source.config)
+            read_tokenizer(self.source.path)
+            if self.model_passes:
+                raise UsageError(f"passes: {self.model_passes[0].name} transforms the whole model after the sweep; a GGUF "
+                                 "export is written by the sweep: export to compressed-tensors, then convert")
         self.target = Path(recipe.export.path)
         if self.model_passes:  # the sweep exports beside the target: its own check would not see it
             check_target(self.target, recipe.export.overwrite)
@@ -200,9 +208,11 @@ class Job:
         exporter, start, cached = None, 0, None
         if world.main:
             blocks_path, n_blocks = _blocks(source, self.model)
-            exporter = Exporter(target, source, recipe.fingerprint(), blocks_path, n_blocks, self.dtype,
-                                overwrite=recipe.export.overwrite or bool(self.model_passes), resume=self.resume,
-                                lowrank=recipe.export.lowrank, needed=self.needed, max_shard_size=recipe.export.shard_bytes())
+            kind, extra = (GGUFExporter, {"gguf_type": recipe.export.type, "log": self.hooks.log,
+                                                 "imatrix": any("quantize" in p.effects and p.needs_calibration() for p in self.passes)}) if recipe.export.format == "gguf" else (Exporter, {})
+            exporter = kind(target, source, recipe.fingerprint(), blocks_path, n_blocks, self.dtype,
+                            overwrite=recipe.export.overwrite or bool(self.model_passes), resume=self.resume,
+                            lowrank=recipe.export.lowrank, needed=self.needed, max_shard_size=recipe.export.shard_bytes(), **extra)
             start, cached = exporter.begin()
         start = world.broadcast(start)
         if start and exporter is not None:  # rank 0 (the only rank that logs)

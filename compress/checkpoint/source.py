@@ -140,6 +140,8 @@ def resolve_model(ref: str | os.PathLike, log=print) -> Path:
             raise InputError(f"{p}: no such GGUF file")
         out = _gguf_cache_path(p)
         return out if (out / "config.json").exists() else gguf_to_hf(p, out, log)
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "model.gguf").is_file():
+        return resolve_model(p / "model.gguf", log)  # a GGUF export (--gguf): its one file
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise InputError(f"{p}: not a Hugging Face checkpoint folder (no config.json)")

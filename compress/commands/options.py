@@ -37,6 +37,10 @@ MaxShardSizeOpt = Annotated[str | None, typer.Option("--max-shard-size", help=(
 TargetOpt = Annotated[str | None, typer.Option("--target", help=(
     "The runtime the export is for: vllm, vllm-cpu, transformers or compress (export.target). Checked before any work: "
     "a scheme that runtime cannot load exits 2 naming what works instead (e.g. symmetric for vllm-cpu)."))]
+GgufOpt = Annotated[str | None, typer.Option("--gguf", metavar="TYPE", help=(
+    "Write OUT/model.gguf for llama.cpp instead of compressed-tensors (export.type): q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, "
+    "q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k. The quantizer (rtn, gptq, awq) solves on llama.cpp's own grid for each tensor, "
+    "as llama.cpp's mix assigns the types."))]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last finished block.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and stop.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: --set passes.0.gptq.bits=3 (repeatable).")]
@@ -135,10 +139,12 @@ class Job:
     device: DeviceOpt = None
     max_shard_size: MaxShardSizeOpt = None
     target: TargetOpt = None
+    gguf: GgufOpt = None
 
     def overrides(self) -> list[str]:
-        """--seed, --device, --max-shard-size and --target as recipe overrides (before the --set ones, which win)."""
-        pairs = (("seed", self.seed), ("device", self.device), ("export.max_shard_size", self.max_shard_size), ("export.target", self.target))
+        """--seed, --device, --max-shard-size, --target and --gguf as recipe overrides (before the --set ones, which win)."""
+        pairs = (("seed", self.seed), ("device", self.device), ("export.max_shard_size", self.max_shard_size), ("export.target", self.target),
+                 ("export.type", self.gguf))
         return [f"{k}={v}" for k, v in pairs if v is not None]
 
 
