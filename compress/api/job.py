@@ -257,6 +257,9 @@ class Job:
 
     def _note_conv1d(self, exporter: Exporter) -> None:
         """Say which runtimes cannot load the export and refuse it (compress.json ``runtimes``)."""
+        if isinstance(exporter, GGUFExporter):
+            self.hooks.log(f"wrote {exporter.target / 'model.gguf'}: a GGUF file for llama.cpp (compress eval/inspect/load read it too)")
+            return
         for runtime, r in exporter.refusals.get("refuses", {}).items():
             self.hooks.log(f"note: {runtime} does not serve this export ({r['why']}); it loads in {', '.join(exporter.refusals['loads'])}")
 
