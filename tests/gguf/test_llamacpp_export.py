@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from compress.eval import llamacpp as lc
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.skipif(lc.find_tools() is None, reason=lc.unavailable_reason() or "")]
