@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 from compress.checkpoint.formats import read_quantization_config
 from compress.checkpoint.load import stored_modules
-from compress.checkpoint.source import ModelSource, read_metadata, resolve_model
+from compress.checkpoint.source import (
+    ModelSource,
+    gguf_export_file,
+    read_metadata,
+    resolve_model,
+)
 from compress.modules import ALL_RUNTIMES, runtime_fields, runtimes_for
 
 
@@ -18,20 +24,15 @@ def _parameters(source: ModelSource, stored: dict, info: dict) -> int:
     return n + sum(math.prod(shape) for k, (shape, _) in info.items() if k.rpartition(".")[0] not in stored)
 
 
-def inspect_gguf(path: Path) -> dict:
-    """A GGUF file (or a GGUF export's folder): its tensors by storage type, bits per parameter,
+def inspect_gguf(f: Path) -> dict:
+    """A GGUF file (a GGUF export's, or any): its tensors by storage type, bits per parameter,
     size, and which runtimes load it (the export's compress.json, where there is one)."""
     import gguf
 
-    folder = path if path.is_dir() else path.parent
-    f = path / "model.gguf" if path.is_dir() else path
     r = gguf.GGUFReader(f)
     arch = r.fields["general.architecture"]
-    types: dict[str, int] = {}
-    for t in r.tensors:
-        types[t.tensor_type.name.lower()] = types.get(t.tensor_type.name.lower(), 0) + 1
     n_params = sum(int(t.n_elements) for t in r.tensors)
-    meta = read_metadata(folder) if (folder / "compress.json").is_file() else {}
+    meta = read_metadata(f.parent) if (f.parent / "compress.json").is_file() else {}
     return {
         "path": str(f),
         "format": "gguf",
@@ -39,7 +40,7 @@ def inspect_gguf(path: Path) -> dict:
         "size_bytes": f.stat().st_size,
         "parameters": n_params,
         "bits_per_parameter": round(8 * sum(int(t.n_bytes) for t in r.tensors) / max(n_params, 1), 3),
-        "gguf_types": dict(sorted(types.items())),
+        "gguf_types": dict(sorted(Counter(t.tensor_type.name.lower() for t in r.tensors).items())),
         "runtimes": meta.get("runtimes", {"loads": ["llama.cpp", "compress"], "refuses": {}}),
     }
 
@@ -47,8 +48,8 @@ def inspect_gguf(path: Path) -> dict:
 def inspect_checkpoint(path) -> dict:
     """Layers, schemes, bits per parameter and size on disk of a checkpoint folder."""
     p = Path(path).expanduser()
-    if p.suffix == ".gguf" and p.is_file() or p.is_dir() and (p / "model.gguf").is_file() and not (p / "config.json").exists():
-        return inspect_gguf(p)
+    if (f := p if p.suffix == ".gguf" and p.is_file() else gguf_export_file(p)) is not None:
+        return inspect_gguf(f)
     source = ModelSource(resolve_model(path))
     stored = {q: t for q, t in stored_modules(source).items() if not t.container}  # low-rank: its factors count
     info = source.tensor_info(list(source.weight_map))  # every shard's header, read once

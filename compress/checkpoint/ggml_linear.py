@@ -20,9 +20,9 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from compress.kernels.reference import cache_dense, wna16_linear
 from compress.modules import COMPRESS, CompressedLinear, register_module_type
 
 LLAMA_CPP = "llama.cpp"
@@ -39,7 +39,9 @@ class GGMLLinear(CompressedLinear):
         self.register_buffer("weight_ggml", torch.zeros(out_features, row_bytes, dtype=torch.uint8))
         self.register_buffer("ggml_type", torch.tensor([int(qtype)], dtype=torch.int32))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._dense: torch.Tensor | None = None  # the dequantized weight in the last compute dtype
+        # gguf's numpy dequantizer is slow to run per call: the weight is kept between forwards
+        # (rebuilt when the blocks change), as keep_dense does for packed layers
+        cache_dense(self)
 
     @classmethod
     def from_blocks(cls, data: np.ndarray, qtype: gguf.GGMLQuantizationType, in_features: int,
@@ -58,20 +60,14 @@ class GGMLLinear(CompressedLinear):
         return self.qtype.name.lower()
 
     def dequantize(self) -> torch.Tensor:
-        """float32 (out, in), by the gguf package's dequantizer."""
+        """float32 (out, in), by the gguf package's dequantizer, on the module's device."""
         w = gguf.quants.dequantize(self.weight_ggml.cpu().numpy(), self.qtype)
-        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).reshape(self.out_features, self.in_features)
+        w = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).reshape(self.out_features, self.in_features)
+        return w.to(self.weight_ggml.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self._dense
-        if w is None or w.dtype != x.dtype or w.device != x.device:
-            w = self._dense = self.dequantize().to(device=x.device, dtype=x.dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, b)
-
-    def _apply(self, fn, recurse=True):  # .to()/.cuda(): the cached weight is rebuilt on the next forward
-        self._dense = None
-        return super()._apply(fn, recurse)
+        # the torch reference path: the dequantized weight, kept between calls (see __init__)
+        return wna16_linear(x, self)
 
     # the compressed-module protocol (compress.modules)
     def dense_weight(self) -> torch.Tensor:
@@ -79,6 +75,10 @@ class GGMLLinear(CompressedLinear):
 
     def quant_spec(self) -> dict:
         return {"format": "gguf", "type": self.type_name}
+
+    def keep_dense(self, on: bool = True) -> bool:
+        cache_dense(self, on)
+        return True
 
     @classmethod
     def refusal(cls, spec: dict, runtime: str) -> str | None:

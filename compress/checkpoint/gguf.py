@@ -45,14 +45,6 @@ FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_
 F16, F32 = "f16", "f32"
 
 
-def check_type(name: str) -> str:
-    """The lower-cased TYPE, or a UsageError (exit 2) listing the supported ones."""
-    t = str(name).strip().lower()
-    if t not in TYPES:
-        raise UsageError(f"--gguf {name}: not a GGUF type compress writes; use one of {', '.join(TYPES)}")
-    return t
-
-
 # ---------------------------------------------------------------- architectures and names
 
 
@@ -98,9 +90,12 @@ def gguf_name(tmap, hf_name: str) -> str | None:
 
 # ---------------------------------------------------------------- which tensor gets which type
 
-_CATEGORY = {"attn_q": "attn_q", "attn_k": "attn_k", "attn_v": "attn_v", "attn_output": "attn_output",
-             "ffn_gate": "ffn_gate", "ffn_up": "ffn_up", "ffn_down": "ffn_down", "token_embd": "token_embd", "output": "output"}
 _LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def category(gguf_tensor: str) -> str:
+    """llama.cpp's tensor category: ``blk.3.attn_v.weight`` -> ``attn_v``, ``output.weight`` -> ``output``."""
+    return gguf_tensor.split(".")[-2] if gguf_tensor.startswith("blk.") else gguf_tensor.split(".")[0]
 
 
 def _more_bits(i: int, n: int) -> bool:
@@ -145,7 +140,7 @@ def tensor_type(ftype: str, gguf_tensor: str, row: int, config, tied: bool, imat
     HF's in_features) under TYPE ``ftype``, with llama.cpp's fallback applied. ``imatrix``: as
     llama.cpp with an importance matrix (our calibrated solvers: GPTQ, AWQ)."""
     base = TYPES[ftype][0]
-    cat = gguf_tensor.split(".")[-2] if gguf_tensor.startswith("blk.") else gguf_tensor.split(".")[0]
+    cat = category(gguf_tensor)
     n = config.num_hidden_layers
     m = _LAYER.match(gguf_tensor)
     i = int(m.group(1)) if m else 0
@@ -156,10 +151,8 @@ def tensor_type(ftype: str, gguf_tensor: str, row: int, config, tied: bool, imat
             t = "q8_0"
         else:
             t = base if base == "q8_0" else "q6_k"
-    elif cat in _CATEGORY:
-        t = _mixed(base, ftype, cat, i, n, n_gqa, imatrix)
     else:
-        t = base
+        t = _mixed(base, ftype, cat, i, n, n_gqa, imatrix)
     return fallback(t, row)
 
 

@@ -37,6 +37,7 @@ from compress.checkpoint.gguf import (
     F32,
     TYPES,
     arch_for,
+    category,
     gguf_name,
     name_map,
     tensor_type,
@@ -75,25 +76,33 @@ class GGUFExporter(Exporter):
         """``imatrix``: the quantization pass calibrated (llama.cpp's mix rules with an importance matrix)."""
         super().__init__(*args, **kw)
         self.gguf_type, self.imatrix, self.log = gguf_type, imatrix, log
-        self.plan_notes: dict = {}
+
+    def tensor_files(self) -> dict[str, Path]:
+        """Where each tensor of the model is now: the blocks' in the work folder (a shard the sweep
+        flushed, or a block's file), the others in the source's files. The file is written from
+        there, with no safetensors copy of the model in between."""
+        files = {t: self.work / f for t, f in self.weight_map.items()}
+        files.update({t: self._file(f) for t, f, _ in self.pending})
+        files.update({n: Path(self.source.weight_map[n]) for n in self.outside})
+        return files
 
     def finalize(self, model, recipe_yaml: str, report: dict, sections: dict) -> Path:
         self.refusals = RUNTIMES
         report["runtimes"] = RUNTIMES
+        files = self.tensor_files()
+        read = lambda n: _read(files, n)
+        plan = plan_tensors(self.source.config, self.gguf_type, _shapes(files), read)
+        notes = summarize_plan(plan, self.source.config, self.gguf_type, self.imatrix)
+        report["gguf"] = notes
+        for k, v in notes["fallbacks"].items():
+            self.log(f"GGUF {self.gguf_type}: {k} ({v}; llama.cpp's fallback where the type's blocks do not divide the rows)")
         with self._disk():
-            self._final_shards()  # every tensor (the source's outside the blocks too) in the work folder
-            shards = dict(self.weight_map)
-            read = lambda n: _read(self.work, shards, n)
-            plan = plan_tensors(self.source.config, self.gguf_type, _shapes(self.work, shards), read)
-            self.plan_notes = summarize_plan(plan, self.source.config, self.gguf_type, self.imatrix)
-            report["gguf"] = self.plan_notes
-            for k, v in self.plan_notes["fallbacks"].items():
-                self.log(f"GGUF {self.gguf_type}: {k} ({v}; llama.cpp's fallback where the type's blocks do not divide the rows)")
             write_gguf(self.work / GGUF_FILE, self.source, self.gguf_type, plan, read)
             check_file(self.work / GGUF_FILE, len(plan))
-            for f in set(shards.values()):
-                remove_quietly(self.work / f)
-            texts = {"compress.json": json.dumps(self.metadata({**sections, "runtimes": RUNTIMES, "gguf": self.plan_notes}), indent=2),
+            for f in set(files.values()):
+                if f.parent == self.work:  # the blocks' files and shards: the GGUF holds them now
+                    remove_quietly(f)
+            texts = {"compress.json": json.dumps(self.metadata({**sections, "runtimes": RUNTIMES, "gguf": notes}), indent=2),
                      "recipe.yaml": recipe_yaml, "report.json": json.dumps(report, indent=2)}
             for name, text in texts.items():
                 atomic_write_text(self.work / name, text)
@@ -103,18 +112,22 @@ class GGUFExporter(Exporter):
         return self.target
 
 
-def _shapes(work: Path, shards: dict[str, str]) -> dict[str, tuple[tuple[int, ...], str]]:
+def _shapes(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype) of every tensor in ``files``, from the files' headers."""
+    by_file: dict[Path, list[str]] = {}
+    for n, f in files.items():
+        by_file.setdefault(f, []).append(n)
     out = {}
-    for f in sorted(set(shards.values())):
-        with safe_open(work / f, "pt") as h:
-            for k in h.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+    for f, names in by_file.items():
+        with safe_open(f, "pt") as h:
+            for k in names:
                 sl = h.get_slice(k)
                 out[k] = (tuple(sl.get_shape()), sl.get_dtype())
     return out
 
 
-def _read(work: Path, shards: dict[str, str], name: str) -> torch.Tensor:
-    with safe_open(work / shards[name], "pt") as h:
+def _read(files: dict[str, Path], name: str) -> torch.Tensor:
+    with safe_open(files[name], "pt") as h:
         return h.get_tensor(name)
 
 
@@ -185,8 +198,7 @@ def summarize_plan(plan: list[Planned], config, ftype: str, imatrix: bool = Fals
             continue
         wanted = tensor_type(ftype, p.gguf, BLOCK_ALL, config, tied, imatrix)
         if wanted != name:
-            cat = p.gguf.split(".")[-2] if p.gguf.startswith("blk.") else p.gguf.split(".")[0]
-            falls.setdefault(f"{cat}: {wanted} -> {name}", []).append(p.row)
+            falls.setdefault(f"{category(p.gguf)}: {wanted} -> {name}", []).append(p.row)
     fallbacks = {k: f"{len(v)} tensors, rows of {', '.join(map(str, sorted(set(v))))}" for k, v in falls.items()}
     return {"file": GGUF_FILE, "type": ftype, "tensors": len(plan), "types": dict(sorted(types.items())), "fallbacks": fallbacks}
 
@@ -272,16 +284,22 @@ def _metadata(w: gguf.GGUFWriter, config, ftype: str) -> None:
 # ---------------------------------------------------------------- tokenizer
 
 
+def _pretokenizers(tok_json: dict) -> list[dict]:
+    """The tokenizer.json's pre-tokenizers in order (a Sequence's members, or the one)."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    return pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+
+
 def _pre_tokenizer(tok_json: dict) -> str | None:
     """llama.cpp's name for the tokenizer's pre-tokenization, from its structure (None: unknown)."""
-    pre = tok_json.get("pre_tokenizer") or {}
-    kinds = [p.get("type") for p in pre.get("pretokenizers", [])] if pre.get("type") == "Sequence" else [pre.get("type")]
-    if kinds == ["ByteLevel"] and pre.get("use_regex", True):
+    pres = _pretokenizers(tok_json)
+    kinds = [p.get("type") for p in pres]
+    if kinds == ["ByteLevel"] and pres[0].get("use_regex", True):
         return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and pre["pretokenizers"][0].get("individual_digits"):
+    if kinds == ["Digits", "ByteLevel"] and pres[0].get("individual_digits"):
         return "smollm"
     if kinds == ["Split", "ByteLevel"]:
-        regex = pre["pretokenizers"][0].get("pattern", {}).get("Regex", "")
+        regex = pres[0].get("pattern", {}).get("Regex", "")
         if r"\p{N}{1,3}" in regex:
             return "llama-bpe"
         if r"\p{N}|" in regex or r"\p{N}| ?" in regex:
@@ -297,9 +315,8 @@ def read_tokenizer(folder: Path) -> dict:
     if not tj.exists():
         raise InputError(f"{folder}: GGUF export needs tokenizer.json (a fast byte-level BPE tokenizer) beside the model")
     tok_json = json.loads(tj.read_text(encoding="utf-8"))
-    model, pre = tok_json.get("model", {}), tok_json.get("pre_tokenizer") or {}
-    pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    if model.get("type") != "BPE" or not any(p.get("type") == "ByteLevel" for p in pres):
+    model = tok_json.get("model", {})
+    if model.get("type") != "BPE" or not any(p.get("type") == "ByteLevel" for p in _pretokenizers(tok_json)):
         raise InputError(f"{tj}: GGUF export writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM style); this one is "
                          f"{model.get('type')} without a ByteLevel pre-tokenizer (SentencePiece-style vocabularies are not written yet)")
     return tok_json

@@ -129,6 +129,12 @@ def demo_model_path(log=print) -> Path:
     return out
 
 
+def gguf_export_file(p: Path) -> Path | None:
+    """The ``model.gguf`` of a GGUF export's folder (``--gguf``: no config.json beside it), else None."""
+    f = p / "model.gguf"
+    return f if p.is_dir() and not (p / "config.json").is_file() and f.is_file() else None
+
+
 def resolve_model(ref: str | os.PathLike, log=print) -> Path:
     """Turn a model reference into a local HF folder (see module docstring)."""
     ref = str(ref)
@@ -140,8 +146,8 @@ def resolve_model(ref: str | os.PathLike, log=print) -> Path:
             raise InputError(f"{p}: no such GGUF file")
         out = _gguf_cache_path(p)
         return out if (out / "config.json").exists() else gguf_to_hf(p, out, log)
-    if p.is_dir() and not (p / "config.json").is_file() and (p / "model.gguf").is_file():
-        return resolve_model(p / "model.gguf", log)  # a GGUF export (--gguf): its one file
+    if (f := gguf_export_file(p)) is not None:
+        return resolve_model(f, log)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise InputError(f"{p}: not a Hugging Face checkpoint folder (no config.json)")

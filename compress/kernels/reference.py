@@ -22,10 +22,10 @@ import torch.nn.functional as F
 
 
 def buffers_key(qlinear) -> tuple:
-    """Changes whenever a packed module's buffers do: in-place loads (load_state_dict, .copy_)
-    bump ``_version``; .to(device) changes ``data_ptr``. What the per-module caches check."""
-    ts = [qlinear.weight_packed, qlinear.weight_scale] + [getattr(qlinear, k) for k in ("weight_zero_point", "weight_g_idx") if hasattr(qlinear, k)]
-    return tuple((t.data_ptr(), t._version, t.device) for t in ts)
+    """Changes whenever a compressed module's own buffers do (a packed layer's codes, scales and
+    zero points; a GGUF layer's blocks): in-place loads (load_state_dict, .copy_) bump
+    ``_version``; .to(device) changes ``data_ptr``. What the per-module caches check."""
+    return tuple((t.data_ptr(), t._version, t.device) for t in qlinear.buffers(recurse=False))
 
 
 def cache_dense(qlinear, on: bool = True) -> None:

@@ -13,7 +13,7 @@ from compress.quant import ggml
 from typer.testing import CliRunner
 
 import compress
-from compress.checkpoint.gguf import TYPES, check_type, tensor_type
+from compress.checkpoint.gguf import TYPES, tensor_type
 from compress.errors import UsageError
 from tests.conftest import compressed_in_memory
 
@@ -56,9 +56,11 @@ def test_mix_follows_llama_cpp_on_the_demo():
 
 
 def test_unknown_type_lists_the_supported_ones():
+    from compress.recipe import load_recipe
+
     with pytest.raises(UsageError) as e:
-        check_type("q4_k_x")
-    assert "q4_k_m" in str(e.value) and "iq4_nl" in str(e.value)
+        load_recipe({"export": {"path": "out", "type": "q4_k_x"}})
+    assert "q4_k_x" in str(e.value) and "q4_k_m" in str(e.value) and "iq4_nl" in str(e.value)
 
 
 def test_cli_refuses_unknown_type_and_architecture(tmp_path):
@@ -179,3 +181,18 @@ def test_gguf_export_round_trip(wide_llama, tmp_path, ftype, method):
     # the run evaluated the file it wrote (our GGUF input reads OUT), not the model in memory
     assert report["eval"]["model"]["ref"] == str(out) and "gguf" in report["eval"]["model"]["path"]
     assert 1 < report["eval"]["metrics"][0]["model"] < 10 * VOCAB
+
+
+def test_ggml_linear_follows_its_blocks():
+    """A GGUF layer keeps its dequantized weight between forwards and rebuilds it when its blocks
+    change (load_state_dict copies in place): the shared cache of compressed layers."""
+    from compress.checkpoint.ggml_linear import GGMLLinear
+
+    g = ggml.grid("q4_k")
+    w1, w2 = torch.randn(2, 8, 256).unbind(0)
+    m1, m2 = (GGMLLinear.from_blocks(ggml.encode(*ggml.rtn(w, g)), g.qtype, 256) for w in (w1, w2))
+    x = torch.randn(3, 256)
+    assert torch.allclose(m1(x), x @ m1.dequantize().T)
+    m1.load_state_dict(m2.state_dict())
+    assert torch.equal(m1(x), m2(x)) and torch.allclose(m1(x), x @ m2.dequantize().T)
+    assert torch.equal(m1.dequantize(), ggml.dequantize(*ggml.rtn(w2, g)))
