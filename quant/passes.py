@@ -129,7 +129,7 @@ class _QuantPass(Pass):
         if getattr(job.export, "format", None) == "gguf":
             if getattr(self.config, "activations", None) is not None:
                 raise UsageError(f"passes.{k}.{self.name}: activations (W8A8) have no GGUF form (llama.cpp stores quantized "
-                                 "weights only); drop `activations` or export to compressed-tensors")
+                                 "weights only); drop `activations` (--method gptq, awq or rtn) or export to compressed-tensors (drop --gguf)")
             arch_for(job.model_config)  # an architecture llama.cpp does not read: exit 2 now
             self.gguf = (job.export.type, job.model_config)
             return

@@ -74,6 +74,11 @@ def test_cli_refuses_unknown_type_and_architecture(tmp_path):
     r = CliRunner().invoke(app, ["quantize", str(opt), "-o", str(tmp_path / "o2"), "--method", "rtn", "--gguf", "q4_0", "--no-eval"])
     assert r.exit_code == 2 and "'opt'" in r.output, r.output
     assert not (tmp_path / "o2").exists() and not (tmp_path / ".o2.partial").exists()
+    llama = save_tiny(tmp_path / "llama", "llama")
+    r = CliRunner().invoke(app, ["quantize", str(llama), "-o", str(tmp_path / "o3"), "--method", "w8a8", "--gguf", "q4_0",
+                                 "--no-eval", "--samples", "2", "--seq-len", "32"])
+    assert r.exit_code == 2 and "no GGUF form" in r.output and "--method gptq" in r.output, r.output
+    assert not (tmp_path / "o3").exists()
 
 
 # ---------------------------------------------------------------- end to end on a tiny llama
