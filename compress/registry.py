@@ -14,6 +14,7 @@ import importlib
 FAMILIES = (
     "compress.quant.passes",  # rtn, gptq, awq, smoothquant; QuantLinear, Int8Linear
     "compress.prune.passes",  # magnitude, wanda, sparsegpt
+    "compress.prune.structured_pass",  # prune_structured
     "compress.lowrank.passes",  # lowrank; LowRankLinear
     "compress.distill.passes",  # distill
 )

@@ -143,6 +143,9 @@ class TrainOptions:
     progress: Callable[[int, int, str], None] = _no_progress  # (step, planned steps, loss and speed) after each step
     log: Callable[[str], None] = _no_log  # a line per held-out evaluation, and where it resumes
     interrupt_at: int | None = None  # raise KeyboardInterrupt after this step (tests of resume)
+    # a structurally pruned student: the teacher's block each student block matches, and the
+    # teacher's hidden dimensions the student kept (None: all) for the hidden-state loss
+    hidden_map: tuple[list[int], torch.Tensor | None] | None = None
 
 
 @dataclass(eq=False)
@@ -251,11 +254,20 @@ class TrainJob:
                     t_out = self.teacher(input_ids=x, use_cache=False, output_hidden_states=hidden)
                 loss = losses.logit_loss(cfg.loss, out.logits, t_out.logits, cfg.temperature, cfg.beta, cfg.alpha)
                 if hidden:
-                    loss = loss + cfg.hidden_weight * losses.hidden_mse(list(out.hidden_states[1:]), list(t_out.hidden_states[1:]))
+                    loss = loss + cfg.hidden_weight * losses.hidden_mse(list(out.hidden_states[1:]), self.teacher_hidden(t_out.hidden_states))
             if cfg.lm_weight > 0:
                 lm = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]), x[:, 1:].reshape(-1))
                 loss = loss + cfg.lm_weight * lm
         return loss
+
+    def teacher_hidden(self, states: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """The teacher's block outputs the student's match: all of them, or for a structurally
+        pruned student those of the blocks it kept, over the hidden dimensions it kept."""
+        if self.opts.hidden_map is None:
+            return list(states[1:])
+        layers, dims = self.opts.hidden_map
+        picked = [states[1 + i] for i in layers]
+        return [h.index_select(-1, dims.to(h.device)) for h in picked] if dims is not None else picked
 
     def step(self) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns its mean loss."""

@@ -38,9 +38,11 @@ SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", 
 
 
 def check_pair(student: ModelSource, teacher: ModelSource) -> None:
-    """The student must be the teacher's architecture with the teacher's vocabulary."""
+    """The student must be the teacher's architecture with the teacher's vocabulary (a
+    structurally pruned student, whose compress.json says so, may be narrower and shallower)."""
     diffs = []
-    for f in SHAPE_FIELDS:
+    structured = "structured" in read_metadata(student.path)
+    for f in SHAPE_FIELDS[:2] if structured else SHAPE_FIELDS:
         a, b = getattr(student.config, f, None), getattr(teacher.config, f, None)
         if a != b:
             diffs.append(f"{f} {a} vs {b}")
@@ -73,8 +75,11 @@ def distill_checkpoint(student_path: Path, teacher_path: Path, windows: torch.Te
     for p in teacher.parameters():
         p.requires_grad_(False)
     blocks_path, _ = find_blocks(student, sp.config.model_type, getattr(sp.config, "num_hidden_layers", None))
-    pruned = set(read_metadata(student_path).get("sparsity", {}).get("targets", []))
-    prep = prepare(student, cfg.train, pruned, blocks_path)
+    meta = read_metadata(student_path)
+    pruned = set(meta.get("sparsity", {}).get("targets", []))
+    structured = meta.get("structured")
+    # a structurally pruned student is an ordinary dense model: its blocks' weights train
+    prep = prepare(student, "weights" if structured and cfg.train == "auto" else cfg.train, pruned, blocks_path)
     topk = held_topk = None
     if cfg.teacher == "topk":  # the teacher's top-k of every window, once (kept on disk for --resume), then the teacher goes
         cache = work / "teacher_topk.pt"
@@ -92,13 +97,21 @@ def distill_checkpoint(student_path: Path, teacher_path: Path, windows: torch.Te
         teacher = None
     log(f"distilling {student_path} ({prep.numel():,} trainable values: {_counts(prep.counts)}) on {len(train)} windows, "
         f"{len(held)} held out")
-    rec = train_model(student, teacher, train, held, cfg, prep, seed=seed, topk=topk, held_topk=held_topk, state_path=work / "distill_state.pt",
+    hidden_map = _hidden_map(structured) if structured else None
+    rec = train_model(student, teacher, train, held, cfg, prep, seed=seed, topk=topk, held_topk=held_topk, hidden_map=hidden_map,
+                      state_path=work / "distill_state.pt",
                       resume=resume, progress=lambda d, n, info: _progress(hooks, "distill", d, n, info), log=log)
     commit(student)
     rec.update({"trainable_values": prep.numel(), "trained": prep.counts, "train": cfg.train, "loss": cfg.loss,
                 "teacher": cfg.teacher, "windows": {"train": len(train), "heldout": len(held), "seq_len": int(windows.shape[1])},
                 "total_s": round(time.time() - t0, 1), "peak_rss_mb": peak_rss_mb()})
     return student, rec
+
+
+def _hidden_map(structured: dict) -> tuple[list[int], torch.Tensor | None]:
+    """The teacher's blocks and hidden dimensions a structurally pruned student kept (compress.json)."""
+    dims = structured.get("hidden_kept")
+    return structured["layers_kept"], torch.tensor(dims) if dims is not None else None
 
 
 def distill_perplexities(ev: dict, before: dict) -> dict:

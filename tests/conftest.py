@@ -38,6 +38,12 @@ def tiny_config(family: str):
         return AutoConfig.for_model("llama", num_key_value_heads=2, tie_word_embeddings=True, **common)
     if family == "qwen2":
         return AutoConfig.for_model("qwen2", num_key_value_heads=2, **common)
+    if family == "phi3":
+        return AutoConfig.for_model("phi3", num_key_value_heads=2, pad_token_id=0, bos_token_id=0, eos_token_id=0, **common)
+    if family == "gemma":
+        return AutoConfig.for_model("gemma", num_key_value_heads=2, head_dim=16, **common)
+    if family == "qwen3":
+        return AutoConfig.for_model("qwen3", num_key_value_heads=2, head_dim=16, **common)
     if family == "mistral":
         return AutoConfig.for_model("mistral", num_key_value_heads=2, sliding_window=32, **common)
     if family == "gemma3_text":

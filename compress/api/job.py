@@ -1,8 +1,10 @@
 """``compress.run``: compress a model with a recipe, export it, evaluate it, check the gates.
 
-The run is a pipeline of stages (docs/architecture.md): the layer-wise sweep of the block-scope
-stages (``compress.engine``) writes an export; the model-scope stage (``compress.engine.model``)
-transforms that checkpoint where a pass asks for it; then evaluation, the report and the gates.
+The run is a chain of steps in recipe order (docs/architecture.md, ``compress.engine.model.
+plan_steps``): a model-scope pass (structured pruning, model-scope distillation) is a step that
+reads one checkpoint and writes the next; the consecutive block-scope passes are one step, the
+layer-wise sweep (``compress.engine``), which reads the checkpoint before it and writes an
+export. Then evaluation, the report and the gates.
 """
 
 from __future__ import annotations
@@ -38,22 +40,24 @@ from compress.checkpoint.files import (
 )
 from compress.checkpoint.gguf import arch_for
 from compress.checkpoint.gguf_export import GGUFExporter, read_tokenizer
-from compress.checkpoint.source import ModelSource, resolve_model
+from compress.checkpoint.source import ModelSource, read_metadata, resolve_model
 from compress.data import calibration_set
 from compress.engine import SweepOptions, check_plan, compress_blocks
 from compress.engine.dist import World, close_world, init_world
 from compress.engine.model import (
     ModelStage,
-    clean_model_stage,
-    mark_sweep_done,
-    run_model_stage,
+    clean_steps,
+    mark_step_done,
+    plan_steps,
+    run_model_pass,
     staged,
-    sweep_done,
+    state_folder,
+    step_done,
 )
 from compress.errors import InputError, JobError, UsageError
 from compress.passes import Context, JobView, Pass, get_pass
 from compress.recipe import Recipe, dump_recipe
-from compress.utils import DiskError, peak_rss_mb, size_words
+from compress.utils import DiskError, atomic_write_text, peak_rss_mb, size_words
 
 
 def run(recipe: Recipe, *, resume: bool = False, hooks: Hooks | None = None) -> dict:
@@ -88,7 +92,8 @@ def _calibration(recipe: Recipe, source: ModelSource, passes: list[Pass], hooks:
     return calibration_set(cal, source.tokenizer, recipe.seed)
 
 
-COPIED = ("config.json", *TOKENIZER_FILES)  # the source's files an export holds a copy of (or a version of)
+COPIED = ("config.json", *TOKENIZER_FILES)
+CARRIED = ("structured",)  # compress.json sections of the sweep's input that its export keeps  # the source's files an export holds a copy of (or a version of)
 
 
 class Job:
@@ -107,6 +112,7 @@ class Job:
         if not recipe.passes:
             raise UsageError("passes: the recipe has no passes; add e.g. `- gptq: {bits: 4, group_size: 64}`")
         self.source = ModelSource(resolve_model(recipe.model, log=self.hooks.log))
+        self.original, self.original_source = self.source.path, self.source  # the model the run starts from (the baseline; a teacher)
         self.source.verify()  # a truncated or corrupt weights file stops here (exit 3), not minutes into the run
         check_eval_config(recipe.eval, recipe.eval.baseline)  # before minutes of compression, not after
         self.source.check_seq_len(recipe.seq_lens())  # windows longer than the model's positions: exit 2
@@ -118,16 +124,25 @@ class Job:
         for k, p in enumerate(self.passes):
             p.validate(k, job)
         check_plan(self.source, self.model, self.passes)  # bad options fail here, before anything is written
+        self.steps = plan_steps(self.passes)
         self.model_passes = [p for p in self.passes if p.in_stage("transform_model")]
+        self._check_steps()
+        self.target = Path(recipe.export.path)
+        if len(self.steps) > 1 or self.model_passes:  # steps write beside the target: the sweep's own check would not see it
+            check_target(self.target, recipe.export.overwrite)
+
+    def _check_steps(self) -> None:
+        steps, recipe = self.steps, self.recipe
+        if steps[0].kind == "model" and len(steps) > 1 and self.world.distributed:
+            raise UsageError(f"passes.0.{steps[0].passes[0].name}: a model-scope pass before the sweep runs in one process; "
+                             "run it without torchrun / --nproc, then compress its output with torchrun")
         if recipe.export.format == "gguf":  # an architecture llama.cpp does not read: exit 2 before any work
             arch_for(self.source.config)
             read_tokenizer(self.source.path)
-            if self.model_passes:
-                raise UsageError(f"passes: {self.model_passes[0].name} transforms the whole model after the sweep; a GGUF "
-                                 "export is written by the sweep: export to compressed-tensors, then convert")
-        self.target = Path(recipe.export.path)
-        if self.model_passes:  # the sweep exports beside the target: its own check would not see it
-            check_target(self.target, recipe.export.overwrite)
+            if steps[-1].kind == "model":
+                raise UsageError(f"passes: {steps[-1].passes[0].name} transforms the whole model after the sweep; a GGUF "
+                                 "export is written by the sweep: export to compressed-tensors, then convert (a model-scope "
+                                 "pass before a quantizing pass works: the sweep writes the GGUF file)")
 
     def run(self) -> dict:
         self._prepare()
@@ -141,64 +156,91 @@ class Job:
         self.needed = 0
         if not self.world.main:
             return contextlib.nullcontext()
-        src, copies = self.source, 2 if self.model_passes else 1  # a model stage writes a second checkpoint
+        src, copies = self.source, len(self.steps)  # each step writes a checkpoint, kept until the run ends
         export = (export_bound(src.tensor_info(list(src.weight_map)), self.dtype.itemsize) + copied_bytes(src.path, COPIED)) * copies
         state = 0 if self.calib is None else activation_bytes(*self.calib.shape[:2], getattr(src.config, "hidden_size", 0) or 0)
-        kept = [work_folder(self.target), work_folder(staged(self.target))] + [staged(self.target, k) for k in range(len(self.model_passes))]
+        kept = ([work_folder(self.target), state_folder(self.target)] + [work_folder(staged(self.target, k)) for k in range(copies)]
+                + [staged(self.target, k) for k in range(copies)])
         done = sum(folder_bytes(f) for f in kept) if self.resume else 0
         self.needed = export + state
-        what = (f"the export, at most {size_words(export)}" + (" (two checkpoints: the model stage's input and output)" if copies > 1 else "")
+        what = (f"the export, at most {size_words(export)}" + (f" ({copies} checkpoints: one per step of the run)" if copies > 1 else "")
                 + (f", and the resume state, {size_words(state)}" if state else "") + (f", less {size_words(done)} already written" if done else ""))
         return claim(self.target, max(0, self.needed - done), what)
 
     def _run(self) -> dict:
-        recipe, model_passes = self.recipe, self.model_passes
-        # with a model-scope stage the sweep exports beside the target (kept until the end, so
-        # --resume skips the sweep), and the model stage writes the target
-        sweep_out = staged(self.target) if model_passes else self.target
-        key = recipe.fingerprint(passes=len(self.passes) - len(model_passes))
-        report, out = None, sweep_out
-        if model_passes and self.resume and sweep_done(self.target, key):
-            self.hooks.log(f"the compressed student in {sweep_out} is complete: resuming with {model_passes[0].name}")
-            report = _read_report(sweep_out)
-        if report is None:
-            report, out = self._sweep(sweep_out)
-            if not self.world.main:  # rank 0 exports, runs the model stage and evaluates on its own
-                return {"rank": self.world.rank, "world_size": self.world.size}
-            if model_passes:
-                mark_sweep_done(self.target, key)
-        del self.model
+        folder, report, sections, before = self.source.path, None, {}, None
+        for j, step in enumerate(self.steps):
+            last = j == len(self.steps) - 1
+            out = self.target if last else staged(self.target, j)
+            key = self.recipe.fingerprint(passes=step.end)
+            saved = step_done(out, key) if self.resume and not last else None
+            if saved is not None:
+                self.hooks.log(f"{out} ({', '.join(p.name for p in step.passes)}) is complete: resuming after it")
+                report = _read_report(out) if step.kind == "sweep" else report
+                sections.update(saved)
+            elif step.kind == "sweep":
+                report = self._sweep_step(folder, out)
+                if report is None:  # not rank 0: it exports, runs the model stage and evaluates on its own
+                    return {"rank": self.world.rank, "world_size": self.world.size}
+            else:
+                sections.update(self._model_step(step.passes[0], j, folder, out))
+            if not last:
+                mark_step_done(out, key, sections if step.kind == "model" else None)
+            before, folder = folder, out
+        self.model = None
+        report = report or self._base_report()
         for p in self.passes:
             report.update(p.summarize(report["layers"]))
-        if model_passes:
-            out = self._model_stage(report)
-        report["export"] = inspect_checkpoint(out)
-        self._evaluate(report, out)
+        report.update(sections)
+        if not (folder / "recipe.yaml").is_file():  # a run without a sweep: the model-scope passes wrote the checkpoint
+            atomic_write_text(folder / "recipe.yaml", dump_recipe(self.recipe))
+        report["export"] = inspect_checkpoint(folder)
+        self._evaluate(report, folder, before if self.steps[-1].kind == "model" else None)
         report["time"]["total_s"] = round(time.time() - self.t_start, 1)
         report["peak_rss_mb"] = peak_rss_mb()
-        write_reports(report, out)
-        if model_passes:
-            clean_model_stage(model_passes, self.target)
+        write_reports(report, folder)
+        clean_steps(self.steps, self.target)
         check_gates(report)
         return report
 
-    def _model_stage(self, report: dict) -> Path:
-        stage = ModelStage(staged(self.target), self.source.path, self.target, self.calib, self.resume,
-                           self.recipe.export.overwrite, self.hooks)
-        out, sections = run_model_stage(self.model_passes, self.target, stage)
-        report.update(sections)
-        return out
+    def _sweep_step(self, folder: Path, out: Path) -> dict | None:
+        """The layer-wise sweep from ``folder`` (the source, or the checkpoint a model-scope pass
+        wrote: the model is reopened and the plan checked again on its shapes) into ``out``."""
+        if folder != self.source.path:
+            self.source = ModelSource(folder)
+            self.model = self.source.skeleton()
+            self.passes = check_plan(self.source, self.model, self.passes)[0]
+        report, _ = self._sweep(out)
+        return report
 
-    def _evaluate(self, report: dict, out: Path) -> None:
+    def _model_step(self, p: Pass, j: int, folder: Path, out: Path) -> dict:
+        work = state_folder(self.target) if j == 0 else folder  # the source is never written to
+        work.mkdir(parents=True, exist_ok=True)
+        stage = ModelStage(folder, self.original, out, self.calib, self.resume, self.recipe.export.overwrite or out != self.target,
+                           self.hooks, work=work)
+        t0 = time.time()
+        sections = run_model_pass(p, self.target, stage)
+        self.model_seconds = getattr(self, "model_seconds", 0.0) + time.time() - t0
+        return sections
+
+    def _base_report(self) -> dict:
+        """The report of a run without a sweep (only model-scope passes)."""
+        return {"schema": REPORT_SCHEMA, "kind": "run", "recipe": self.recipe.resolved(),
+                "model": _model_section(self.original_source),
+                "layers": [], "time": {"compress_s": round(getattr(self, "model_seconds", 0.0), 1)}, "run": {"device": str(self.world.device)},
+                "compress_peak_rss_mb": peak_rss_mb()}
+
+    def _evaluate(self, report: dict, out: Path, before_path: Path | None) -> None:
+        """Evaluate ``out`` (against the original where the recipe asks); where the last step is a
+        model-scope pass, also its input (``before_path``), same protocol, for that pass's report."""
         recipe = self.recipe
         if recipe.eval.perplexity is None and not recipe.eval.tasks:
             return
         t1 = time.time()
-        report["eval"] = evaluate(out, self.source.path if recipe.eval.baseline else None, recipe.eval, seed=recipe.seed, hooks=self.hooks)
-        if self.model_passes and recipe.eval.perplexity is not None:  # the checkpoint before the model stage, same protocol
-            before = evaluate(staged(self.target), None, recipe.eval.perplexity, seed=recipe.seed, hooks=self.hooks)
-            for p in self.model_passes:
-                p.report_eval(report, report["eval"], before)
+        report["eval"] = evaluate(out, self.original if recipe.eval.baseline else None, recipe.eval, seed=recipe.seed, hooks=self.hooks)
+        if before_path is not None and recipe.eval.perplexity is not None:
+            before = evaluate(before_path, None, recipe.eval.perplexity, seed=recipe.seed, hooks=self.hooks)
+            self.steps[-1].passes[0].report_eval(report, report["eval"], before)
         report["time"]["eval_s"] = round(time.time() - t1, 1)
 
     def _sweep(self, target: Path) -> tuple[dict | None, Path | None]:
@@ -211,7 +253,7 @@ class Job:
             kind, extra = (GGUFExporter, {"gguf_type": recipe.export.type, "log": self.hooks.log,
                                                  "imatrix": any("quantize" in p.effects and p.needs_calibration() for p in self.passes)}) if recipe.export.format == "gguf" else (Exporter, {})
             exporter = kind(target, source, recipe.fingerprint(), blocks_path, n_blocks, self.dtype,
-                            overwrite=recipe.export.overwrite or bool(self.model_passes), resume=self.resume,
+                            overwrite=recipe.export.overwrite or target != self.target, resume=self.resume,
                             lowrank=recipe.export.lowrank, needed=self.needed, max_shard_size=recipe.export.shard_bytes(), **extra)
             start, cached = exporter.begin()
         start = world.broadcast(start)
@@ -225,7 +267,8 @@ class Job:
             if not world.main:
                 return None, None
             report = self._sweep_report(exporter, time.time() - t0 + sum(exporter.block_seconds[:start]), how)
-            sections = {}
+            # a model-scope pass before the sweep (structured pruning) recorded what it did in its checkpoint
+            sections = {k: v for k, v in read_metadata(source.path).items() if k in CARRIED}
             for p in self.passes:
                 sections.update(p.export_metadata(exporter.layers, recipe.export))
             out = exporter.finalize(self.model, dump_recipe(recipe), report, sections)
@@ -248,7 +291,7 @@ class Job:
             "schema": REPORT_SCHEMA,
             "kind": "run",
             "recipe": self.recipe.resolved(),
-            "model": {"path": str(self.source.path), "model_type": self.source.config.model_type, "size_bytes": self.source.disk_bytes()},
+            "model": _model_section(self.original_source),
             "layers": [asdict(r) for r in exporter.layers],
             "time": {"compress_s": round(compress_s, 1), "block_s": exporter.block_seconds},
             "run": run,
@@ -267,6 +310,10 @@ class Job:
 def _blocks(source: ModelSource, model) -> tuple[str, int]:
     blocks_path, blocks = find_blocks(model, source.config.model_type, getattr(source.config, "num_hidden_layers", None))
     return blocks_path, len(blocks)
+
+
+def _model_section(source: ModelSource) -> dict:
+    return {"path": str(source.path), "model_type": source.config.model_type, "size_bytes": source.disk_bytes()}
 
 
 def _read_report(folder: Path) -> dict:

@@ -60,12 +60,35 @@ def prune_cmd(
     allocation: Annotated[str, typer.Option("--allocation", help="uniform (every layer the same) or owl (blocks with more activation outliers keep more; unstructured only).")] = "uniform",
     owl_lambda: Annotated[float, typer.Option("--owl-lambda", help="OWL: block sparsities span sparsity ± this.")] = 0.08,
     owl_m: Annotated[float, typer.Option("--owl-m", help="OWL: an outlier is a score above this × the block's mean.")] = 5.0,
+    structured: Annotated[bool, typer.Option("--structured", help=(
+        "Remove whole heads, MLP channels, hidden dimensions and blocks instead of single weights: a smaller dense model "
+        "every runtime loads. With --params or explicit widths (--hidden, --heads, --kv-heads, --intermediate, --layers)."))] = False,
+    params: Annotated[str | None, typer.Option("--params", help="--structured: share of all parameters kept (embeddings included), e.g. 0.75 or 75%; the shape is searched.")] = None,
+    hidden: Annotated[int | None, typer.Option("--hidden", help="--structured: the hidden size kept.")] = None,
+    heads: Annotated[int | None, typer.Option("--heads", help="--structured: query heads kept per block.")] = None,
+    kv_heads: Annotated[int | None, typer.Option("--kv-heads", help="--structured: key/value heads kept per block.")] = None,
+    intermediate: Annotated[int | None, typer.Option("--intermediate", help="--structured: MLP channels kept per block.")] = None,
+    layers: Annotated[int | None, typer.Option("--layers", help="--structured: blocks kept.")] = None,
     *, calibration: Calibration, targets: Targets, job: Job, tasks: Tasks, gates: Gates, report: Report,
 ):
     """Prune one model with one method (builds a recipe and runs it).
 
     Quantize afterwards in one sweep with a recipe: `- sparsegpt: {...}` then `- gptq: {...}` runs
-    both in a joint solve."""
+    both in a joint solve. --structured writes a smaller dense model (recipe: `- prune_structured:
+    {params: 0.75}`, then `- distill: {}` to recover)."""
+    widths = {"hidden": hidden, "heads": heads, "kv_heads": kv_heads, "intermediate": intermediate, "layers": layers}
+    if structured:
+        if (method, sparsity, pattern, allocation) != ("sparsegpt", 0.5, "unstructured", "uniform"):
+            raise UsageError("--structured removes whole structures; --method, --sparsity, --pattern and --allocation "
+                             "apply to unstructured and N:M pruning")
+        opts = {k: v for k, v in widths.items() if v is not None} | ({"params": _share(params)} if params is not None else {})
+        if not opts:
+            raise UsageError("--structured: give --params (e.g. 0.75) or the widths to keep (--hidden, --heads, --kv-heads, "
+                             "--intermediate, --layers)")
+        run_method(model, output, [{"prune_structured": opts}], calibration, targets, job, tasks, gates, report)
+        return
+    if params is not None or any(v is not None for v in widths.values()):
+        raise UsageError("--params and the widths (--hidden, --heads, --kv-heads, --intermediate, --layers) need --structured")
     if pattern.strip().lower() not in ("unstructured", "none", "") and sparsity == 0.5:
         sparsity = None  # an N:M pattern sets its own, unless --sparsity says otherwise
     opts = {"sparsity": sparsity, "pattern": pattern, "allocation": allocation, "owl_lambda": owl_lambda, "owl_m": owl_m}
@@ -92,6 +115,14 @@ def lowrank_cmd(
     opts = {"reduction": reduction, "allocation": allocation, "rank": rank}
     run_method(model, output, method_passes("lowrank", method, opts, targets.ignore), calibration, targets, job, tasks, gates, report,
                extra=["export.lowrank=merged"] if merged else [])
+
+
+def _share(v: str) -> float:
+    t = v.strip()
+    try:
+        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise UsageError(f"--params {v!r}: a share such as 0.75 or 75%") from None
 
 
 def run_method(model: str, output: str, passes: list[dict], calibration: Calibration, targets: Targets, job: Job, tasks: Tasks,
