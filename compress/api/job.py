@@ -227,7 +227,7 @@ class Job:
         """The report of a run without a sweep (only model-scope passes)."""
         return {"schema": REPORT_SCHEMA, "kind": "run", "recipe": self.recipe.resolved(),
                 "model": _model_section(self.original_source),
-                "layers": [], "time": {"compress_s": round(getattr(self, "model_seconds", 0.0), 1)}, "run": {"device": str(self.world.device)},
+                "layers": [], "time": {"compress_s": round(getattr(self, "model_seconds", 0.0), 1)}, "run": {"device": str(self.world.device), "world_size": 1},
                 "compress_peak_rss_mb": peak_rss_mb()}
 
     def _evaluate(self, report: dict, out: Path, before_path: Path | None) -> None:

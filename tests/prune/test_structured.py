@@ -191,3 +191,22 @@ def test_shape_problems_and_unknown_family():
     assert "multiple of the head count (e.g. 63 or 66)" in shape_problem(cfg, Shape(64, 3, 1, 128, 2))
     with pytest.raises(UnknownCoupling, match="gpt2"):
         prune_state({}, tiny_config("gpt2"), Keep(layers=[0]))
+
+
+def test_taylor_importance():
+    """LLM-Pruner's first-order importance |Σ w·∂L/∂w|: a head whose o_proj columns are zero scores
+    exactly 0, and a shape selected by it builds."""
+    from compress.prune.importance import collect_grads, head_scores
+
+    model = _model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[:, 16:32] = 0  # head 1 of layer 0 (head_dim 16)
+    x = torch.randint(0, VOCAB, (2, 16))
+    stats = collect(model, x)
+    stats.grads = collect_grads(model, x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = head_scores(state, model.config, stats, 0)
+    assert scores[1] == 0 and (scores[[0, 2, 3]] > 0).all()
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # left as it was found
+    pruned = build(state, model.config, select(state, model.config, stats, Shape(48, 2, 2, 64, 1)), stats)
+    assert pruned(input_ids=x).logits.shape == (2, 16, VOCAB)

@@ -131,8 +131,27 @@ def test_cli_structured(tiny, tmp_path):
     assert rep["recipe"]["passes"][0]["prune_structured"]["hidden"] == 48
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert model(input_ids=torch.randint(0, VOCAB, (1, 8))).logits.shape == (1, 8, VOCAB)
+    r = runner.invoke(app, ["prune", str(tiny), "-o", str(tmp_path / "out2"), "--structured", "--layers", "1", "--samples", "4",
+                            "--seq-len", "32", "--set", "eval.perplexity.seq_len=32", "--set", "eval.perplexity.max_windows=2"])  # the summary a person reads
+    assert r.exit_code == 0 and "perplexity" in r.output, r.output
     for args, needle in ((["--structured", "--pattern", "2:4"], "apply to unstructured"), (["--structured"], "give --params"),
                          (["--params", "0.7"], "need --structured"), (["--structured", "--params", "x"], "a share such as")):
         r = runner.invoke(app, ["prune", str(tiny), "-o", str(tmp_path / "bad"), *args, "--samples", "4", "--seq-len", "32"])
         assert r.exit_code == 2 and needle in " ".join(r.output.split()), r.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_depth_by_kl_drops_the_block_that_matters_least(tmp_path):
+    """depth: kl skips each block in turn; the block whose skipping moves the output least goes."""
+    src = save_tiny(tmp_path / "llama3", "llama", seed=3)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (src / "config.json").write_text(json.dumps(cfg))
+    model = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(src).config)
+    torch.manual_seed(0)
+    with torch.no_grad():  # block 1 writes nothing to the residual stream: skipping it changes nothing
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    model.save_pretrained(src)
+    rep = run(_recipe(src, tmp_path / "out", [{"prune_structured": {"layers": 2, "depth": "kl"}}]))
+    assert rep["prune_structured"]["layers_kept"] == [0, 2] and rep["prune_structured"]["kl"] < 1e-6
