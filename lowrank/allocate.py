@@ -1,16 +1,20 @@
 """Rank allocation: spend a parameter budget across layers.
 
 Each layer ℓ (in_ℓ × out_ℓ, dense cost D_ℓ = in·out) keeps r_ℓ components at (in + out) parameters
-each, or stays dense when r_ℓ·(in + out) ≥ D_ℓ (a factorization that large saves nothing). The
-budget is (1 − reduction) · Σ D_ℓ, and the allocation never exceeds it.
+each (plus ``extra``, a sparse residual's nonzeros, when it has one), or stays dense when that
+reaches D_ℓ (a factorization that large saves nothing). The budget is (1 − reduction) · Σ D_ℓ, and
+the allocation never exceeds it.
 
-* ``uniform``: every layer keeps the same share of its parameters, r = ⌊(1 − reduction) · D/(in+out)⌋;
-* ``sensitivity``: water-filling over the components' measured output errors. Component i of layer
-  ℓ is worth g_ℓi / (E_ℓ · (in_ℓ + out_ℓ)): the share of the layer's output energy E_ℓ it restores,
-  per parameter it costs. One threshold τ keeps every component worth at least τ; the smallest τ
-  whose total fits the budget wins (found by bisection over the sorted worths). For whitened SVD
-  the gains are σ², so this is the exact greedy optimum of Σ_ℓ relative output error under the
-  budget (up to one component of slack).
+* ``uniform``: every layer keeps the same share of its parameters, r = ⌊((1 − reduction)·D − extra)/(in+out)⌋;
+* ``sensitivity``: greedy water-filling over every layer's error-vs-rank curve e_ℓ(r) (``errors``,
+  or from the components' gains: e(r) = Σ_{i≥r} g_i / E_ℓ, the relative output error). Each curve
+  is reduced to its lower convex hull in (parameters, error) over the ranks a layer may take
+  (multiples, then dense); the steps along all hulls are bought in order of error removed per
+  parameter while they fit. On convex curves with equal step costs this is the exact optimum
+  of Σ_ℓ e_ℓ(r_ℓ) under the budget; otherwise it is optimal up to one step per layer (the
+  knapsack's greedy bound), and the budget left by a step that does not fit is spent one
+  multiple at a time. For whitened SVD e(r) = Σ_{i>r} σ_i² exactly; the pass scales it to
+  what reaches the block output, measured at a few ranks (``lowrank.passes``).
 
 Ranks are multiples of ``multiple`` (rounded down, at least one), so quantized factors' groups divide
 them; a budget below one multiple per layer raises ``BudgetError``.
@@ -18,6 +22,9 @@ them; a budget below one multiple per layer raises ``BudgetError``.
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +37,8 @@ class LayerShape:
     out_features: int
     gains: torch.Tensor | None = None  # per component, in the order they are truncated
     total: float | None = None  # output energy (the error at rank 0)
+    errors: torch.Tensor | None = None  # (k + 1,): the error at rank r = 0..k (instead of gains/total)
+    extra: int = 0  # parameters a factored layer keeps besides its factors (a sparse residual's nonzeros)
 
     @property
     def dense(self) -> int:
@@ -46,7 +55,8 @@ def _round(r: int, multiple: int, cap: int) -> int:
 
 
 def _cost(layer: LayerShape, r: int) -> int:
-    return layer.dense if r * layer.unit >= layer.dense else r * layer.unit
+    kept = r * layer.unit + layer.extra
+    return min(layer.dense, kept)
 
 
 def uniform_ranks(layers: list[LayerShape], reduction: float, multiple: int = 1) -> dict[str, int | None]:
@@ -59,14 +69,14 @@ def uniform_ranks(layers: list[LayerShape], reduction: float, multiple: int = 1)
 def share_rank(L: LayerShape, reduction: float, multiple: int = 1) -> int:
     """The rank keeping (1 − reduction) of the layer's parameters, ⌊(1 − reduction)·D/(in + out)⌋,
     rounded as every rank is (it may reach the break-even point)."""
-    return _round(int((1 - reduction) * L.dense / L.unit), multiple, min(L.in_features, L.out_features))
+    return _round(int(((1 - reduction) * L.dense - L.extra) / L.unit), multiple, min(L.in_features, L.out_features))
 
 
 def uniform_rank(L: LayerShape, reduction: float, multiple: int = 1) -> int | None:
     """One layer's uniform rank: ``share_rank``, or None where that reaches the break-even point
     (no budget check: ``uniform_ranks`` does it)."""
     r = share_rank(L, reduction, multiple)
-    return None if r * L.unit >= L.dense else r
+    return None if _cost(L, r) >= L.dense else r
 
 
 class BudgetError(ValueError):
@@ -79,33 +89,113 @@ def _within_budget(layers, ranks, reduction, multiple):
     return ranks
 
 
+def error_curve(L: LayerShape) -> torch.Tensor:
+    """(k + 1,) float64: the layer's error at rank r = 0..k in the allocation's unit: ``errors``
+    when given, else the relative output error Σ_{i≥r} gains_i / total."""
+    if L.errors is not None:
+        return L.errors.double()
+    g = L.gains.double().clamp_min(0)
+    tail = torch.cat([g.flip(0).cumsum(0).flip(0), g.new_zeros(1)])  # tail[r] = Σ_{i≥r} g_i
+    return tail / max(L.total or float(g.sum()), 1e-300)
+
+
+def _options(L: LayerShape, multiple: int) -> list[tuple[int, float, int | None]]:
+    """(parameters, error, rank) of every rank the layer may take, cheapest first: multiples (the
+    first is the least a layer keeps) below the break-even point, then dense (None, error 0);
+    an option costing more than a cheaper one's error is dropped."""
+    e, cap = error_curve(L), min(L.in_features, L.out_features)
+    pts = [(_cost(L, r), float(e[r]), r) for r in range(_round(0, multiple, cap), cap + 1, multiple)]
+    out: list[tuple[int, float, int | None]] = []
+    for p in [p for p in pts if p[0] < L.dense] + [(L.dense, 0.0, None)]:
+        if not out or p[1] < out[-1][1]:
+            out.append(p)
+    return out
+
+
+def _hull(opts: list) -> list[int]:
+    """Indices of ``opts`` on the lower convex hull of error against parameters."""
+    hull: list[int] = []
+    for k in range(len(opts)):
+        while len(hull) >= 2 and _slope(opts[hull[-2]], opts[hull[-1]]) <= _slope(opts[hull[-1]], opts[k]):
+            hull.pop()  # hull[-1] lies above the chord: never the better buy
+        hull.append(k)
+    return hull
+
+
+def _slope(a, b) -> float:
+    """Error removed per parameter from option a to option b."""
+    return (a[1] - b[1]) / max(b[0] - a[0], 1)
+
+
 def sensitivity_ranks(layers: list[LayerShape], reduction: float, multiple: int = 1) -> dict[str, int | None]:
-    """{name: rank or None (dense)} by water-filling over the components' worth (module docstring)."""
+    """{name: rank or None (dense)}: greedy water-filling over each layer's error curve
+    (``error_curve``; module docstring). Every layer starts at its least option; the step buying
+    the most error per parameter is taken next: to the layer's next vertex on its lower convex
+    hull, or, once that no longer fits the budget, to the best option on the way that does."""
     budget = (1 - reduction) * sum(L.dense for L in layers)
-    worth = []
-    for L in layers:
-        g = L.gains.double().clamp_min(0)
-        worth.append(g / max(L.total or float(g.sum()), 1e-300) / L.unit)
-    cap = [min(L.in_features, L.out_features) for L in layers]
+    opts = [_options(L, multiple) for L in layers]
+    hulls = [_hull(o) for o in opts]
+    at = [0] * len(layers)  # each layer's option
+    spent = sum(o[0][0] for o in opts)
+    heap: list[tuple[float, int, int]] = []
 
-    def ranks_at(tau: float) -> list[int]:
-        return [_round(int((w >= tau).sum()), multiple, c) for w, c in zip(worth, cap)]
+    def push(i: int) -> None:
+        o, cur = opts[i], opts[i][at[i]]
+        nxt = next((k for k in hulls[i] if k > at[i]), None)
+        if nxt is None:
+            return
+        fit = [k for k in range(at[i] + 1, nxt + 1) if spent + o[k][0] - cur[0] <= budget]
+        if fit:  # the hull's next vertex, or the option before it buying the most per parameter
+            k = nxt if fit[-1] == nxt else max(fit, key=lambda k: _slope(cur, o[k]))
+            heapq.heappush(heap, (-_slope(cur, o[k]), i, k))
 
-    def cost(rs: list[int]) -> int:
-        return sum(_cost(L, r) for L, r in zip(layers, rs))
-
-    cand = torch.cat(worth).unique().sort(descending=True).values  # thresholds, most kept last
-    lo, hi = -1, len(cand)  # cost(ranks_at(cand[lo])) fits; cand[hi] does not (sentinels)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if cost(ranks_at(float(cand[mid]))) <= budget:
-            lo = mid
-        else:
-            hi = mid
-    rs = ranks_at(float(cand[lo])) if lo >= 0 else ranks_at(float("inf"))  # the least: one multiple each
-    return _within_budget(layers, {L.name: (None if r * L.unit >= L.dense else r) for L, r in zip(layers, rs)}, reduction, multiple)
+    for i in range(len(layers)):
+        push(i)
+    while heap:
+        _, i, k = heapq.heappop(heap)
+        if spent + opts[i][k][0] - opts[i][at[i]][0] <= budget:
+            spent += opts[i][k][0] - opts[i][at[i]][0]
+            at[i] = k
+        push(i)  # its next step (or a smaller one, where this one no longer fits)
+    return _within_budget(layers, {L.name: o[a][2] for L, o, a in zip(layers, opts, at)}, reduction, multiple)
 
 
 def parameters(layers: list[LayerShape], ranks: dict[str, int | None]) -> int:
     """Parameters the layers hold with these ranks (None: dense)."""
     return sum(L.dense if ranks[L.name] is None else _cost(L, ranks[L.name]) for L in layers)
+
+
+def probed_errors(tail: torch.Tensor, probes: list[tuple[int, float]], scale: float = 1.0) -> torch.Tensor:
+    """(k + 1,) float64: a layer's error at rank r = 0..k in block-output units.
+
+    ``tail[r]``: the layer's own output error at rank r (Σ_{i≥r} σ_i² for whitened SVD);
+    ``probes``: [(rank, share)], the share of the layer's error that reached the block output
+    when it was factored at that rank. The share is interpolated piecewise linearly in
+    log share against log tail[r] (a power law between two probes); below the highest rank
+    probed the last segment's exponent continues, clamped to [0, 1] (a deeper cut never lets
+    a smaller share through, and at most squares the error); above the highest rank probed its
+    share stays. Returns tail · share / ``scale``, made
+    non-increasing in r (keeping more components never costs error)."""
+    pts = sorted((math.log(float(tail[r])), math.log(s)) for r, s in probes if float(tail[r]) > 0 and s > 0)
+    if not pts:
+        return tail.double() / scale
+    x = tail.double().clamp_min(1e-300).log()  # log error: high at low ranks
+    y = torch.full_like(x, pts[0][1])  # smaller errors than any probe's (higher ranks): its share
+    slope = 0.0
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+        slope = (y1 - y0) / (x1 - x0) if x1 > x0 else 0.0
+        y = torch.where(x >= x0, y0 + slope * (x - x0), y)
+    x1, y1 = pts[-1]
+    y = torch.where(x >= x1, y1 + min(max(slope, 0.0), 1.0) * (x - x1), y)
+    curve = tail.double() * y.exp() / scale
+    return curve.flip(0).cummax(0).values.flip(0)  # curve[r] = max over ranks ≥ r
+
+
+def probe_ranks(L: LayerShape, reduction: float, multiple: int = 1, count: int = 3) -> list[int]:
+    """Up to ``count`` ranks to probe a layer at: its uniform rank (``share_rank``), then half
+    of it and halfway to the break-even point (the ranks an allocation moves it to)."""
+    cap = min(L.in_features, L.out_features)
+    r = share_rank(L, reduction, multiple)
+    top = max((k for k in range(r, cap + 1, multiple) if _cost(L, k) < L.dense), default=r)
+    ranks = [r, _round(r // 2, multiple, cap), _round((r + top) // 2, multiple, cap)][:count]
+    return sorted(set(ranks))

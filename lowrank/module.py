@@ -33,7 +33,7 @@ class LowRankLinear(CompressedLinear):
         self.B = B if B is not None else nn.Linear(rank, out_features, bias=bias, device=device)
 
     @classmethod
-    def from_factors(cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None) -> "LowRankLinear":
+    def from_factors(cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None) -> LowRankLinear:
         """B (out, r), A (r, in) and the bias (out,), copied into new parameters."""
         m = cls(A.shape[1], B.shape[0], A.shape[0], bias=bias is not None)
         m.A.weight.data = A.detach().clone().float()
@@ -62,13 +62,10 @@ class LowRankLinear(CompressedLinear):
 
     @classmethod
     def stored_layers(cls, source) -> list[str]:
-        lr = read_metadata(source.path).get("lowrank", {})
-        if lr.get("export") != "factored":
-            return []
-        return sorted(k for k, v in lr.get("layers", {}).items() if v.get("rank") is not None)  # None: left dense
+        return _stored(source, sparse=False)
 
     @classmethod
-    def from_checkpoint(cls, source, name, linear, groups) -> "LowRankLinear":
+    def from_checkpoint(cls, source, name, linear, groups) -> LowRankLinear:
         info = read_metadata(source.path)["lowrank"]["layers"][name]
         r = int(info["rank"])
         if not 1 <= r <= min(linear.in_features, linear.out_features):
@@ -81,6 +78,59 @@ class LowRankLinear(CompressedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+def _stored(source, sparse: bool) -> list[str]:
+    """The factored layers of a ``factored`` export: with a sparse residual (``sparse_nonzeros``
+    in their metadata) or without; a rank of None means the layer was left dense."""
+    lr = read_metadata(source.path).get("lowrank", {})
+    if lr.get("export") != "factored":
+        return []
+    return sorted(k for k, v in lr.get("layers", {}).items() if v.get("rank") is not None and ("sparse_nonzeros" in v) == sparse)
+
+
+@register_module_type
+class LoSparseLinear(LowRankLinear):
+    """y = B(A(x)) + S·x: the low-rank factors plus a sparse residual S (``lowrank.losparse``).
+
+    S (out, in) is a frozen parameter stored densely (zeros outside its support; the mask is
+    S ≠ 0): ``<layer>.S`` beside ``<layer>.A.weight`` and ``<layer>.B.weight``, and
+    ``compress.json`` gives its nonzero count (``sparse_nonzeros``), which the parameter count
+    uses. A ``merged`` export stores B·A + S as one dense weight. Distillation trains A and B;
+    S stays as fitted (training it densely would lose its sparsity)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 A: nn.Module | None = None, B: nn.Module | None = None, device=None):
+        super().__init__(in_features, out_features, rank, bias, A, B, device)
+        self.S = nn.Parameter(torch.zeros(out_features, in_features, device=device), requires_grad=False)
+
+    @classmethod
+    def from_parts(cls, B: torch.Tensor, A: torch.Tensor, S: torch.Tensor, bias: torch.Tensor | None = None) -> LoSparseLinear:
+        """B (out, r), A (r, in), S (out, in) and the bias (out,), copied into new parameters."""
+        m = cls.from_factors(B, A, bias)
+        m.S.data = S.detach().clone().float()
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.B(self.A(x)) + nn.functional.linear(x, self.S.to(x.dtype))
+
+    @property
+    def nonzeros(self) -> int:
+        return int((self.S != 0).sum())
+
+    @property
+    def parameters_kept(self) -> int:
+        return self.rank * (self.in_features + self.out_features) + self.nonzeros
+
+    def dense_weight(self) -> torch.Tensor:
+        return super().dense_weight() + self.S.detach().float()
+
+    @classmethod
+    def stored_layers(cls, source) -> list[str]:
+        return _stored(source, sparse=True)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sparse_nonzeros={self.nonzeros if not self.S.is_meta else '?'}"
+
+
 def lowrank_metadata(layers: list, export: str) -> dict | None:
     """The ``lowrank`` section of ``compress.json`` from the run's ``LayerReport``s (those the
     lowrank pass ran on carry a ``rank`` in their info, None where a layer stayed dense);
@@ -90,8 +140,10 @@ def lowrank_metadata(layers: list, export: str) -> dict | None:
         return None
     return {
         "export": export,
-        "method": sorted({i["method"] for i in factored.values()})[0],
+        "method": min({i["method"] for i in factored.values()}),
         "parameters_kept": sum(i["params_kept"] for i in factored.values()),
         "parameters_dense": sum(i["params_dense"] for i in factored.values()),
-        "layers": {k: {"rank": i["rank"], "params_kept": i["params_kept"]} for k, i in sorted(factored.items())},
+        "layers": {k: {"rank": i["rank"], "params_kept": i["params_kept"],
+                       **({"sparse_nonzeros": i["sparse_nonzeros"]} if i.get("sparse_nonzeros") is not None and i["rank"] is not None else {})}
+                   for k, i in sorted(factored.items())},
     }

@@ -88,8 +88,9 @@ def whitening(H: torch.Tensor, damp: float = 0.01, name: str = "layer") -> tuple
     evals, Q = torch.linalg.eigh(H)
     evals = evals.clamp_min(damp * mean)
     S = Q * evals.sqrt()
+    rsqrt = evals.rsqrt()
 
-    def unscale(M, Q=Q, r=evals.rsqrt()):  # M·S⁻¹ = M·Λ^{-1/2}Qᵀ
+    def unscale(M, Q=Q, r=rsqrt):  # M·S⁻¹ = M·Λ^{-1/2}Qᵀ
         return (M * r) @ Q.T
 
     return S, unscale, {"damp": damp, "whitening": "eigh"}

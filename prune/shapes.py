@@ -23,7 +23,7 @@ from compress.prune.importance import Stats, head_scores, hidden_scores, mlp_sco
 from compress.prune.structured import (
     READS_HIDDEN,
     Keep,
-    _qkv_rows,
+    qkv_rows,
     check_family,
     head_dim,
     lstsq_repair,
@@ -122,7 +122,7 @@ def repairs(state: dict, config, stats: Stats, keep: Keep) -> dict[str, torch.Te
     for i in keep.layers:
         p = f"model.layers.{i}."
         if i in keep.heads and f"{p}self_attn.o_proj" in stats.H:
-            rows = _qkv_rows(keep.heads[i], keep.kv_heads.get(i, torch.arange(nkv)), nq, nkv, d)["q"]
+            rows = qkv_rows(keep.heads[i], keep.kv_heads.get(i, torch.arange(nkv)), nq, nkv, d)["q"]
             out[p + "self_attn.o_proj.weight"] = lstsq_repair(state[p + "self_attn.o_proj.weight"], stats.H[p + "self_attn.o_proj"], rows)
         for prefix in ("mlp.", "mlp.shared_expert."):
             H = stats.H.get(f"{p}{prefix}down_proj")

@@ -109,7 +109,7 @@ def _rows(idx: torch.Tensor, size: int) -> torch.Tensor:
     return (idx[:, None] * size + torch.arange(size)).reshape(-1)
 
 
-def _qkv_rows(q: torch.Tensor, kv: torch.Tensor, nq: int, nkv: int, d: int) -> dict[str, torch.Tensor]:
+def qkv_rows(q: torch.Tensor, kv: torch.Tensor, nq: int, nkv: int, d: int) -> dict[str, torch.Tensor]:
     return {"q": _rows(q, d), "k": _rows(kv, d), "v": _rows(kv, d),
             "qkv": torch.cat([_rows(q, d), nq * d + _rows(kv, d), (nq + nkv) * d + _rows(kv, d)])}
 
@@ -120,7 +120,7 @@ def _slice_layer(name: str, t: torch.Tensor, keep: Keep, layer: int, config, sta
     d, nq, nkv = head_dim(config), config.num_attention_heads, config.num_key_value_heads
     q = keep.heads.get(layer, torch.arange(nq))
     kv = keep.kv_heads.get(layer, torch.arange(nkv))
-    rows = _qkv_rows(q, kv, nq, nkv, d)
+    rows = qkv_rows(q, kv, nq, nkv, d)
     if rel.startswith("self_attn.") and rel not in UNTOUCHED:
         proj = rel.split(".")[1]
         if proj in ("q_proj", "k_proj", "v_proj", "qkv_proj"):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from compress.lowrank.module import LowRankLinear
+from compress.lowrank.module import LoSparseLinear, LowRankLinear
 from conftest import save_tiny
 from typer.testing import CliRunner
 
@@ -171,6 +171,49 @@ def test_original_objective_runs_the_original_block_alongside(tiny, tmp_path):
     assert errors("original", propagate=False) == errors("propagated", propagate=False)
 
 
+@pytest.mark.parametrize("opts", [{"sparse": 0.05}, {"sparse": 0.1, "sparse_pattern": "column", "allocation": "uniform"}])
+def test_losparse_spends_the_same_budget_and_reloads_to_the_in_memory_logits(tiny, tmp_path, opts):
+    out = tmp_path / "out"
+    rec = _recipe(tiny, out, [{"lowrank": {"reduction": 0.3, **opts}}])
+    report = run(rec)
+    layers = report["layers"]
+    kept = sum(l["info"]["params_kept"] for l in layers)
+    dense = sum(l["info"]["params_dense"] for l in layers)
+    assert kept <= 0.7 * dense  # factors + the residual's nonzeros: the low-rank-only budget
+    factored = [l for l in layers if l["info"]["rank"] is not None]
+    assert factored and all(0 < l["info"]["sparse_nonzeros"] <= round(opts["sparse"] * l["info"]["params_dense"]) for l in factored)
+    assert all(l["info"]["params_kept"] == l["info"]["rank"] * (l["info"]["max_rank"] + l["info"]["params_dense"] // l["info"]["max_rank"])
+               + l["info"]["sparse_nonzeros"] for l in factored)
+    meta = json.loads((out / "compress.json").read_text())["lowrank"]
+    assert meta["parameters_kept"] == kept
+    ours = load(out, dtype=torch.float32)
+    mods = {n: m for n, m in ours.named_modules() if isinstance(m, LoSparseLinear)}
+    assert set(mods) == {l["name"] for l in factored}
+    assert all(m.nonzeros == meta["layers"][n]["sparse_nonzeros"] and not m.S.requires_grad for n, m in mods.items())
+    x = torch.randint(0, 300, (2, 16))
+    torch.testing.assert_close(_logits(ours, x), _logits(_in_memory(tiny, rec), x), rtol=0, atol=1e-5)
+
+
+def test_losparse_merged_export_loads_in_plain_transformers(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run(_recipe(tiny, tmp_path / "f", [{"lowrank": {"reduction": 0.3, "sparse": 0.05}}]))
+    run(_recipe(tiny, tmp_path / "m", [{"lowrank": {"reduction": 0.3, "sparse": 0.05}}], export={"lowrank": "merged"}))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    x = torch.randint(0, 300, (2, 16))
+    assert not any(isinstance(m, LowRankLinear) for m in load(tmp_path / "m", dtype=torch.float32).modules())
+    torch.testing.assert_close(_logits(hf, x), _logits(load(tmp_path / "f", dtype=torch.float32), x), rtol=0.02, atol=0.02)
+
+
+def test_losparse_lowers_the_output_error_at_the_same_budget(tiny, tmp_path):
+    def error(**opts):
+        rep = run(_recipe(tiny, tmp_path / str(len(opts)), [{"lowrank": {"reduction": 0.4, "allocation": "uniform", **opts}}],
+                          report={"layer_error": "output"}, calibration={"propagate": False}))
+        return sum(l["rel_output_error"] for l in rep["layers"])
+
+    assert error(sparse=0.05) < error()
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -197,6 +240,12 @@ def test_refused_combinations(tiny, tmp_path):
         run(_recipe(tiny, tmp_path / "o", [{"lowrank": {}}, {"rtn": {"group_size": 16}}], export={"lowrank": "merged"}))
     with pytest.raises(UsageError, match=r"rank 12: the factors are quantized with group_size 16"):
         run(_recipe(tiny, tmp_path / "o", [{"lowrank": {"rank": 12}}, {"rtn": {"group_size": 16}}]))
+    with pytest.raises(UsageError, match=r"sparse > 0 \(LoSparse\) cannot be combined with rtn"):
+        run(_recipe(tiny, tmp_path / "o", [{"lowrank": {"sparse": 0.05}}, {"rtn": {"group_size": 16}}]))
+    for bad, says in [({"sparse": 0.05, "method": "asvd"}, "sparse needs method: whitened"),
+                      ({"sparse": 0.5, "reduction": 0.6}, "leaves nothing for the factors")]:
+        with pytest.raises(UsageError, match=says):
+            run(_recipe(tiny, tmp_path / "o", [{"lowrank": bad}]))
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
     run(_recipe(tiny, tmp_path / "f", [{"lowrank": {"reduction": 0.3}}]))
     with pytest.raises(UsageError, match=r"stores low-rank factors"):
