@@ -91,4 +91,7 @@ def _metadata_summary(meta: dict) -> dict:
     if "sparsity" in meta:
         sp = meta["sparsity"]
         out["sparsity"] = {"structure": sp["structure"], "global_sparsity": sp["global_sparsity"], "layers": len(sp["targets"])}
+    if "structured" in meta:
+        st = meta["structured"]
+        out["structured"] = {k: st[k] for k in ("shape_before", "shape_after", "params_before", "params_after")}
     return out

@@ -189,6 +189,10 @@ def print_checkpoint(info: dict) -> None:
         out.print(f"  {sp['layers']} layers pruned: {sp['structure']}, {sp['global_sparsity']:.1%} of their weights are zero (stored dense)")
     if info.get("lowrank"):
         out.print("  " + lowrank_summary(info["lowrank"]) + ("" if info["lowrank"]["export"] == "merged" else "; loads with compress only"))
+    if info.get("structured"):
+        st, shape = info["structured"], lambda s: f"hidden {s['hidden']}, heads {s['heads']}/{s['kv_heads']}, MLP {s['intermediate']}, {s['layers']} blocks"
+        out.print(f"  structurally pruned: {shape(st['shape_after'])} (was {shape(st['shape_before'])}); "
+                  f"{st['params_after'] / st['params_before']:.1%} of {st['params_before'] / 1e6:.1f} M parameters")
     if info.get("ignore"):
         out.print(f"  left unquantized: {', '.join(info['ignore'][:8])}{' ...' if len(info['ignore']) > 8 else ''}")
     rt = info.get("runtimes")

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from compress.api.job import run
 from compress.cli import app
 from compress.errors import UsageError
+from compress.eval.report import validate
 from compress.recipe import load_recipe
 
 runner = CliRunner()
@@ -128,7 +129,11 @@ def test_cli_structured(tiny, tmp_path):
                             "--samples", "4", "--seq-len", "32", "--no-eval", "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
+    validate(rep)  # the report schema (eval/report.schema.json) takes the new sections
     assert rep["recipe"]["passes"][0]["prune_structured"]["hidden"] == 48
+    assert rep["export"]["structured"]["shape_after"]["hidden"] == 48
+    r = runner.invoke(app, ["inspect", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "structurally pruned: hidden 48, heads 4/2, MLP 128, 1 blocks" in " ".join(r.output.split()), r.output
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert model(input_ids=torch.randint(0, VOCAB, (1, 8))).logits.shape == (1, 8, VOCAB)
     r = runner.invoke(app, ["prune", str(tiny), "-o", str(tmp_path / "out2"), "--structured", "--layers", "1", "--samples", "4",
