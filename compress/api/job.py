@@ -102,6 +102,7 @@ class Job:
     def __init__(self, recipe: Recipe, resume: bool, hooks: Hooks, world: World):
         self.recipe, self.resume, self.hooks, self.world = recipe, resume, hooks, world
         self.t_start = time.time()
+        self.model_seconds = 0.0  # time in model-scope passes (the report's compress_s when there is no sweep)
 
     def _prepare(self) -> None:
         """Everything checked before any output folder is created."""
@@ -220,14 +221,14 @@ class Job:
                            self.hooks, work=work)
         t0 = time.time()
         sections = run_model_pass(p, self.target, stage)
-        self.model_seconds = getattr(self, "model_seconds", 0.0) + time.time() - t0
+        self.model_seconds += time.time() - t0
         return sections
 
     def _base_report(self) -> dict:
         """The report of a run without a sweep (only model-scope passes)."""
         return {"schema": REPORT_SCHEMA, "kind": "run", "recipe": self.recipe.resolved(),
                 "model": _model_section(self.original_source),
-                "layers": [], "time": {"compress_s": round(getattr(self, "model_seconds", 0.0), 1)}, "run": {"device": str(self.world.device), "world_size": 1},
+                "layers": [], "time": {"compress_s": round(self.model_seconds, 1)}, "run": {"device": str(self.world.device), "world_size": 1},
                 "compress_peak_rss_mb": peak_rss_mb()}
 
     def _evaluate(self, report: dict, out: Path, before_path: Path | None) -> None:
