@@ -4,16 +4,16 @@ the least-squares repair, and the search over candidate shapes for a parameter b
 A ``Shape`` is uniform across blocks (one hidden size, one head count, one MLP width, a number of
 blocks), so the pruned model has a standard config. ``select`` keeps the most important
 structures (``compress.prune.importance``) for a shape; ``build`` makes the pruned model;
-``search`` enumerates the shapes that meet a parameter budget, measures the few most balanced
-ones (pruned and repaired, the KL divergence of their next-token distribution from the original's
-on held calibration windows) and returns them ranked.
+``budget_shapes`` enumerates the shapes that meet a parameter budget (the pass scores them by the
+KL divergence of their next-token distribution from the original's on held calibration windows);
+``smallest_params`` is the least any shape of that grid reaches.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate import init_empty_weights
@@ -199,12 +199,26 @@ def budget_shapes(config, target: int, dims: tuple[str, ...], multiple: int = 64
         less = count_params(shaped_config(config, replace(s, intermediate=o.intermediate - step)))
         per = (full - less) / step
         k = int((o.intermediate - (full - target) / per) // step * step)
-        if k >= max(step, o.intermediate // 4):
+        if k >= _mlp_floor(o, multiple):
             s = replace(s, intermediate=k)
             out.append((s, count_params(shaped_config(config, s))))
     if "layers" in dims and len(dims) == 1:  # depth only: the most blocks that fit
         out = sorted(out, key=lambda x: -x[0].layers)[:1]
     return out
+
+
+def _mlp_floor(o: Shape, multiple: int) -> int:
+    """The narrowest MLP the search gives a shape: a quarter of the model's, at least one step."""
+    return max(min(multiple, o.intermediate), o.intermediate // 4)
+
+
+def smallest_params(config, dims: tuple[str, ...], multiple: int = 64) -> int:
+    """The fewest parameters any shape of ``budget_shapes``' grid reaches (each dimension at its
+    narrowest option; the count grows with every one)."""
+    o, opts = original_shape(config), _options(original_shape(config), dims, multiple)
+    mlp = _mlp_floor(o, multiple) if "intermediate" in dims else o.intermediate
+    return min(count_params(shaped_config(config, Shape(min(hs), nq, nkv, mlp, min(opts["layers"]))))
+               for nq, nkv in opts["heads"] if (hs := hidden_options(o, nq, dims, multiple)))
 
 
 def shaped_config(config, s: Shape):
@@ -226,12 +240,6 @@ def shaped_config(config, s: Shape):
     return c
 
 
-def balance(o: Shape, s: Shape) -> float:
-    """How unevenly ``s`` cuts the dimensions (the largest share removed from any one): the search
-    measures the most balanced candidates first, as wide cuts of one dimension hurt most."""
-    return max(1 - s.hidden / o.hidden, 1 - s.heads / o.heads, 1 - s.intermediate / o.intermediate, 1 - s.layers / o.layers)
-
-
 @torch.no_grad()
 def kl_to(reference_logits: list[torch.Tensor], model, windows: torch.Tensor) -> float:
     """Mean per-token KL(original ‖ model) on ``windows`` (one window per forward)."""
@@ -242,7 +250,3 @@ def kl_to(reference_logits: list[torch.Tensor], model, windows: torch.Tensor) ->
         total += float((lq.exp() * (lq - lp)).sum())
         n += x.numel()
     return total / n
-
-
-def as_dict(s: Shape) -> dict:
-    return asdict(s)

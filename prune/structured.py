@@ -277,7 +277,7 @@ def _slice_outer(name: str, t: torch.Tensor, keep: Keep, config, norm_sq, plus_o
     raise UnknownCoupling(f"{name}: a tensor outside the blocks structured pruning does not know")
 
 
-def lstsq_repair(W: torch.Tensor, H: torch.Tensor, kept: torch.Tensor, dim: int = 1, damp: float = 0.01) -> torch.Tensor:
+def lstsq_repair(W: torch.Tensor, H: torch.Tensor, kept: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """W (out, in) refitted so that its kept input columns ``kept`` best reproduce W x on the
     inputs whose Σ x xᵀ is H (in, in): W'_K = W H[:, K] (H[K, K] + λI)⁻¹, removed columns zero.
     Returned at full width (the slicing drops the removed columns)."""

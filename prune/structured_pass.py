@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from compress.api.common import storage_dtype
 from compress.checkpoint.files import RETRY, check_target, disk_writes, install, work_folder
 from compress.checkpoint.source import METADATA, cache_dir
 from compress.errors import UsageError
@@ -37,7 +38,7 @@ from compress.prune.shapes import (
     original_shape,
     select,
     shape_problem,
-    shaped_config,
+    smallest_params,
 )
 from compress.prune.structured import UnknownCoupling, check_family
 from compress.utils import DiskError, atomic_write, atomic_write_text, peak_rss_mb
@@ -64,7 +65,7 @@ class StructuredConfig(BaseModel):
     depth: Literal["angular", "kl"] = "angular"  # block importance: hidden-state change, or KL when skipped
     importance: Literal["activation", "taylor"] = "activation"  # width importance (module compress.prune.importance)
     repair: bool = True  # least-squares refit of the Linears that lose input columns
-    candidates: int = Field(6, ge=1)  # shapes the search measures (the most balanced that meet the budget)
+    candidates: int = Field(6, ge=1)  # shapes the search measures repaired (the best of its unrepaired first cut)
     score_windows: int = Field(4, ge=1)  # calibration windows each candidate is scored on (KL to the original)
     multiple: int = Field(64, ge=1)  # the search's hidden and MLP widths are multiples of this
 
@@ -118,7 +119,7 @@ class StructuredPass(Pass):
         total = count_params(config)
         target = int(self.config.params * total)
         if not budget_shapes(config, target, tuple(self.config.dims), self.config.multiple):
-            smallest = _smallest(config, tuple(self.config.dims), self.config.multiple)
+            smallest = smallest_params(config, tuple(self.config.dims), self.config.multiple)
             raise UsageError(f"{where}.params: {self.config.params} of {total:,} parameters is {target:,}; the smallest shape "
                              f"the search reaches shrinking {', '.join(self.config.dims)} has {smallest:,} "
                              f"({smallest / total:.1%}); raise params, allow more dims, or give explicit widths")
@@ -126,11 +127,11 @@ class StructuredPass(Pass):
     # ---------------------------------------------------------------- the stage
 
     def transform_model(self, stage) -> dict:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         t0, log = time.time(), getattr(stage.hooks, "log", lambda m: None)
         model = AutoModelForCausalLM.from_pretrained(stage.checkpoint, dtype=torch.float32).eval()
-        config, dtype = model.config, _stored_dtype(stage.checkpoint)
+        config, dtype = model.config, storage_dtype(AutoConfig.from_pretrained(stage.checkpoint))  # as stored, not as loaded
         windows = stage.calibration
         stats = self._measure(model, stage, log)
         state = {k: v.detach() for k, v in model.state_dict().items()}
@@ -199,14 +200,6 @@ class StructuredPass(Pass):
         return Shape(**{f: best[f] for f in WIDTHS}), tried
 
 
-def _smallest(config, dims: tuple[str, ...], multiple: int) -> int:
-    o = original_shape(config)
-    s = Shape(o.hidden - 3 * multiple if "hidden" in dims and o.hidden - 3 * multiple >= 0.6 * o.hidden else o.hidden,
-              o.heads, o.kv_heads, max(1, o.intermediate // 4) if "intermediate" in dims else o.intermediate,
-              (1 if dims == ("layers",) else max(1, o.layers - max(1, o.layers // 6))) if "layers" in dims else o.layers)
-    return count_params(shaped_config(config, s))
-
-
 @torch.no_grad()
 def _skip_kl(model, ref, windows) -> dict[int, float]:
     """Each block's importance as the KL divergence from the original when it alone is skipped."""
@@ -219,12 +212,6 @@ def _skip_kl(model, ref, windows) -> dict[int, float]:
         finally:
             model.model.layers = layers
     return out
-
-
-def _stored_dtype(folder: Path) -> torch.dtype:
-    cfg = json.loads((Path(folder) / "config.json").read_text())
-    dt = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
-    return getattr(torch, dt) if isinstance(dt, str) else torch.bfloat16
 
 
 def _write(src: Path, model, target: Path, section: dict, overwrite: bool) -> None:

@@ -92,8 +92,8 @@ def _calibration(recipe: Recipe, source: ModelSource, passes: list[Pass], hooks:
     return calibration_set(cal, source.tokenizer, recipe.seed)
 
 
-COPIED = ("config.json", *TOKENIZER_FILES)
-CARRIED = ("structured",)  # compress.json sections of the sweep's input that its export keeps  # the source's files an export holds a copy of (or a version of)
+COPIED = ("config.json", *TOKENIZER_FILES)  # the source's files an export holds a copy of (or a version of)
+CARRIED = ("structured",)  # compress.json sections of the sweep's input that its export keeps
 
 
 class Job:
@@ -126,10 +126,9 @@ class Job:
             p.validate(k, job)
         check_plan(self.source, self.model, self.passes)  # bad options fail here, before anything is written
         self.steps = plan_steps(self.passes)
-        self.model_passes = [p for p in self.passes if p.in_stage("transform_model")]
         self._check_steps()
         self.target = Path(recipe.export.path)
-        if len(self.steps) > 1 or self.model_passes:  # steps write beside the target: the sweep's own check would not see it
+        if len(self.steps) > 1 or self.steps[0].kind == "model":  # steps write beside the target: the sweep's own check would not see it
             check_target(self.target, recipe.export.overwrite)
 
     def _check_steps(self) -> None:
