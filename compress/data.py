@@ -8,6 +8,7 @@ Data references:
   BENCHMARKS.md come from CPython 3.11's copy.)
 * a ``.txt`` file (the whole text), a ``.jsonl`` file (one JSON object per line, its ``text``
   field), a ``.parquet`` file (its ``text`` column) — the same text serves either split;
+* ``generated`` (calibration only) — sequences the model writes itself (``compress.generation``);
 * ``hf:NAME[:CONFIG][:SPLIT]`` (or a bare ``NAME[:CONFIG][:SPLIT]`` that is not a file) — a hub
   dataset through the ``datasets`` package, where the hub is reachable.
 
@@ -245,7 +246,10 @@ def calibration_windows(ids: torch.Tensor, samples: int, seq_len: int, sampling:
 def calibration_set(cal, tokenizer, seed: int) -> torch.Tensor:
     """The calibration windows of a recipe's ``calibration`` section (``CalibrationConfig``): its
     text read (strictly UTF-8 and checked as text unless ``check_text`` is off), tokenized, cut
-    into ``samples`` windows of ``seq_len`` tokens."""
+    into ``samples`` windows of ``seq_len`` tokens. (``data: generated``:
+    ``compress.generation.calibration_of``.)"""
+    if cal.data == "generated":
+        raise UsageError("calibration.data: generated is written by the model: use compress.generation.calibration_of")
     texts = load_texts(cal.data, "calibration", cal.text_field, strict=cal.check_text)
     ids = calibration_tokens(texts, tokenizer, cal.data, check=cal.check_text)  # not text: exit 2 here
     return calibration_windows(ids, cal.samples, cal.seq_len, cal.sampling, seed, source=cal.data)

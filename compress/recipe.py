@@ -33,8 +33,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class GenerateConfig(_Strict):
+    """How ``calibration.data: generated`` samples (compress.generation): the first token drawn
+    uniformly from the vocabulary, then the model's own distribution."""
+
+    temperature: float = Field(1.0, ge=0)  # 0: greedy
+    top_k: int | None = Field(50, ge=1)  # draw among the k most likely tokens; null: all
+    greedy_after: int | None = Field(None, ge=1)  # the most likely token once this many are written
+    batch_size: int = Field(16, ge=1)  # sequences generated together
+
+
 class CalibrationConfig(_Strict):
-    data: str = "builtin:pydoc"  # builtin corpus, a .txt/.jsonl/.parquet file, or a hub dataset
+    # builtin corpus, a .txt/.jsonl/.parquet file, a hub dataset, or `generated`: samples × seq_len
+    # tokens the model writes itself (data-free, LLM-QAT; compress.generation)
+    data: str = "builtin:pydoc"
+    generate: GenerateConfig = GenerateConfig()
     samples: int = Field(128, ge=0)  # 0: data-free (only for passes that need no statistics)
     seq_len: int = Field(512, ge=8)
     sampling: Literal["even", "random"] = "even"  # even: evenly spaced windows (seed-free)

@@ -49,6 +49,22 @@ class DistillConfig(BaseModel):
     teacher: Literal["online", "topk"] = "online"  # topk: the teacher's top-k cached once (to disk), then freed
     top_k: int = Field(64, ge=1)
     save_every: int = Field(16, ge=1)  # steps between resumable checkpoints
+    # stop once this many tokens went through the student (with steps: whichever comes first;
+    # alone: the steps it takes, over as many epochs as needed)
+    tokens: int | None = Field(None, ge=1)
+    # train on windows of this .txt/.jsonl corpus, read as training goes (never all in memory;
+    # compress.distill.stream) instead of the calibration windows; its first heldout_windows
+    # windows are held out for early stopping. Needs steps or tokens (or epochs: passes over it)
+    data: str | None = None
+    heldout_windows: int = Field(16, ge=1)
+    # on-policy distillation (GKD): this share of the micro-batches trains on sequences the
+    # student writes itself, from prompts cut from the training windows (their first
+    # seq_len - on_policy_tokens tokens), refreshed every on_policy_every steps, the loss on the
+    # written tokens only; 0: off-policy (the windows as they are)
+    on_policy: float = Field(0.0, ge=0, le=1)
+    on_policy_tokens: int = Field(128, ge=1)
+    on_policy_every: int = Field(8, ge=1)
+    on_policy_temperature: float = Field(1.0, ge=0)  # the student's sampling temperature (0: greedy)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -58,7 +74,13 @@ class DistillConfig(BaseModel):
                                  "teacher: topk supports forward_kl and skew_kl (use teacher: online)")
             if self.hidden_weight > 0:
                 raise ValueError("hidden_weight needs the teacher's hidden states: use teacher: online")
-        if self.scope == "block" and (self.hidden_weight > 0 or self.lm_weight > 0 or self.teacher != "online" or self.minutes):
-            raise ValueError("scope: block trains each block on its output MSE; hidden_weight, lm_weight, teacher and minutes "
-                             "apply to scope: model")
+        if self.on_policy > 0 and self.teacher != "online":
+            raise ValueError("on_policy: the teacher scores the student's own samples as they are written; use teacher: online")
+        if self.data and self.teacher != "online":
+            raise ValueError("data: a streamed corpus is read as training goes, so the teacher's top-k cannot be cached "
+                             "beforehand; use teacher: online")
+        if self.scope == "block" and (self.hidden_weight > 0 or self.lm_weight > 0 or self.teacher != "online" or self.minutes
+                                      or self.on_policy > 0 or self.data or self.tokens):
+            raise ValueError("scope: block trains each block on its output MSE; hidden_weight, lm_weight, teacher, minutes, tokens, "
+                             "data and on_policy apply to scope: model")
         return self

@@ -20,7 +20,6 @@ by ``compress.distill.trainable``) learns to match the teacher on calibration wi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import time
@@ -33,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from compress.distill import losses
 from compress.distill.config import DistillConfig
+from compress.distill.onpolicy import is_on_policy, pooled, prompt_len, refresh
+from compress.distill.sources import Batch, Responses, Streamed, Windows, digest
 from compress.distill.trainable import Prepared, restore, state
 from torch import nn
 
@@ -107,12 +108,46 @@ def heldout(model: nn.Module, windows: torch.Tensor, topk: tuple[torch.Tensor, t
     return kl / len(windows), math.exp(nll / max(n, 1))
 
 
-def _fingerprint(cfg: DistillConfig, train: torch.Tensor, held: torch.Tensor, seed: int) -> str:
-    h = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
-    for t in (train, held):
-        h.update(t.numpy().tobytes())
-    h.update(str(seed).encode())
-    return h.hexdigest()[:16]
+@torch.no_grad()
+def heldout_responses(model: nn.Module, held: Responses, cfg: DistillConfig) -> tuple[float, float]:
+    """Black-box distillation's held-out measure: the mean cross-entropy of the held-out
+    responses' tokens (the prompts not counted) and its exponential, their perplexity."""
+    dev = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    nll, n = 0.0, 0
+    for b in held.all_batches(cfg.batch_size):
+        with autocast(dev, cfg.precision):
+            logits = model(input_ids=b.x.to(dev), use_cache=False).logits
+        nll += float(response_loss(logits, b.x.to(dev), b.mask.to(dev))) * int(b.mask.sum())
+        n += int(b.mask.sum())
+    model.train(was)
+    return nll / max(n, 1), math.exp(nll / max(n, 1))
+
+
+def response_loss(logits: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the logit positions ``mask`` marks (position t
+    predicts token t + 1)."""
+    per = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+    m = mask[:, :-1].reshape(-1).to(per.dtype)
+    return (per * m).sum() / m.sum().clamp_min(1)
+
+
+def planned_steps(cfg: DistillConfig, source) -> int:
+    """Optimizer steps: ``steps``, or the steps ``tokens`` take (both: the fewer), else
+    ``epochs`` passes over the source (a streamed corpus has no known length: it needs one of
+    the first two)."""
+    by_tokens = None
+    if cfg.tokens:
+        by_tokens = max(1, math.ceil(cfg.tokens / (source.tokens_per_item * cfg.batch_size * cfg.grad_accum)))
+    if cfg.steps:
+        return min(cfg.steps, by_tokens or cfg.steps)
+    if by_tokens:
+        return by_tokens
+    if source.per_epoch is None:
+        raise UsageError(f"distill.data: {cfg.data} is read as training goes, so its length is unknown; set distill.steps "
+                         "or distill.tokens (the training budget)")
+    return max(1, math.ceil(cfg.epochs * source.per_epoch / cfg.grad_accum))
 
 
 def optimizer(prep: Prepared, cfg: DistillConfig, total: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -146,6 +181,7 @@ class TrainOptions:
     # a structurally pruned student: the teacher's block each student block matches, and the
     # teacher's hidden dimensions the student kept (None: all) for the hidden-state loss
     hidden_map: tuple[list[int], torch.Tensor | None] | None = None
+    samples: Callable[[int, dict], None] | None = None  # on-policy: (step, the fresh pool) at each refresh
 
 
 @dataclass(eq=False)
@@ -153,18 +189,23 @@ class TrainJob:
     """One distillation run: what it trains (the first seven fields), the optimizer and schedule
     over ``total`` steps, and ``st``, the state that ``state_path`` holds for a resume: step,
     tokens, seconds, curve, best weights, evaluations without improvement (``bad``), why it
-    stopped, the held-out top-k and the fingerprint of the options and data."""
+    stopped, the held-out top-k, the on-policy pool and the fingerprint of the options and data.
+
+    With a teacher (or its top-k) the loss is a divergence from it on the training windows;
+    with neither (black-box distillation) ``train`` and ``held`` are ``Responses`` and the loss
+    is the cross-entropy of the teacher's responses, the early stop on the held-out ones."""
 
     student: nn.Module
-    teacher: nn.Module | None  # None where opts.topk holds its top-k
-    train: torch.Tensor  # (N, seq) training windows
-    held: torch.Tensor  # (M, seq) held-out windows, for early stopping
+    teacher: nn.Module | None  # None where opts.topk holds its top-k, or black-box (no teacher but its text)
+    train: torch.Tensor | Windows | Responses | Streamed  # (N, seq) training windows, or a source of batches
+    held: torch.Tensor | Responses  # (M, seq) held-out windows, for early stopping (black-box: held-out responses)
     cfg: DistillConfig
     prep: Prepared
     opts: TrainOptions
     params: list[nn.Parameter] = field(init=False)
     dev: torch.device = field(init=False)
-    n_micro: int = field(init=False)  # micro-batches per epoch
+    source: Windows | Responses | Streamed = field(init=False)
+    sft: bool = field(init=False)  # black-box: the responses' cross-entropy, no teacher
     total: int = field(init=False)  # planned optimizer steps
     opt: torch.optim.Optimizer = field(init=False)
     sched: torch.optim.lr_scheduler.LambdaLR = field(init=False)
@@ -176,8 +217,12 @@ class TrainJob:
             raise UsageError("distill.train: nothing to train in this model (no quantized, pruned or low-rank layer and no norm); "
                              "use train: weights to train the dense Linears")
         self.dev = next(self.student.parameters()).device
-        self.n_micro = math.ceil(len(self.train) / self.cfg.batch_size)
-        self.total = self.cfg.steps or max(1, math.ceil(self.cfg.epochs * self.n_micro / self.cfg.grad_accum))
+        self.source = Windows(self.train, self.cfg.batch_size, self.opts.seed) if isinstance(self.train, torch.Tensor) else self.train
+        self.sft = self.teacher is None and self.opts.topk is None
+        if self.sft and self.cfg.on_policy > 0:
+            raise UsageError("distill.on_policy needs a teacher to score the student's samples; black-box distillation has only "
+                             "its text (use on_policy: 0)")
+        self.total = planned_steps(self.cfg, self.source)
         self.opt, self.sched = optimizer(self.prep, self.cfg, self.total)
 
     def begin(self) -> None:
@@ -187,7 +232,8 @@ class TrainJob:
         if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.train(cfg.grad_checkpointing)  # checkpointing only acts in train mode; the demo family has no dropout
-        fp = _fingerprint(cfg, self.train, self.held, opts.seed)
+        held = Windows(self.held, 1) if isinstance(self.held, torch.Tensor) else self.held
+        fp = digest(self.source, held, extra=json.dumps([cfg.model_dump(mode="json"), opts.seed], sort_keys=True).encode())
         if opts.resume and opts.state_path is not None and opts.state_path.exists():
             self.st = self._resumed(fp)
         else:
@@ -206,13 +252,20 @@ class TrainJob:
 
     def _fresh(self, fp: str) -> dict:
         cfg, held_topk = self.cfg, self.opts.held_topk
-        if held_topk is None:
+        if held_topk is None and not self.sft:
             held_topk = teacher_topk(self.teacher, self.held, cfg.top_k, cfg.temperature, cfg.batch_size)
-        kl0, ppl0 = heldout(self.student, self.held, held_topk, cfg)
-        return {"fingerprint": fp, "step": 0, "tokens": 0, "seconds": 0.0,
-                "curve": [{"step": 0, "heldout_kl": round(kl0, 6), "heldout_ppl": round(ppl0, 4)}],
-                "best": {"step": 0, "kl": kl0, "ppl": ppl0, "params": state(self.student)}, "bad": 0, "stopped": None,
-                "start": {"kl": kl0, "ppl": ppl0}, "held_topk": held_topk}
+        st = {"fingerprint": fp, "step": 0, "tokens": 0, "seconds": 0.0, "bad": 0, "stopped": None, "held_topk": held_topk,
+              "pool": {}}
+        kl0, ppl0 = self.measure(st)
+        return st | {"curve": [{"step": 0, "heldout_kl": round(kl0, 6), "heldout_ppl": round(ppl0, 4)}],
+                     "best": {"step": 0, "kl": kl0, "ppl": ppl0, "params": state(self.student)}, "start": {"kl": kl0, "ppl": ppl0}}
+
+    def measure(self, st: dict) -> tuple[float, float]:
+        """The held-out measure early stopping watches (the gap to the teacher; black-box: the
+        responses' cross-entropy) and the held-out perplexity."""
+        if self.sft:
+            return heldout_responses(self.student, self.held, self.cfg)
+        return heldout(self.student, self.held, st["held_topk"], self.cfg)
 
     def checkpoint(self) -> None:
         if self.opts.state_path is not None:
@@ -232,30 +285,36 @@ class TrainJob:
             self.checkpoint()
             raise
 
-    def batch_of(self, m: int) -> torch.Tensor:
-        """The window indices of micro-batch ``m`` (counted over all epochs)."""
-        epoch, j = divmod(m, self.n_micro)
-        perm = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.opts.seed * 100_003 + epoch))
-        return perm[j * self.cfg.batch_size : (j + 1) * self.cfg.batch_size]
+    def batch_of(self, m: int) -> Batch:
+        """Micro-batch ``m`` (counted over all epochs): the source's, or on-policy the
+        student's own sequences from the pool."""
+        if is_on_policy(m, self.cfg.on_policy):
+            return pooled(self.st["pool"], m, prompt_len(self.source.seq_len, self.cfg))
+        return self.source.batch(m)
 
-    def loss_of(self, idx: torch.Tensor) -> torch.Tensor:
-        """The training loss on the windows ``idx``: to the teacher (online, or its cached top-k),
-        plus the hidden-state and language-modelling terms where they have a weight."""
+    def loss_of(self, batch: Batch) -> torch.Tensor:
+        """The training loss on ``batch``: to the teacher (online, or its cached top-k) where
+        the batch's mask says (on-policy: the written tokens), plus the hidden-state and
+        language-modelling terms where they have a weight; black-box: the responses'
+        cross-entropy."""
         cfg, dev, topk = self.cfg, self.dev, self.opts.topk
-        x = self.train[idx].to(dev)
-        hidden = cfg.hidden_weight > 0
+        x = batch.x.to(dev)
+        mask = batch.mask.to(dev) if batch.mask is not None else None
+        hidden = cfg.hidden_weight > 0 and not self.sft
         with autocast(dev, cfg.precision):
             out = self.student(input_ids=x, use_cache=False, output_hidden_states=hidden)
+            if self.sft:
+                return response_loss(out.logits, x, mask)
             if topk is not None:
-                loss = losses.topk_forward_kl(out.logits, topk[0][idx].to(dev), topk[1][idx].to(dev), cfg.temperature,
+                loss = losses.topk_forward_kl(out.logits, topk[0][batch.idx].to(dev), topk[1][batch.idx].to(dev), cfg.temperature,
                                               cfg.alpha if cfg.loss == "skew_kl" else 0.0)
             else:
                 with torch.no_grad():
                     t_out = self.teacher(input_ids=x, use_cache=False, output_hidden_states=hidden)
-                loss = losses.logit_loss(cfg.loss, out.logits, t_out.logits, cfg.temperature, cfg.beta, cfg.alpha)
+                loss = losses.logit_loss(cfg.loss, out.logits, t_out.logits, cfg.temperature, cfg.beta, cfg.alpha, mask=mask)
                 if hidden:
                     loss = loss + cfg.hidden_weight * losses.hidden_mse(list(out.hidden_states[1:]), self.teacher_hidden(t_out.hidden_states))
-            if cfg.lm_weight > 0:
+            if cfg.lm_weight > 0 and mask is None:  # not on the student's own samples
                 lm = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]), x[:, 1:].reshape(-1))
                 loss = loss + cfg.lm_weight * lm
         return loss
@@ -272,16 +331,20 @@ class TrainJob:
     def step(self) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns its mean loss."""
         cfg, st = self.cfg, self.st
+        if cfg.on_policy > 0 and st["step"] % cfg.on_policy_every == 0:
+            st["pool"] = refresh(self.student, self.source, cfg, st["step"], self.opts.seed)
+            if self.opts.samples is not None:
+                self.opts.samples(st["step"], st["pool"])
         self.opt.zero_grad(set_to_none=True)
         step_loss = 0.0
         for a in range(cfg.grad_accum):
-            idx = self.batch_of(st["step"] * cfg.grad_accum + a)
-            loss = self.loss_of(idx)
+            batch = self.batch_of(st["step"] * cfg.grad_accum + a)
+            loss = self.loss_of(batch)
             if not torch.isfinite(loss):
                 self._diverged(loss)
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
-            st["tokens"] += idx.numel() * self.train.shape[1]
+            st["tokens"] += batch.x.numel()
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.opt.step()
@@ -308,10 +371,13 @@ class TrainJob:
         self.opts.progress(st["step"], self.total, f"loss {step_loss:.4f} · {tps:,.0f} tok/s")
         if st["step"] % cfg.eval_every == 0 or st["step"] == self.total:
             kl, ppl = self.evaluate(row)
-            self.opts.log(f"distill step {st['step']}/{self.total}: loss {step_loss:.4f}, held-out gap {kl:.4f} and perplexity "
-                          f"{ppl:.3f} (best gap {st['best']['kl']:.4f} at step {st['best']['step']}), {tps:,.0f} tokens/s")
+            what = "responses' cross-entropy" if self.sft else "gap"
+            self.opts.log(f"distill step {st['step']}/{self.total}: loss {step_loss:.4f}, held-out {what} {kl:.4f} and perplexity "
+                          f"{ppl:.3f} (best {st['best']['kl']:.4f} at step {st['best']['step']}), {tps:,.0f} tokens/s")
         if cfg.minutes is not None and st["seconds"] >= cfg.minutes * 60 and st["stopped"] is None:
             st["stopped"] = "time"
+        if cfg.tokens is not None and st["tokens"] >= cfg.tokens and st["stopped"] is None:
+            st["stopped"] = "tokens"
         if st["step"] % cfg.save_every == 0:
             self.checkpoint()
         if self.opts.interrupt_at is not None and st["step"] == self.opts.interrupt_at:
@@ -321,7 +387,7 @@ class TrainJob:
         """The held-out gap and perplexity, also into ``row``; keep the best weights, or count one
         more evaluation without improvement (``patience`` of them stop the run where ``restore_best``)."""
         st = self.st
-        kl, ppl = heldout(self.student, self.held, st["held_topk"], self.cfg)
+        kl, ppl = self.measure(st)
         row.update(heldout_kl=round(kl, 6), heldout_ppl=round(ppl, 4))
         if kl < st["best"]["kl"]:
             st["best"] = {"step": st["step"], "kl": kl, "ppl": ppl, "params": state(self.student)}
@@ -346,6 +412,7 @@ class TrainJob:
             "tokens": st["tokens"],
             "seconds": round(st["seconds"], 1),
             "stopped": st["stopped"] or "steps",
+            "heldout_measure": "response_nll" if self.sft else "kl",
             "best_step": st["best"]["step"],
             "heldout_kl_start": round(st["start"]["kl"], 6),
             "heldout_kl_best": round(st["best"]["kl"], 6),

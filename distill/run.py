@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from compress.distill.config import DistillConfig
 from compress.distill.loop import split_windows, teacher_topk, train_model
+from compress.distill.sources import Responses, Streamed
+from compress.distill.stream import TokenStream
 from compress.distill.trainable import commit, prepare
 from safetensors.torch import load_file, save_file
 
@@ -52,9 +55,11 @@ def check_pair(student: ModelSource, teacher: ModelSource) -> None:
             diffs.append(f"tokenizer vocabularies differ ({len(vs)} vs {len(vt)} entries, {len(set(vs.items()) ^ set(vt.items()))} differing)")
     if diffs:
         raise UsageError(
-            f"--teacher: the student {student.path} and the teacher {teacher.path} differ ({'; '.join(diffs)}); distillation "
-            "here matches logits token by token, so the student must be a compressed copy of the teacher's architecture "
-            "and vocabulary"
+            f"--teacher: the student {student.path} and the teacher {teacher.path} differ ({'; '.join(diffs)}); logit "
+            "distillation matches the teacher's distributions token by token, so the student must be a compressed copy of the "
+            "teacher's architecture and vocabulary. To learn from any other model, train on its text instead (black-box): "
+            "compress distill STUDENT --teacher MODEL --prompts FILE (the teacher answers the prompts first), or "
+            "--teacher-data FILE.jsonl (prompt/response records)"
         )
 
 
@@ -67,19 +72,17 @@ def distill_checkpoint(student_path: Path, teacher_path: Path, windows: torch.Te
     log = getattr(hooks, "log", lambda m: None)
     sp, tp = ModelSource(student_path), ModelSource(teacher_path)
     check_pair(sp, tp)
-    train, held = split_windows(windows, cfg.holdout)
+    if cfg.data:  # a corpus read as training goes; its first windows held out
+        stream = TokenStream(cfg.data, sp.tokenizer, int(windows.shape[1]), text_field="text", heldout=cfg.heldout_windows)
+        train, held = Streamed(stream, cfg.batch_size, seed), stream.held()
+    else:
+        train, held = split_windows(windows, cfg.holdout)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    student = load_source(sp)
+    student, prep, structured = load_student(sp, cfg)
     teacher = load_source(tp)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    blocks_path, _ = find_blocks(student, sp.config.model_type, getattr(sp.config, "num_hidden_layers", None))
-    meta = read_metadata(student_path)
-    pruned = set(meta.get("sparsity", {}).get("targets", []))
-    structured = meta.get("structured")
-    # a structurally pruned student is an ordinary dense model: its blocks' weights train
-    prep = prepare(student, "weights" if structured and cfg.train == "auto" else cfg.train, pruned, blocks_path)
     topk = held_topk = None
     if cfg.teacher == "topk":  # the teacher's top-k of every window, once (kept on disk for --resume), then the teacher goes
         cache = work / "teacher_topk.pt"
@@ -95,7 +98,8 @@ def distill_checkpoint(student_path: Path, teacher_path: Path, windows: torch.Te
             torch.save({"key": key, "topk": topk, "held_topk": held_topk}, cache)
         del teacher
         teacher = None
-    log(f"distilling {student_path} ({prep.numel():,} trainable values: {_counts(prep.counts)}) on {len(train)} windows, "
+    n_train = len(train) if isinstance(train, torch.Tensor) else "streamed"
+    log(f"distilling {student_path} ({prep.numel():,} trainable values: {_counts(prep.counts)}) on {n_train} windows, "
         f"{len(held)} held out")
     hidden_map = _hidden_map(structured) if structured else None
     rec = train_model(student, teacher, train, held, cfg, prep, seed=seed, topk=topk, held_topk=held_topk, hidden_map=hidden_map,
@@ -103,9 +107,65 @@ def distill_checkpoint(student_path: Path, teacher_path: Path, windows: torch.Te
                       resume=resume, progress=lambda d, n, info: _progress(hooks, "distill", d, n, info), log=log)
     commit(student)
     rec.update({"trainable_values": prep.numel(), "trained": prep.counts, "train": cfg.train, "loss": cfg.loss,
-                "teacher": cfg.teacher, "windows": {"train": len(train), "heldout": len(held), "seq_len": int(windows.shape[1])},
+                "teacher": cfg.teacher, "windows": {"train": n_train, "heldout": len(held), "seq_len": int(windows.shape[1])},
+                **({"on_policy": cfg.on_policy} if cfg.on_policy else {}), **({"data": cfg.data} if cfg.data else {}),
                 "total_s": round(time.time() - t0, 1), "peak_rss_mb": peak_rss_mb()})
     return student, rec
+
+
+def load_student(sp: ModelSource, cfg: DistillConfig):
+    """The student model, what of it trains (``prepare``), and its compress.json ``structured``
+    section (a structurally pruned student is an ordinary dense model: its blocks' weights train)."""
+    student = load_source(sp)
+    blocks_path, _ = find_blocks(student, sp.config.model_type, getattr(sp.config, "num_hidden_layers", None))
+    meta = read_metadata(sp.path)
+    pruned = set(meta.get("sparsity", {}).get("targets", []))
+    structured = meta.get("structured")
+    prep = prepare(student, "weights" if structured and cfg.train == "auto" else cfg.train, pruned, blocks_path)
+    return student, prep, structured
+
+
+def distill_responses(student_path: Path, examples, cfg: DistillConfig, *, seed: int, work: Path, resume: bool = False,
+                      hooks=None) -> tuple[torch.nn.Module, dict]:
+    """Black-box distillation: train the student at ``student_path`` on a teacher's responses
+    (``compress.distill.blackbox.Examples``, its own tokenizer's tokens), the loss the
+    responses' cross-entropy (prompts and template not counted), early-stopping on a held-out
+    share of the examples. Returns the trained student and the run's record."""
+    log = getattr(hooks, "log", lambda m: None)
+    train_ex, held_ex = split_examples(examples, cfg.holdout)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    student, prep, _ = load_student(ModelSource(student_path), cfg)
+    log(f"distilling {student_path} on a teacher's responses ({prep.numel():,} trainable values: {_counts(prep.counts)}): "
+        f"{len(train_ex.ids)} examples, {len(held_ex.ids)} held out")
+    rec = train_model(student, None, Responses(train_ex, cfg.batch_size, seed), Responses(held_ex, cfg.batch_size), cfg, prep,
+                      seed=seed, state_path=work / "distill_state.pt", resume=resume,
+                      progress=lambda d, n, info: _progress(hooks, "distill", d, n, info), log=log)
+    commit(student)
+    rec.update({"trainable_values": prep.numel(), "trained": prep.counts, "train": cfg.train, "loss": "response_cross_entropy",
+                "teacher": "black-box",
+                "examples": {"train": len(train_ex.ids), "heldout": len(held_ex.ids), "truncated": examples.truncated,
+                             "dropped": examples.dropped, "response_tokens": int(examples.mask.sum())},
+                "total_s": round(time.time() - t0, 1), "peak_rss_mb": peak_rss_mb()})
+    return student, rec
+
+
+def split_examples(ex, holdout: float):
+    """(training examples, held-out examples), ``holdout`` of them evenly spread held out."""
+    n = len(ex.ids)
+    k = max(1, round(n * holdout))
+    if n - k < 1:
+        raise UsageError(f"distill.holdout: {n} example(s) leave none to train on once {k} are held out for early stopping; "
+                         "give more records (at least 2)")
+    held = torch.linspace(0, n - 1, k).round().long().unique()
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[held] = False
+    return subset(ex, keep), subset(ex, held)
+
+
+def subset(ex, idx):
+    """``Examples`` restricted to ``idx`` (a mask or indices)."""
+    return replace(ex, ids=ex.ids[idx], mask=ex.mask[idx], lengths=ex.lengths[idx])
 
 
 def _hidden_map(structured: dict) -> tuple[list[int], torch.Tensor | None]:

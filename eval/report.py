@@ -59,8 +59,10 @@ def distill_summary(d: dict) -> str:
         b = list(d.get("blocks", {}).values())
         gain = sum(x["error_before"] - x["error_after"] for x in b) / max(sum(x["error_before"] for x in b), 1e-30)
         return f"distillation (block, train {d.get('train')}): {len(b)} blocks trained; their output error {gain:.1%} lower on average"
-    line = (f"distillation (model, {d['loss']}, train {d['train']}): {d['steps']} steps, {d['tokens']:,} tokens, {d['seconds']:.0f} s "
-            f"({d['stopped']}); held-out gap to the teacher {d['heldout_kl_start']:.4g} -> {d['heldout_kl_best']:.4g} (best at step "
+    measure = ("held-out responses' cross-entropy" if d.get("heldout_measure") == "response_nll" else "held-out gap to the teacher")
+    kind = "black-box" if d.get("teacher") == "black-box" else f"on-policy {d['on_policy']:g}" if d.get("on_policy") else "model"
+    line = (f"distillation ({kind}, {d['loss']}, train {d['train']}): {d['steps']} steps, {d['tokens']:,} tokens seen, {d['seconds']:.0f} s "
+            f"({d['stopped']}); {measure} {d['heldout_kl_start']:.4g} -> {d['heldout_kl_best']:.4g} (best at step "
             f"{d['best_step']}), held-out perplexity {d['heldout_ppl_start']:.4g} -> {d['heldout_ppl_best']:.4g}")
     pp = d.get("perplexity")
     if pp:
@@ -90,7 +92,7 @@ def to_markdown(report: dict, worst: int = 10) -> str:
     ev = report.get("eval") or {}
     kind = report.get("kind", "run")
     sections = [
-        [f"## {_title(report, ev, kind)}", ""],
+        [f"## {report_title(report, ev, kind)}", ""],
         _gate_verdict(ev),
         _metrics_table(ev, kind),
         _gates_table(ev),
@@ -103,11 +105,18 @@ def to_markdown(report: dict, worst: int = 10) -> str:
     return "\n".join(line for lines in sections for line in lines) + "\n"
 
 
-def _title(report: dict, ev: dict, kind: str) -> str:
+def report_title(report: dict, ev: dict, kind: str) -> str:
+    """The report's heading: the command, the model and what it was measured against."""
     if kind == "run":
         return f"compress run: {report['model']['path']} → {report['export']['path']}"
     if kind == "distill":
-        return f"compress distill: {ev['model']['ref']}" + (f" (teacher {ev['baseline']['ref']})" if "baseline" in ev else "")
+        st = report.get("settings", {})  # without an evaluation (--no-eval) the names come from the settings
+        student = ev["model"]["ref"] if "model" in ev else st.get("student")
+        teacher = ev["baseline"]["ref"] if "baseline" in ev else st.get("teacher") if st.get("teacher") not in (None, "None") else None
+        what = f"teacher {teacher}" if teacher else None
+        if "blackbox" in st:
+            what = ", ".join(filter(None, [what, "black-box: " + ", ".join(f"{k} {v}" for k, v in st["blackbox"].items())]))
+        return f"compress distill: {student}" + (f" ({what})" if what else "")
     if kind == "compare":
         return f"compress compare: {ev['baseline']['ref']} vs {ev['model']['ref']}"
     return f"compress eval: {ev['model']['ref']}" + (f" (baseline {ev['baseline']['ref']})" if "baseline" in ev else "")

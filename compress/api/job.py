@@ -41,7 +41,7 @@ from compress.checkpoint.files import (
 from compress.checkpoint.gguf import arch_for
 from compress.checkpoint.gguf_export import GGUFExporter, read_tokenizer
 from compress.checkpoint.source import ModelSource, read_metadata, resolve_model
-from compress.data import calibration_set
+from compress.generation import calibration_of
 from compress.engine import SweepOptions, check_plan, compress_blocks
 from compress.engine.dist import World, close_world, init_world
 from compress.engine.model import (
@@ -89,7 +89,7 @@ def _calibration(recipe: Recipe, source: ModelSource, passes: list[Pass], hooks:
         return None
     if cal.samples <= 0:
         return None
-    return calibration_set(cal, source.tokenizer, recipe.seed)
+    return calibration_of(cal, source, recipe.seed, hooks=hooks)
 
 
 COPIED = ("config.json", *TOKENIZER_FILES)  # the source's files an export holds a copy of (or a version of)

@@ -53,7 +53,9 @@ LowrankMethodOpt = Annotated[str, typer.Option("--method", help=method_help("low
 # --- calibration and targets of the one-method commands (quantize, prune, lowrank; distill's data)
 SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration samples.")]
 CalSeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sample.")]
-CalDataOpt = Annotated[str, typer.Option("--data", help="Calibration data: builtin:pydoc, a .txt/.jsonl/.parquet file, or a hub dataset.")]
+CalDataOpt = Annotated[str, typer.Option("--data", help=(
+    "Calibration data: builtin:pydoc, a .txt/.jsonl/.parquet file, a hub dataset, or 'generated' (--samples sequences of "
+    "--seq-len tokens the model writes itself; calibration.generate sets the sampling)."))]
 NoTextCheckOpt = Annotated[bool, typer.Option("--no-text-check", help=(
     "Calibrate on the data even where it does not look like text (not UTF-8, control characters, far more tokens per "
     "character than English gives): calibration.check_text: false."))]

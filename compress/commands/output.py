@@ -19,6 +19,7 @@ from compress.commands.options import Report
 from compress.errors import GateError
 from compress.eval.report import (
     distill_summary,
+    report_title,
     layer_errors,
     lowrank_summary,
     to_markdown,
@@ -153,7 +154,7 @@ def print_report(report: dict) -> None:
         title = f"compress: {report['model']['path']} -> {report['export']['path']}"
         cols = ("original", "compressed")
     else:
-        title = f"compress {kind}: {ev['model']['ref']}" + (f" vs baseline {ev['baseline']['ref']}" if "baseline" in ev else "")
+        title = report_title(report, ev, kind)
         cols = ("baseline", "model")
     out.print(_metrics_table(ev, title, cols) if ev.get("metrics") else title)
     sizes = _sizes(report, kind, cols)
