@@ -81,6 +81,10 @@ CONFIGS = {
     # issue 26: calibration (and distillation) on 128 × 512 tokens the demo writes itself
     # (calibration.data: generated, the default sampling: T 1, top-k 50, seed 0)
     "gptq-w4g64-gen": ["calibration.data=generated"],
+    # issue 25: QuaRot's randomized Hadamard rotations (R1 residual, R2 per head) fused before GPTQ
+    "rot-gptq-w4g64": ["passes=[{rotate: {}}, {gptq: {bits: 4, group_size: 64, symmetric: true}}]"],
+    "rot-gptq-w3g64": ["passes=[{rotate: {}}, {gptq: {bits: 3, group_size: 64, symmetric: true}}]"],
+    "rot-rtn-w4g64": ["passes=[{rotate: {}}, {rtn: {bits: 4, group_size: 64}}]"],
     "gptq-w3g64-distill-gen": ["passes=[{gptq: {bits: 3, group_size: 64, symmetric: true}}, {distill: {}}]",
                                "calibration.data=generated"],
 }

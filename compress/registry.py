@@ -15,6 +15,7 @@ FAMILIES = (
     "compress.quant.passes",  # rtn, gptq, awq, smoothquant; QuantLinear, Int8Linear
     "compress.prune.passes",  # magnitude, wanda, sparsegpt
     "compress.prune.structured_pass",  # prune_structured
+    "compress.quant.rotate_pass",  # rotate
     "compress.lowrank.passes",  # lowrank; LowRankLinear
     "compress.distill.passes",  # distill
 )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -23,8 +22,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compress.api.common import storage_dtype
-from compress.checkpoint.files import RETRY, check_target, disk_writes, install, work_folder
-from compress.checkpoint.source import METADATA, cache_dir
+from compress.checkpoint.files import RETRY, write_model
+from compress.checkpoint.source import cache_dir
 from compress.errors import UsageError
 from compress.passes import Pass, register
 from compress.prune.importance import Stats, collect, collect_grads
@@ -41,12 +40,9 @@ from compress.prune.shapes import (
     smallest_params,
 )
 from compress.prune.structured import UnknownCoupling, check_family
-from compress.utils import DiskError, atomic_write, atomic_write_text, peak_rss_mb
+from compress.utils import DiskError, atomic_write, peak_rss_mb
 
 WIDTHS = ("hidden", "heads", "kv_heads", "intermediate", "layers")
-# the source files a pruned checkpoint keeps as they are (config.json and the weights are new)
-KEPT_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
 class StructuredConfig(BaseModel):
@@ -215,23 +211,9 @@ def _skip_kl(model, ref, windows) -> dict[int, float]:
 
 
 def _write(src: Path, model, target: Path, section: dict, overwrite: bool) -> None:
-    """The pruned model as an ordinary checkpoint at ``target`` (written in a work folder, then
-    renamed): its config and weights, the source's tokenizer and generation files, compress.json."""
-    check_target(target, overwrite)
-    work = work_folder(target)
-    try:
-        with disk_writes(f"{RETRY} (the pruning is recomputed from the source)", path=work):
-            shutil.rmtree(work, ignore_errors=True)
-            model.save_pretrained(work)
-            for name in KEPT_FILES:
-                if (Path(src) / name).is_file():
-                    atomic_write(work / name, lambda tmp, f=Path(src) / name: shutil.copy2(f, tmp))
-            meta = {"format": "compress.checkpoint/1", "structured": {k: v for k, v in section.items() if k != "candidates"}}
-            atomic_write_text(work / METADATA, json.dumps(meta, indent=2))
-        install(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    """The pruned model as an ordinary checkpoint at ``target``, its compress.json ``structured``."""
+    meta = {"format": "compress.checkpoint/1", "structured": {k: v for k, v in section.items() if k != "candidates"}}
+    write_model(src, model, target, meta, overwrite, f"{RETRY} (the pruning is recomputed from the source)")
 
 
 def _progress(hooks, done, total):

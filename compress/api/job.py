@@ -93,7 +93,7 @@ def _calibration(recipe: Recipe, source: ModelSource, passes: list[Pass], hooks:
 
 
 COPIED = ("config.json", *TOKENIZER_FILES)  # the source's files an export holds a copy of (or a version of)
-CARRIED = ("structured",)  # compress.json sections of the sweep's input that its export keeps
+CARRIED = ("structured", "rotation")  # compress.json sections of the sweep's input that its export keeps
 
 
 class Job:

@@ -275,3 +275,31 @@ def _remove_tree(path: Path) -> None:
         remove_quietly(path)
     elif path.exists():
         shutil.rmtree(path, ignore_errors=True)
+
+
+# the source files a model-scope pass's checkpoint keeps as they are (config.json and the weights are new)
+KEPT_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def write_model(src: Path, model, target: Path, meta: dict, overwrite: bool, advice: str) -> None:
+    """A transformers ``model`` as an ordinary checkpoint at ``target`` (written in a work folder,
+    then renamed): its config and weights (``save_pretrained``), the source's tokenizer and
+    generation files, and ``meta`` as compress.json. ``advice``: what a full disk's message adds."""
+    from compress.checkpoint.source import METADATA
+    from compress.utils import atomic_write, atomic_write_text
+
+    check_target(target, overwrite)
+    work = work_folder(target)
+    try:
+        with disk_writes(advice, path=work):
+            shutil.rmtree(work, ignore_errors=True)
+            model.save_pretrained(work)
+            for name in KEPT_FILES:
+                if (Path(src) / name).is_file():
+                    atomic_write(work / name, lambda tmp, f=Path(src) / name: shutil.copy2(f, tmp))
+            atomic_write_text(work / METADATA, json.dumps(meta, indent=2))
+        install(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise

@@ -40,6 +40,9 @@ def quantize_cmd(
     act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ: visit columns by activation order.")] = True,
     g_idx: Annotated[bool, typer.Option("--g-idx", help="GPTQ act-order with groups in visiting order, exported as g_idx (default: static groups, no g_idx).")] = False,
     alpha: Annotated[float, typer.Option("--alpha", help="SmoothQuant migration strength (0-1).")] = 0.5,
+    rotate: Annotated[bool, typer.Option("--rotate", help=(
+        "Fuse QuaRot's randomized Hadamard rotations into the weights first (recipe: `- rotate: {}` before the quantizer): "
+        "the same function, outliers spread over all columns; an ordinary checkpoint, lm_head untied."))] = False,
     *, calibration: Calibration, targets: Targets, job: Job, tasks: Tasks, gates: Gates, report: Report,
 ):
     """Quantize one model with one method (builds a recipe and runs it)."""
@@ -47,7 +50,8 @@ def quantize_cmd(
         raise UsageError("--g-idx applies to the GPTQ methods only")
     opts = {"bits": bits, "group_size": group_size, "symmetric": not asymmetric, "act_order": act_order, "static_groups": not g_idx,
             "alpha": alpha}
-    run_method(model, output, method_passes("quantize", method, opts, targets.ignore), calibration, targets, job, tasks, gates, report)
+    passes = ([{"rotate": {}}] if rotate else []) + method_passes("quantize", method, opts, targets.ignore)
+    run_method(model, output, passes, calibration, targets, job, tasks, gates, report)
 
 
 @with_groups(**GROUPS)
