@@ -85,6 +85,7 @@ CONFIGS = {
     "rot-gptq-w4g64": ["passes=[{rotate: {}}, {gptq: {bits: 4, group_size: 64, symmetric: true}}]"],
     "rot-gptq-w3g64": ["passes=[{rotate: {}}, {gptq: {bits: 3, group_size: 64, symmetric: true}}]"],
     "rot-rtn-w4g64": ["passes=[{rotate: {}}, {rtn: {bits: 4, group_size: 64}}]"],
+    "gptq-w4g64-gen-hybrid": ["calibration.data=generated", "calibration.generate.greedy_first=4", "calibration.generate.batch_size=64"],
     "gptq-w3g64-distill-gen": ["passes=[{gptq: {bits: 3, group_size: 64, symmetric: true}}, {distill: {}}]",
                                "calibration.data=generated"],
 }

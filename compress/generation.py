@@ -38,12 +38,13 @@ def _no_progress(done: int, total: int) -> None:
 
 @torch.no_grad()
 def sample(model: nn.Module, prompts: torch.Tensor, new_tokens: int, *, temperature: float = 1.0, top_k: int | None = 50,
-           greedy_after: int | None = None, generator: torch.Generator | None = None,
+           greedy_after: int | None = None, greedy_first: int = 0, generator: torch.Generator | None = None,
            allowed: torch.Tensor | None = None, step: Callable[[], None] | None = None) -> torch.Tensor:
     """``prompts`` (B, P) continued by ``new_tokens`` tokens -> (B, P + new_tokens) int64.
 
     ``greedy_after``: tokens written (counting the prompt) after which the choice is the most
-    likely token; ``allowed``: a boolean mask over the vocabulary (False: never drawn);
+    likely token; ``greedy_first``: tokens (counting the prompt) up to which it is (LLM-QAT's
+    hybrid: the first few tokens top-1, then sampled); ``allowed``: a boolean mask over the vocabulary (False: never drawn);
     ``step``: called after each new token (a progress bar)."""
     if new_tokens <= 0:
         return prompts.clone()
@@ -55,7 +56,8 @@ def sample(model: nn.Module, prompts: torch.Tensor, new_tokens: int, *, temperat
         logits = out.logits[:, -1].float()
         if allowed is not None:
             logits = logits.masked_fill(~allowed[: logits.shape[-1]].to(dev), float("-inf"))
-        greedy = temperature == 0 or (greedy_after is not None and prompts.shape[1] + t >= greedy_after)
+        pos = prompts.shape[1] + t  # the index of the token being chosen
+        greedy = temperature == 0 or pos < greedy_first or (greedy_after is not None and pos >= greedy_after)
         nxt = logits.argmax(-1) if greedy else _draw(logits, temperature, top_k, generator)
         written.append(nxt)
         if step is not None:
@@ -86,7 +88,7 @@ def ordinary_tokens(tokenizer, vocab_size: int) -> torch.Tensor:
 
 
 def generate_sequences(model: nn.Module, tokenizer, count: int, length: int, *, seed: int, temperature: float = 1.0,
-                       top_k: int | None = 50, greedy_after: int | None = None, batch_size: int = 16,
+                       top_k: int | None = 50, greedy_after: int | None = None, greedy_first: int = 0, batch_size: int = 16,
                        progress: Callable[[int, int], None] = _no_progress) -> torch.Tensor:
     """``count`` sequences of ``length`` tokens the model writes from a uniformly drawn first
     token -> (count, length) int64. Special tokens may follow (an end of text starts a new
@@ -108,7 +110,7 @@ def generate_sequences(model: nn.Module, tokenizer, count: int, length: int, *, 
         n = min(batch_size, count - b)
         first = firsts[torch.randint(len(firsts), (n, 1), generator=g)]
         out.append(sample(model, first, length - 1, temperature=temperature, top_k=top_k, greedy_after=greedy_after,
-                          generator=g, step=lambda n=n: tick(n)))
+                          greedy_first=greedy_first, generator=g, step=lambda n=n: tick(n)))
     return torch.cat(out)
 
 
@@ -143,8 +145,9 @@ def generated_windows(source, cal, seed: int, log: Callable[[str], None] = print
     from compress.checkpoint.source import cache_dir
 
     gen = cal.generate
+    # (greedy_first at its default stays out of the key: caches written before it existed stay valid)
     settings = {"model": model_key(source.path), "count": cal.samples, "length": cal.seq_len, "seed": seed,
-                **gen.model_dump(mode="json")}
+                **gen.model_dump(mode="json", exclude={"greedy_first"} if not gen.greedy_first else None)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     cache = cache_dir() / GENERATED / f"{key}.pt"
     if cache.is_file():
@@ -157,7 +160,8 @@ def generated_windows(source, cal, seed: int, log: Callable[[str], None] = print
     t0 = time.time()
     model = load_source(source)
     ids = generate_sequences(model, source.tokenizer, cal.samples, cal.seq_len, seed=seed, temperature=gen.temperature,
-                             top_k=gen.top_k, greedy_after=gen.greedy_after, batch_size=gen.batch_size, progress=progress)
+                             top_k=gen.top_k, greedy_after=gen.greedy_after, greedy_first=gen.greedy_first, batch_size=gen.batch_size,
+                             progress=progress)
     del model
     log(f"generated {ids.numel():,} tokens in {time.time() - t0:.0f} s")
     try:

@@ -40,6 +40,7 @@ class GenerateConfig(_Strict):
     temperature: float = Field(1.0, ge=0)  # 0: greedy
     top_k: int | None = Field(50, ge=1)  # draw among the k most likely tokens; null: all
     greedy_after: int | None = Field(None, ge=1)  # the most likely token once this many are written
+    greedy_first: int = Field(0, ge=0)  # the most likely token until this many are written (LLM-QAT's hybrid)
     batch_size: int = Field(16, ge=1)  # sequences generated together
 
 

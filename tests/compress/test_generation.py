@@ -59,6 +59,15 @@ def test_greedy_after_switches_to_the_most_likely_token(qwen):
     assert torch.equal(mixed, greedy_tail)
 
 
+def test_greedy_first_takes_the_most_likely_tokens_then_samples(qwen):
+    model = load_source(ModelSource(qwen))
+    prompts = torch.tensor([[5], [77]])
+    hybrid = sample(model, prompts, 12, temperature=1.0, top_k=None, greedy_first=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(hybrid[:, :4], sample(model, prompts, 3, temperature=0.0))  # tokens 1..3: top-1
+    sampled = sample(model, prompts, 12, temperature=1.0, top_k=None, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(hybrid, sampled)
+
+
 def test_generated_sequences_are_deterministic_per_seed_and_start_with_an_ordinary_token(qwen):
     model = load_source(ModelSource(qwen))
     tok = ModelSource(qwen).tokenizer
