@@ -35,6 +35,7 @@ from compress.lowrank.module import LoSparseLinear, LowRankLinear, lowrank_metad
 from compress.lowrank.svd import breakeven_rank, decompose
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from compress.engine.observe import typical_energy
 from compress.errors import UsageError
 from compress.passes import Conflict, Pass, register
 
@@ -103,13 +104,6 @@ class LowRankConfig(BaseModel):
             raise ValueError(f"sparse {self.sparse:g} leaves nothing for the factors at reduction {self.reduction:g}; "
                              f"keep sparse below 1 - reduction = {1 - self.reduction:g}")
         return self
-
-
-def typical_energy(probe) -> float:
-    """The block output's size on the probe batch without its outliers: the median token's
-    ‖y_t‖² times the number of tokens (summed over ranks)."""
-    e = probe.y.float().pow(2).sum(-1).flatten()  # (tokens,)
-    return probe.world.sum(float(e.median()) * e.numel())
 
 
 @register

@@ -13,6 +13,7 @@ import torch
 from compress.quant import awq as awq_alg
 from compress.quant import ggml
 from compress.quant.gptq import gptq_quantize, gptq_quantize_grid
+from compress.quant.mixed import LayerErrors, allocate_bits, average_bits, rtn_output_error
 from compress.quant.rtn import QuantScheme, rtn_quantize
 from compress.quant.smoothquant import smooth_scales
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -23,6 +24,7 @@ from compress.arch.smoothing import fold_scales, output_loss, scaled_hessian
 from compress.checkpoint.formats import Int8Linear, QuantLinear
 from compress.checkpoint.ggml_linear import GGMLLinear
 from compress.checkpoint.gguf import F16, F32, arch_for, hf_layer_type
+from compress.engine.observe import typical_energy
 from compress.errors import UsageError
 from compress.modules import TARGETS
 from compress.passes import Pass, exclusive, matches_any, register
@@ -61,6 +63,10 @@ class QuantConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bits: int = Field(4, ge=2, le=8)  # 4 and 8 are what vLLM serves; others run in our runtime
+    # mixed precision: each layer's bits among `widths`, by measured sensitivity, averaging this
+    # many bits per weight (a fractional `bits`, e.g. 3.5, sets it; compress.quant.mixed)
+    budget: float | None = None
+    widths: list[int] = Field(default_factory=lambda: [2, 3, 4, 8])
     # input columns per scale; -1 = one scale per output channel; auto: per layer, 128 where it
     # divides in_features, else the largest power of two (>= 16) that does, else -1
     group_size: int | Literal["auto"] = "auto"
@@ -73,6 +79,21 @@ class QuantConfig(BaseModel):
     # needs bits 8, group_size -1, symmetric (the compressed-tensors int-quantized scheme)
     activations: ActivationConfig | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fractional_bits(cls, data):
+        """``bits: 3.5`` is a mixed-precision budget (the widths' average)."""
+        if isinstance(data, dict) and isinstance(data.get("bits"), float | str):
+            try:
+                b = float(data["bits"])
+            except ValueError:
+                return data
+            if b != int(b):
+                data = {**data, "budget": b, "bits": max(2, min(8, int(b)))}
+            else:
+                data = {**data, "bits": int(b)}
+        return data
+
     @field_validator("group_size", mode="before")
     @classmethod
     def _group(cls, v):
@@ -84,6 +105,14 @@ class QuantConfig(BaseModel):
 
     @model_validator(mode="after")
     def _w8a8(self):
+        if self.budget is not None:
+            if any(w < 2 or w > 8 for w in self.widths) or not self.widths:
+                raise ValueError(f"widths {self.widths}: bits from 2 to 8")
+            if not min(self.widths) < self.budget < max(self.widths):
+                raise ValueError(f"bits {self.budget:g}: a mixed-precision budget lies strictly between the narrowest and the widest "
+                                 f"of widths {sorted(self.widths)}; use an integer for one width everywhere")
+            if self.activations is not None:
+                raise ValueError("activations (W8A8) are 8-bit: a mixed-precision budget does not apply")
         if self.activations is not None and self.group_size == "auto":
             self.group_size = -1  # W8A8 is per channel
         if self.activations is not None:
@@ -96,10 +125,9 @@ class QuantConfig(BaseModel):
         """The group size of a layer with ``in_features`` columns."""
         return auto_group_size(in_features) if self.group_size == "auto" else self.group_size
 
-    def scheme(self, dtype: torch.dtype, in_features: int):
-        return QuantScheme(
-            bits=self.bits, group_size=self.group_for(in_features), symmetric=self.symmetric, observer=self.observer, scale_dtype=dtype
-        )
+    def scheme(self, dtype: torch.dtype, in_features: int, bits: int | None = None):
+        return QuantScheme(bits=bits or self.bits, group_size=self.group_for(in_features), symmetric=self.symmetric,
+                           observer=self.observer, scale_dtype=dtype)
 
 
 class _QuantPass(Pass):
@@ -107,6 +135,44 @@ class _QuantPass(Pass):
     # (TYPE, the model's config) when the export is GGUF (set by ``validate``): each Linear is then
     # solved on the llama.cpp grid that TYPE's mix assigns its tensor (compress.checkpoint.gguf)
     gguf: tuple[str, object] | None = None
+
+    def __init__(self, config, ctx=None):
+        super().__init__(config, ctx)
+        self._errors: list[LayerErrors] = []  # mixed precision: each layer's measured error per width
+        self.widths: dict[str, int] = {}  # mixed precision: full name -> bits
+
+    # ---- mixed precision: a preview sweep measures every layer's error at every width
+    @property
+    def preview_stats(self):  # type: ignore[override]
+        return ("hessian",) if self.config.budget is not None else ()
+
+    def preview_block(self, prefix, stats, weights, probe=None):
+        c = self.config
+        for n, W in weights.items():
+            H = stats[n]["hessian"]["H"]
+            errs = {b: rtn_output_error(W, rtn_quantize(W.float(), c.scheme(self.ctx.dtype, W.shape[1], b)).dequantize(), H)
+                    for b in sorted(set(c.widths))}
+            scale = 1.0
+            if probe is not None:  # the share reaching the block output, per unit of the residual stream's typical size
+                mid = sorted(c.widths)[len(c.widths) // 2 - 1]
+                block_err, layer_err = probe(n, rtn_quantize(W.float(), c.scheme(self.ctx.dtype, W.shape[1], mid)).dequantize())
+                scale = block_err / max(layer_err, 1e-30) / max(typical_energy(probe), 1e-30)
+            self._errors.append(LayerErrors(prefix + n, W.numel(), {b: e * scale for b, e in errs.items()}))
+
+    def preview_done(self):
+        try:
+            self.widths = allocate_bits(self._errors, self.config.budget)
+        except ValueError as e:
+            raise UsageError(f"{self.name}.bits: {e}") from None
+        self.mixed = {"budget": self.config.budget, "average_bits": round(average_bits(self._errors, self.widths), 4),
+                      "layers": dict(self.widths)}
+        self._errors = []
+
+    def bits_for(self, full_name: str) -> int:
+        return self.widths.get(full_name, self.config.bits) if self.config.budget is not None else self.config.bits
+
+    def export_metadata(self, layers, export):
+        return {"mixed_precision": self.mixed} if self.config.budget is not None and getattr(self, "mixed", None) else {}
 
     def conflicts(self, planned):
         return exclusive(self, planned, "quantize", "quantization")
@@ -126,6 +192,8 @@ class _QuantPass(Pass):
     def validate(self, k, job):
         """``export.target``: the scheme this pass stores must be one that runtime serves. A GGUF
         export: the grids are llama.cpp's (bits, groups and symmetry come from the type)."""
+        if self.config.budget is not None:
+            self._check_mixed(k, job)
         if getattr(job.export, "format", None) == "gguf":
             if getattr(self.config, "activations", None) is not None:
                 raise UsageError(f"passes.{k}.{self.name}: activations (W8A8) have no GGUF form (llama.cpp stores quantized "
@@ -142,6 +210,24 @@ class _QuantPass(Pass):
         why = kind.refusal({"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric, "act_order": g_idx}, TARGETS[target])
         if why:
             raise UsageError(f"passes.{k}.{self.name}: export.target is {target}, and {why}")
+
+    def _check_mixed(self, k, job) -> None:
+        """A mixed-precision budget: rtn and gptq only, no GGUF (its types fix the widths), and
+        every width one the export's target serves."""
+        where = f"passes.{k}.{self.name}.bits"
+        if self.name not in ("rtn", "gptq"):
+            raise UsageError(f"{where}: a fractional width (mixed precision, {self.config.budget:g}) is for rtn and gptq; use an integer")
+        if getattr(job.export, "format", None) == "gguf":
+            raise UsageError(f"{where}: a GGUF export takes its widths from the type (--gguf); use an integer bits, or drop --gguf")
+        target = getattr(job.export, "target", None)
+        if target is not None:
+            c = self.config
+            for w in sorted(set(c.widths)):
+                why = QuantLinear.refusal({"bits": w, "group_size": c.group_size, "symmetric": c.symmetric, "act_order": False},
+                                          TARGETS[target])
+                if why:
+                    raise UsageError(f"{where}: export.target is {target}, and the width {w} of widths {sorted(c.widths)}: {why}; "
+                                     "set widths to ones it serves (e.g. [4, 8])")
 
     def grid_for(self, full_name: str, in_features: int) -> str:
         """The GGUF storage type of this Linear (``f16`` where llama.cpp's fallback keeps it dense)."""
@@ -174,8 +260,8 @@ class RTNPass(_QuantPass):
     def apply(self, full_name, module, stats):
         if self.gguf is not None:
             return self._grid_apply(full_name, module, lambda g: (*ggml.rtn(module.weight.detach().float(), g), {}))
-        res = rtn_quantize(module.weight.detach().float(), self.config.scheme(self.ctx.dtype, module.in_features))
-        return self._module(module, res), {"group_size": res.scheme.group_size}
+        res = rtn_quantize(module.weight.detach().float(), self.config.scheme(self.ctx.dtype, module.in_features, self.bits_for(full_name)))
+        return self._module(module, res), {"group_size": res.scheme.group_size, "bits": res.scheme.bits}
 
 
 class GPTQConfig(QuantConfig):
@@ -208,7 +294,7 @@ class GPTQPass(_QuantPass):
         res = gptq_quantize(
             module.weight.detach().float(),
             stats["hessian"]["H"],
-            c.scheme(self.ctx.dtype, module.in_features),
+            c.scheme(self.ctx.dtype, module.in_features, self.bits_for(full_name)),
             blocksize=c.block_size,
             damp=c.damp,
             act_order=c.act_order,
@@ -216,7 +302,7 @@ class GPTQPass(_QuantPass):
             mask=stats.get("mask"),  # an earlier pruning pass's zeros stay zeros
             name=full_name,
         )
-        return self._module(module, res), {"damp": res.info["damp"], "group_size": res.scheme.group_size}
+        return self._module(module, res), {"damp": res.info["damp"], "group_size": res.scheme.group_size, "bits": res.scheme.bits}
 
 
 # ---------------------------------------------------------------- scale folding

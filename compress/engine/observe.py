@@ -166,6 +166,15 @@ class BlockProbe:
         return captured
 
 
+def typical_energy(probe) -> float:
+    """The block output's size on the probe batch without its outliers: the median token's
+    ‖y_t‖² times the number of tokens (summed over ranks). A few massive-activation tokens (the
+    first token of SmolLM2 carries 98% of the energy from block 11 on) would otherwise make every
+    error there look small."""
+    e = probe.y.float().pow(2).sum(-1).flatten()  # (tokens,)
+    return probe.world.sum(float(e.median()) * e.numel())
+
+
 class BlockErrorProbe:
     """``probe(name, W)`` for ``Pass.preview_block``: runs the block on its first calibration batch
     with Linear ``name`` computing with W, and returns (‖Δ block output‖², ‖Δ Linear output‖²).

@@ -59,7 +59,7 @@ def test_rotations_leave_the_float_model_unchanged(family, r1, r2):
     with torch.no_grad():
         got = rot(input_ids=x).logits
     assert (got - ref).abs().max() < 1e-5 * ref.abs().max().clamp_min(1)
-    moved = [k for k in state if k.endswith("q_proj.weight") or k.endswith("o_proj.weight")]
+    moved = [k for k in state if k.endswith(("q_proj.weight", "o_proj.weight"))]
     assert any(not torch.allclose(state[k].float(), m.state_dict()[k]) for k in moved)  # the weights did change
 
 
