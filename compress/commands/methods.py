@@ -32,7 +32,9 @@ def quantize_cmd(
     model: ModelArg,
     output: OutputOpt,
     method: QuantizeMethodOpt = "gptq",
-    bits: Annotated[int, typer.Option("--bits", help="Weight bits, 2-8 (vLLM serves 4 and 8).")] = 4,
+    bits: Annotated[float, typer.Option("--bits", help=(
+        "Weight bits, 2-8 (vLLM serves 4 and 8). Fractional (e.g. 3.5, gptq/rtn): mixed precision, each layer 2, 3, 4 or 8 bits "
+        "by its measured sensitivity, averaging this."))] = 4,
     group_size: Annotated[str, typer.Option("--group-size", help=(
         "Columns per scale: auto (per layer: 128 where it divides in_features, else the largest power of two down to 16 that "
         "does, else per channel), a number that divides every targeted layer, or -1 (per channel)."))] = "auto",
