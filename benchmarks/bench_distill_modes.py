@@ -10,7 +10,7 @@ One Wanda 2:4 student (the demo pruned on the builtin split, 128 × 512), then, 
   tokens) to ``benchmarks/data/pydoc_prompts.txt`` (two prompts per topic of the builtin
   calibration split), the loss on the answers' tokens; no teacher logits.
 
-    python benchmarks/bench_distill_modes.py [off on blackbox] [--loss forward_kl] [--steps 29]
+    python benchmarks/bench_distill_modes.py [off on blackbox] [--loss forward_kl] [--steps 16]
 
 Prints one JSON line per run: perplexity before and after, steps, tokens, time, peak RSS.
 """
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="*", default=["off", "on", "blackbox"])
     p.add_argument("--loss", default="forward_kl")
-    p.add_argument("--steps", default="29")
+    p.add_argument("--steps", default="16")
     a = p.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     s = str(student())

@@ -16,13 +16,19 @@ the types later families add) subclasses ``CompressedLinear`` and answers:
 * ``keep_dense(on)``: keep (or drop) a dequantized copy between forwards, for evaluation's many
   forwards; True where that applies to the module;
 * ``quant_spec()``: its ``quantization_config`` group in the export (``None``: not a quantized
-  layer as compressed-tensors sees it); ``group_format`` names that group's ``format``;
+  layer as compressed-tensors sees it); ``group_format`` names that group's ``format``, and
+  ``reads_group(scheme)`` says whether a stored group describes layers of this type;
+* ``set_dtype(dtype)``: the compute dtype the loader builds the model in (a bias follows it; an
+  embedding's lookups come out in it);
+* ``tied_head()``: the output head that computes with this module's stored weight, where the
+  model ties its lm_head to it (a quantized embedding); None for other types;
 * ``runtimes(spec)`` (class method): the runtimes that read a layer of this type stored with
   ``spec`` (a ``read_quantization_config`` group);
 * ``stored_layers(source)`` (class method): the layers a checkpoint stores in this type's format;
 * ``stored_parameters(source, name)`` (class method): how many weights one stored layer stands for;
 * ``from_checkpoint(source, name, linear, groups)`` (class method): the module for one stored
-  layer, its buffers filled from the checkpoint (``linear`` is the plain Linear it replaces).
+  layer, its buffers filled from the checkpoint (``linear`` is the plain module it replaces: an
+  instance of the type's ``replaces``, ``nn.Linear`` unless it says otherwise).
 
 The module-level helpers (``dense_weight``, ``factors``, ``quant_spec``, ``trainable``,
 ``keep_dense``, ``compressed_modules``, ``runtimes_for``, ...) take any module, a plain
@@ -74,6 +80,9 @@ class CompressedLinear(nn.Module):
     merge_on_export: ClassVar[bool] = False
     # the ``format`` of its compressed-tensors quantization_config group (None: stored outside it)
     group_format: ClassVar[str | None] = None
+    # the plain modules a stored layer of this type stands in for (the loader picks, for each
+    # stored layer, the first type that stores it and replaces the skeleton's module there)
+    replaces: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
     backend: str | None = None  # the kernel backend compress.load chose (None: automatic)
     kernel: str | None = None  # the backend that ran last (None: a type without kernels)
 
@@ -99,6 +108,20 @@ class CompressedLinear(nn.Module):
 
     def quant_spec(self) -> dict | None:
         return None
+
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        """The compute dtype of the loaded model: a bias follows it (stored tensors stay as stored)."""
+        bias = getattr(self, "bias", None)
+        if bias is not None:
+            bias.data = bias.data.to(dtype)
+
+    def tied_head(self) -> nn.Module | None:
+        return None
+
+    @classmethod
+    def reads_group(cls, scheme: dict) -> bool:
+        """Whether a ``read_quantization_config`` group describes layers of this type."""
+        return cls.group_format is not None and cls.group_format == scheme.get("format")
 
     @classmethod
     def refusal(cls, spec: dict, runtime: str) -> str | None:
@@ -182,6 +205,12 @@ def factors(module: nn.Module) -> dict[str, nn.Module]:
     return module.factors() if isinstance(module, CompressedLinear) else {}
 
 
+def tied_head(module: nn.Module | None) -> nn.Module | None:
+    """The head a compressed input embedding serves a tied lm_head with (None: a plain embedding,
+    which transformers' ``tie_weights`` shares)."""
+    return module.tied_head() if isinstance(module, CompressedLinear) else None
+
+
 def quant_spec(module: nn.Module) -> dict | None:
     """The module's ``quantization_config`` group (None: not stored as a quantized layer)."""
     return module.quant_spec() if isinstance(module, CompressedLinear) else None
@@ -215,7 +244,7 @@ def runtimes_for(scheme: dict) -> list[str]:
 def scheme_refusals(scheme: dict) -> dict[str, str]:
     """{runtime: why} for each runtime that cannot serve a layer stored with ``scheme``."""
     for t in module_types():
-        if t.group_format is not None and t.group_format == scheme.get("format"):
+        if t.reads_group(scheme):
             return {r: why for r in ALL_RUNTIMES if (why := t.refusal(scheme, r)) is not None}
     raise ValueError(f"no compressed module type stores quantization_config format {scheme.get('format')!r}")
 

@@ -112,12 +112,15 @@ class Context:
 # of pass it holds.
 STAGES = (
     "preview_block",  # the whole uncompressed model, one block at a time, before the sweep (OWL)
+    # the modules outside the blocks (token embedding, lm_head), compressed before block 0 so the
+    # sweep calibrates block 0 on what the compressed embedding feeds it (quantized embeddings)
+    "apply_outside",
     "transform_block",  # a block, before its Linears are compressed (smoothing; rotations next)
     "apply",  # each targeted Linear, given its statistics (quantize, prune, factor)
     "train_block",  # a finished block against the original block (block-scope distillation)
     "transform_model",  # the whole compressed checkpoint after the sweep (model-scope distillation)
 )
-SWEEP_STAGES = STAGES[:4]  # the ones the layer-wise engine runs
+SWEEP_STAGES = STAGES[:5]  # the ones the layer-wise engine runs
 
 
 @dataclass
@@ -128,6 +131,7 @@ class JobView:
     calibration: torch.Tensor | None  # the calibration windows (N, seq_len); None: no data
     export: Any = None  # the recipe's ExportConfig
     model_config: Any = None  # the model's transformers config
+    model: Any = None  # the model's skeleton (meta parameters: shapes and module classes)
 
 
 @dataclass(frozen=True)
@@ -235,6 +239,13 @@ class Pass:
         """Stage train_block: train ``stage.block`` (its compressed modules) against
         ``stage.teacher``, the original block, on the block's calibration inputs
         (``compress.engine.block.TrainStage``), and add to ``stage.layers``' reports."""
+
+    def apply_outside(self, stage) -> dict[str, tuple[nn.Module, dict]]:
+        """Stage apply_outside: compress modules outside the decoder blocks. ``stage``
+        (``compress.engine.outside.OutsideStage``) names the token embedding and the output head
+        (tied or not) and reads their weights. Returns {full module name: (the module to store in
+        its place, report info)}; runs once, before block 0."""
+        return {}
 
     def transform_model(self, stage) -> dict:
         """Stage transform_model: read the checkpoint ``stage.checkpoint``, write the transformed

@@ -365,6 +365,7 @@ def dump_recipe(recipe: Recipe) -> str:
 
 _WEIGHTS = ("bits", "group_size", "symmetric")  # the weight format of the int quantizers
 _GPTQ_ORDER = ("act_order", "static_groups")
+_EMB = ("embeddings",)  # the last quantizer of a method also quantizes the token embedding and lm_head (--embeddings)
 _PRUNE = ("sparsity", "pattern", "allocation", "owl_lambda", "owl_m")
 _LOWRANK = ("reduction", "allocation", "rank")
 # int8 weights per channel and int8 activations per token: --bits/--group-size/--asym do not apply
@@ -390,15 +391,15 @@ def _lowrank(method: str, help: str) -> Method:
 
 
 METHODS: dict[str, Method] = {
-    "gptq": Method("quantize", (PresetPass("gptq", _WEIGHTS + _GPTQ_ORDER),)),
-    "rtn": Method("quantize", (PresetPass("rtn", _WEIGHTS),)),
-    "awq": Method("quantize", (PresetPass("awq", _WEIGHTS),), "AWQ scaling + clipping, then RTN"),
-    "awq+gptq": Method("quantize", (PresetPass("awq", _WEIGHTS), PresetPass("gptq", _WEIGHTS + _GPTQ_ORDER)),
+    "gptq": Method("quantize", (PresetPass("gptq", _WEIGHTS + _GPTQ_ORDER + _EMB),)),
+    "rtn": Method("quantize", (PresetPass("rtn", _WEIGHTS + _EMB),)),
+    "awq": Method("quantize", (PresetPass("awq", _WEIGHTS + _EMB),), "AWQ scaling + clipping, then RTN"),
+    "awq+gptq": Method("quantize", (PresetPass("awq", _WEIGHTS), PresetPass("gptq", _WEIGHTS + _GPTQ_ORDER + _EMB)),
                        "AWQ scaling + clipping, then GPTQ"),
-    "smoothquant": Method("quantize", (PresetPass("smoothquant", ("alpha",)), PresetPass("gptq", _GPTQ_ORDER, _W8A8)),
+    "smoothquant": Method("quantize", (PresetPass("smoothquant", ("alpha",)), PresetPass("gptq", _GPTQ_ORDER + _EMB, _W8A8)),
                           "SmoothQuant then GPTQ W8A8: int8 weights per channel, int8 activations per token; "
                           "--bits/--group-size/--asym do not apply"),
-    "w8a8": Method("quantize", (PresetPass("gptq", _GPTQ_ORDER, _W8A8),), "GPTQ W8A8 without smoothing"),
+    "w8a8": Method("quantize", (PresetPass("gptq", _GPTQ_ORDER + _EMB, _W8A8),), "GPTQ W8A8 without smoothing"),
     "sparsegpt": Method("prune", (PresetPass("sparsegpt", _PRUNE),), "masked second-order reconstruction"),
     "wanda": Method("prune", (PresetPass("wanda", _PRUNE),), "|w|·‖x‖ scores, no update"),
     "magnitude": Method("prune", (PresetPass("magnitude", _PRUNE),), "|w|, no data"),

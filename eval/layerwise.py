@@ -36,7 +36,7 @@ from compress.eval.perplexity import next_token_nll, summary
 from torch import nn
 
 from compress.arch.families import find_blocks
-from compress.checkpoint.load import replace_stored, stored_modules
+from compress.checkpoint.load import replace_stored, stored_modules, tie_head
 from compress.checkpoint.source import ModelSource, materialize, release
 from compress.engine import capture_inputs
 from compress.modules import keep_dense
@@ -77,7 +77,7 @@ def layerwise_perplexity(source: ModelSource, windows: torch.Tensor, batch_size:
     def in_blocks() -> set[str]:  # asked anew: compressed modules change the parameter names (low-rank factors)
         return {p for p, _ in model.named_parameters() if p.startswith(blocks_path + ".")}
 
-    stored = stored_modules(source)
+    stored = stored_modules(source, model)
     # compressed layers outside the blocks (none in our exports) are small: loaded once, kept
     replace_stored(model, source, {k: v for k, v in stored.items() if not k.startswith(blocks_path + ".")})
     head = _param_names(model, model.get_output_embeddings())
@@ -115,7 +115,7 @@ def layerwise_perplexity(source: ModelSource, windows: torch.Tensor, batch_size:
     skip = in_blocks() | (head if tied else _param_names(model, emb))
     materialize(model, "", source, skip=skip)
     if tied:
-        model.tie_weights()
+        tie_head(model)  # a quantized embedding's head reads its packed table
     feed: list = [None]
     originals = list(blocks)
     for i in range(n):

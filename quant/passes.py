@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from compress.quant import awq as awq_alg
 from compress.quant import ggml
+from compress.quant.embeddings import EmbeddingsConfig, check_embeddings, quantize_outside
 from compress.quant.gptq import gptq_quantize, gptq_quantize_grid
 from compress.quant.mixed import LayerErrors, allocate_bits, average_bits, rtn_output_error
 from compress.quant.rtn import QuantScheme, rtn_quantize
@@ -78,6 +79,9 @@ class QuantConfig(BaseModel):
     # W8A8: also quantize the Linear's input per token at run time (int8 × int8 → int32 GEMM);
     # needs bits 8, group_size -1, symmetric (the compressed-tensors int-quantized scheme)
     activations: ActivationConfig | None = None
+    # also the token embedding and lm_head (tied: the one table; untied: the head as a Linear), by
+    # RTN before block 0 (compress.quant.embeddings); None: they stay in the checkpoint's dtype
+    embeddings: EmbeddingsConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -174,6 +178,15 @@ class _QuantPass(Pass):
     def export_metadata(self, layers, export):
         return {"mixed_precision": self.mixed} if self.config.budget is not None and getattr(self, "mixed", None) else {}
 
+    # ---- the embeddings option: the token embedding and lm_head, before block 0
+    def in_stage(self, stage):
+        if stage == "apply_outside":
+            return self.config.embeddings is not None
+        return super().in_stage(stage)
+
+    def apply_outside(self, stage):
+        return quantize_outside(stage, self.config, self.ctx.dtype)
+
     def conflicts(self, planned):
         return exclusive(self, planned, "quantize", "quantization")
 
@@ -192,6 +205,7 @@ class _QuantPass(Pass):
     def validate(self, k, job):
         """``export.target``: the scheme this pass stores must be one that runtime serves. A GGUF
         export: the grids are llama.cpp's (bits, groups and symmetry come from the type)."""
+        check_embeddings(f"passes.{k}.{self.name}", self, job)
         if self.config.budget is not None:
             self._check_mixed(k, job)
         if getattr(job.export, "format", None) == "gguf":

@@ -6,7 +6,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from compress.checkpoint.formats import read_quantization_config
+from compress.checkpoint.formats import is_embedding_group, read_quantization_config
 from compress.checkpoint.load import stored_modules
 from compress.checkpoint.source import (
     ModelSource,
@@ -63,19 +63,24 @@ def inspect_checkpoint(path) -> dict:
         "bits_per_parameter": round(bits / max(n_params, 1), 3),
         "quantized_layers": len(stored),
     }
+    tied = bool(getattr(source.config, "tie_word_embeddings", False))  # a quantized embedding's rules depend on it
     if source.quantized:
         qc = source.config.quantization_config
         qc = qc if isinstance(qc, dict) else qc.to_dict()
         out["format"] = qc.get("format")
-        out["schemes"] = [{**g, **runtime_fields(g)} for g in read_quantization_config(qc).values()]
+        out["schemes"] = [{**g, **runtime_fields({**g, "tied": tied}), "embedding": is_embedding_group(g)}
+                          for g in read_quantization_config(qc).values()]
         out["ignore"] = qc.get("ignore", [])
+        emb = [g for g in out["schemes"] if g["embedding"]]
+        if emb:  # the token embedding stored quantized (its tied lm_head reads the same table)
+            out["embeddings"] = {"bits": emb[0]["bits"], "group_size": emb[0]["group_size"], "tied_head": tied}
     meta = read_metadata(source.path)
     out.update(_metadata_summary(meta))
     # which runtimes load it: what the export recorded (its schemes and layers, the refusals it
     # wrote), or, for a checkpoint without that record, what its schemes allow
     rt = meta.get("runtimes")
     if rt is None:
-        loads = [r for r in ALL_RUNTIMES if all(r in runtimes_for(g) for g in read_quantization_config(qc).values())] if source.quantized else list(ALL_RUNTIMES)
+        loads = [r for r in ALL_RUNTIMES if all(r in runtimes_for({**g, "tied": tied}) for g in read_quantization_config(qc).values())] if source.quantized else list(ALL_RUNTIMES)
         rt = {"loads": loads, "refuses": {}}
     out["runtimes"] = rt
     return out

@@ -121,7 +121,7 @@ class Job:
         self.passes = [get_pass(name)(cfg, Context(dtype=self.dtype, seed=recipe.seed)) for name, cfg in recipe.pass_configs()]
         self.model = self.source.skeleton()
         self.calib = _calibration(recipe, self.source, self.passes, self.hooks)
-        job = JobView(self.passes, self.calib, recipe.export, self.source.config)
+        job = JobView(self.passes, self.calib, recipe.export, self.source.config, self.model)
         for k, p in enumerate(self.passes):
             p.validate(k, job)
         check_plan(self.source, self.model, self.passes)  # bad options fail here, before anything is written

@@ -17,6 +17,11 @@ Layout of the output folder (what vLLM and transformers read unchanged):
     recipe.yaml                      the resolved recipe that produced it
     report.json                      the run's report
 
+Modules outside the blocks that a pass compressed (a quantized token embedding, an untied lm_head:
+``Pass.apply_outside``) arrive before block 0 (``write_outside``) and wait in their own file
+(``block-outside.safetensors``) until ``finalize`` adds them with the other tensors outside the blocks;
+the source tensors they replace are not copied.
+
 Everything is written into ``.<name>.partial`` beside the target. Each finished block is flushed
 at once to its own file there (``block-0000k.safetensors``, so memory does not grow with the model)
 together with the activations the next block needs, so ``--resume`` continues from the last
@@ -55,10 +60,14 @@ from compress.checkpoint.files import (
     install,
     work_folder,
 )
-from compress.checkpoint.formats import quantization_config, read_quantization_config
+from compress.checkpoint.formats import (
+    EMBEDDING_TARGET,
+    quantization_config,
+    read_quantization_config,
+)
 from compress.checkpoint.source import METADATA, METADATA_FORMAT, ModelSource
 from compress.engine.inputs import BlockInputs
-from compress.engine.records import BlockResult, LayerReport
+from compress.engine.records import BlockResult, LayerReport, OutsideResult
 from compress.errors import InputError, UsageError
 from compress.modules import (
     ALL_RUNTIMES,
@@ -96,6 +105,7 @@ _COPY_CHUNK = 16 * 2**20
 # what transformers shows (pydantic prints it whole up to 50 characters) when it refuses an export
 # it would load as a different model (Exporter._refuse_transformers)
 REFUSAL = "transformers cannot load this; see compress.json"  # bytes copied at a time when a shard is assembled
+OUTSIDE_PART = "block-outside.safetensors"  # the compressed modules outside the blocks, until finalize shards them
 
 
 def shard_name(k: int, total: int) -> str:
@@ -181,6 +191,11 @@ class Exporter:
         self.source, self.fingerprint, self.n_blocks, self.dtype = source, fingerprint, n_blocks, dtype
         # tensors outside the blocks: copied byte for byte from the source's files at the end
         self.outside = [n for n in source.weight_map if not n.startswith(blocks_path + ".")]
+        self.blocks_path = blocks_path
+        # compressed modules outside the blocks: [tensor, file, bytes] waiting for finalize, and the
+        # source tensors they replace (not copied)
+        self.outside_entries: list[list] = []
+        self.replaced: list[str] = []
         self.limit = int(max_shard_size)
         self.shards: list[str] = []  # shards written, in order (work names until finalize gives the final ones)
         self.pending: list[list] = []  # [tensor, file, bytes] waiting for a shard, in order (file: a block's)
@@ -230,6 +245,7 @@ class Exporter:
             self.block_seconds = p["block_seconds"]
             self.quantized = p["quantized"]
             self.factored = p.get("factored", [])
+            self.outside_entries, self.replaced = p.get("outside_entries", []), p.get("replaced", [])
             saved = p.get("inputs", "inputs.pt")  # None: a data-free run; "inputs.pt": a folder from before the record named it
             inputs = torch.load(self.work / saved, weights_only=False) if saved and (self.work / saved).is_file() else None
             self.done = p["done"]
@@ -240,10 +256,12 @@ class Exporter:
             self.work.mkdir(parents=True)
         return 0, None
 
-    def write_block(self, res: BlockResult, inputs: BlockInputs | None) -> None:
-        state = res.module.state_dict()
+    def _tensors(self, module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+        """What ``module`` (a finished block, or the modules outside the blocks) stores, under
+        ``prefix``; its quantized layers' schemes and its factored layers are noted."""
+        state = module.state_dict()
         if self.lowrank == "merged":  # containers of factors (low-rank B·A) back into one dense weight
-            for name, mod in compressed_modules(res.module):
+            for name, mod in compressed_modules(module):
                 if mod.merge_on_export:
                     state = {k: v for k, v in state.items() if not k.startswith(name + ".")}
                     state.update({f"{name}.{k}": v for k, v in mod.merged().state_dict().items()})
@@ -251,14 +269,36 @@ class Exporter:
         for name, t in state.items():
             if t.is_floating_point() and not name.endswith("weight_scale"):
                 t = t.to(self.dtype)  # norms and unquantized weights go back to the storage dtype
-            tensors[res.prefix + name] = t.contiguous()
-        for name, mod in res.module.named_modules():
+            tensors[prefix + name] = t.contiguous()
+        for name, mod in module.named_modules():
             spec = quant_spec(mod)
             if spec is not None:
-                self.quantized[res.prefix + name] = spec
-        for name, mod in compressed_modules(res.module):
+                self.quantized[prefix + name] = spec
+        for name, mod in compressed_modules(module):
             if mod.container and not (self.lowrank == "merged" and mod.merge_on_export):
-                self.factored.append(res.prefix + name)
+                self.factored.append(prefix + name)
+        return tensors
+
+    def write_outside(self, res: OutsideResult) -> None:
+        """The compressed modules outside the blocks (``res.module`` holds them at their full
+        names), before block 0: kept in their own file until ``finalize``; ``res.replaces`` (the
+        source's tensors they stand for) are not copied. A resumed run that redoes block 0 writes
+        the same file again."""
+        tensors = self._tensors(res.module, "")
+        entries = [[k, OUTSIDE_PART, t.numel() * t.element_size()] for k, t in tensors.items()]
+        with self._disk():
+            _save_shard(tensors, self.work / OUTSIDE_PART)
+            self.outside_entries, self.replaced = entries, sorted(res.replaces)
+            self.layers = [r for r in self.layers if r.name not in {l.name for l in res.layers}] + list(res.layers)
+            self._record(None)
+
+    def write_block(self, res: BlockResult | OutsideResult, inputs: BlockInputs | None) -> None:
+        """The sweep's sink: a finished block (and the activations entering the next), or before
+        block 0 the compressed modules outside the blocks (``write_outside``)."""
+        if isinstance(res, OutsideResult):
+            self.write_outside(res)
+            return
+        tensors = self._tensors(res.module, res.prefix)
         part = f"block-{res.index + 1:05d}.safetensors"  # the block's own file until a shard takes its tensors
         entries = [[k, part, t.numel() * t.element_size()] for k, t in tensors.items()]
         self.layers.extend(res.layers)
@@ -294,6 +334,8 @@ class Exporter:
             "block_seconds": self.block_seconds,
             "quantized": self.quantized,
             "factored": self.factored,
+            "outside_entries": self.outside_entries,
+            "replaced": self.replaced,
         }
         atomic_write_text(self.work / "progress.json", json.dumps(state))
 
@@ -320,7 +362,7 @@ class Exporter:
 
     def _drop_blocks(self) -> None:
         """Block files whose tensors are all in shards (the record no longer names them)."""
-        keep = {f for _, f, _ in self.pending}
+        keep = {f for _, f, _ in self.pending} | ({OUTSIDE_PART} if not self.outside_added else set())
         for f in self.work.glob("block-*.safetensors"):
             if f.name not in keep:
                 remove_quietly(f)
@@ -335,8 +377,10 @@ class Exporter:
         the shards under the names transformers reads. Safe to repeat after a failure (a resumed
         finalize): a shard already renamed is left as it is."""
         if not self.outside_added:
-            info = self.source.tensor_info(self.outside)
-            self.pending.extend([n, str(Path(self.source.weight_map[n]).absolute()), info[n][1]] for n in self.outside)
+            copied = [n for n in self.outside if n not in set(self.replaced)]
+            info = self.source.tensor_info(copied)
+            self.pending.extend(self.outside_entries)
+            self.pending.extend([n, str(Path(self.source.weight_map[n]).absolute()), info[n][1]] for n in copied)
             if sentinel is not None:
                 _save_shard({sentinel: torch.zeros(0, dtype=self.dtype)}, self.work / "block-sentinel.safetensors")
                 self.pending.append([sentinel, "block-sentinel.safetensors", 0])
@@ -432,8 +476,9 @@ class Exporter:
         refuses = dict(self.refusals.get("refuses", {}))
         qc = cfg.get("quantization_config")
         if qc:
+            tied = bool(cfg.get("tie_word_embeddings"))
             for scheme in read_quantization_config({**qc, "global_compression_ratio": None}).values():
-                for runtime, why in scheme_refusals(scheme).items():
+                for runtime, why in scheme_refusals({**scheme, "tied": tied}).items():
                     refuses.setdefault(runtime, {"why": why})
         for runtime in ALL_RUNTIMES:
             if self.factored and runtime != COMPRESS:
@@ -449,20 +494,32 @@ class Exporter:
         return {"format": METADATA_FORMAT, **dict(sorted(sections.items()))}
 
     def _quant_config(self, model: nn.Module) -> dict:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in self.quantized]
+        """The config's groups: the blocks' Linears (``Linear`` where one scheme serves them all,
+        else their names), an untied lm_head by its name (vLLM matches the head by name only), a
+        quantized embedding by class (``EMBEDDING_TARGET``; every other nn.Embedding, a position
+        table, under ``ignore``)."""
+        plain = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding)) and n not in self.quantized]
         groups: dict[tuple, list[str]] = {}
         for name, spec in self.quantized.items():
-            key = (spec["bits"], spec["group_size"], spec["symmetric"], spec["act_order"], bool(spec.get("activations")))
+            where = "embedding" if spec.get("embedding") else "block" if name.startswith(self.blocks_path + ".") else "outside"
+            key = (where, spec["bits"], spec["group_size"], spec["symmetric"], spec["act_order"], bool(spec.get("activations")))
             groups.setdefault(key, []).append(name)
-        ignore = transformers_names(model, [n for n in linears if n not in self.quantized])
-        single = len(groups) == 1
+        embedded = any(k[0] == "embedding" for k in groups)
+        ignore = [n for n, m in plain if embedded or isinstance(m, nn.Linear)]
+        single = sum(k[0] == "block" for k in groups) == 1
+
+        def targets(where: str, names: list[str]) -> list[str]:
+            if where == "embedding":
+                return [EMBEDDING_TARGET]
+            return ["Linear"] if where == "block" and single else transformers_names(model, names)
+
         return quantization_config(
             [
-                {"targets": ["Linear"] if single else transformers_names(model, names), "bits": b, "group_size": g, "symmetric": s, "act_order": a,
+                {"targets": targets(where, names), "bits": b, "group_size": g, "symmetric": s, "act_order": a,
                  "activations": {"bits": 8, "dynamic": True} if w8a8 else None}
-                for (b, g, s, a, w8a8), names in groups.items()
+                for (where, b, g, s, a, w8a8), names in groups.items()
             ],
-            ignore=ignore,
+            ignore=transformers_names(model, ignore),
         )
 
     def _verify(self) -> None:

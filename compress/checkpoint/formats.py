@@ -60,6 +60,16 @@ DENSE_SINCE = (0, 18)  # the first compressed-tensors release that packs 3/5/6/7
 # ``version``) reads, so an older compressed-tensors (vLLM pins 0.17) reads what we wrote
 WRITE_DENSE = Version(_dist_version("compressed-tensors")).release[:2] >= DENSE_SINCE
 VLLM_BITS = (4, 8)  # the weight widths vLLM serves (pack-quantized); others run on compress only
+# the target of a quantized token embedding's group: the class name, which compressed-tensors
+# matches on nn.Embedding subclasses and vLLM (by substring) on VocabParallelEmbedding, whose
+# llama embedding has no layer name to match; other nn.Embedding modules (position embeddings)
+# are listed under `ignore`
+EMBEDDING_TARGET = "Embedding"
+
+
+def is_embedding_group(scheme: dict) -> bool:
+    """Whether a ``read_quantization_config`` group is a quantized embedding's (targets Embedding only)."""
+    return list(scheme.get("targets") or []) == [EMBEDDING_TARGET]
 
 
 class FormatError(InputError, ValueError):
@@ -215,6 +225,10 @@ class QuantLinear(CompressedLinear):
         return None
 
     @classmethod
+    def reads_group(cls, scheme: dict) -> bool:
+        return super().reads_group(scheme) and not is_embedding_group(scheme)
+
+    @classmethod
     def stored_layers(cls, source) -> list[str]:
         return sorted(k[: -len(".weight_packed")] for k in source.weight_map if k.endswith(".weight_packed"))
 
@@ -234,7 +248,7 @@ class QuantLinear(CompressedLinear):
             scale_dtype=source.read([name + ".weight_scale"])[name + ".weight_scale"].dtype,
             dense=g.get("dense", True),  # 3/5/6/7-bit layout of the writing library version
         )
-        return _fill(m, source, name)
+        return fill_from_checkpoint(m, source, name)
 
     @property
     def bits_per_weight(self) -> float:
@@ -333,7 +347,7 @@ class Int8Linear(CompressedLinear):
         if g.get("format") != "int-quantized":
             raise FormatError(f"{name}: stores int8 weights with a scale but its quantization_config group is {g.get('format')!r}")
         scale_dtype = source.read([name + ".weight_scale"])[name + ".weight_scale"].dtype
-        return _fill(cls(linear.in_features, linear.out_features, bias=linear.bias is not None, scale_dtype=scale_dtype), source, name)
+        return fill_from_checkpoint(cls(linear.in_features, linear.out_features, bias=linear.bias is not None, scale_dtype=scale_dtype), source, name)
 
     @property
     def bits_per_weight(self) -> float:
@@ -496,16 +510,19 @@ def _read_weights(at: str, w: dict | None) -> tuple[int, int, object]:
     return bits, -1 if strategy == "channel" else gs, actorder
 
 
-def scheme_for(name: str, groups: dict[str, dict]) -> dict:
-    """The ``read_quantization_config`` group whose targets match layer ``name``."""
-    dummy = nn.Linear(1, 1, device="meta")
-    for g in groups.values():
-        if matches_any(name, dummy, g["targets"]):
-            return g
+def scheme_for(name: str, groups: dict[str, dict], module: nn.Module | None = None) -> dict:
+    """The ``read_quantization_config`` group whose targets match layer ``name`` (``module``: the
+    module it replaces; default a Linear): a target naming the layer first, then a class name,
+    as compressed-tensors orders them (an lm_head group wins over ``Linear``)."""
+    module = module if module is not None else nn.Linear(1, 1, device="meta")
+    for m in (None, module):
+        for g in groups.values():
+            if matches_any(name, m, g["targets"]):
+                return g
     raise FormatError(f"{name}: has quantized weights but no quantization_config group targets it")
 
 
-def _fill(m: nn.Module, source, name: str) -> nn.Module:
+def fill_from_checkpoint(m: nn.Module, source, name: str) -> nn.Module:
     """Fill ``m``'s buffers from the checkpoint: its state_dict names exactly what is stored."""
     tensors = source.read([name + "." + k for k in m.state_dict()])
     m.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in tensors.items()})

@@ -22,18 +22,38 @@ from compress.errors import InputError, UsageError
 from compress.kernels import cpu as cpu_kernels
 from compress.kernels import requested_backend
 from compress.kernels.sparse24 import semi_structured_support, to_semi_structured
-from compress.modules import CompressedLinear, compressed_modules, module_types
+from compress.modules import (
+    CompressedLinear,
+    compressed_modules,
+    module_types,
+    tied_head,
+)
 from compress.utils import get_module, replace_linear
 
 
-def stored_modules(source: ModelSource) -> dict[str, type[CompressedLinear]]:
+def stored_modules(source: ModelSource, model: nn.Module | None = None) -> dict[str, type[CompressedLinear]]:
     """Each layer the checkpoint stores in a compressed module type's format -> that type, owners
-    before the modules inside them (a low-rank layer before its quantized factors ``<layer>.A``)."""
-    out: dict[str, type[CompressedLinear]] = {}
+    before the modules inside them (a low-rank layer before its quantized factors ``<layer>.A``).
+    With the ``model`` skeleton, a layer stored in several types' formats (packed codes: a Linear's
+    or an embedding's) goes to the first type that ``replaces`` the skeleton's module there."""
+    claims: dict[str, list[type[CompressedLinear]]] = {}
     for t in module_types():
         for name in t.stored_layers(source):
-            out.setdefault(name, t)
+            claims.setdefault(name, []).append(t)
+    out = {n: _fitting(ts, _module_at(model, n)) for n, ts in claims.items()}
     return {n: out[n] for n in sorted(out, key=lambda n: (n.count("."), n))}
+
+
+def _module_at(model: nn.Module | None, name: str) -> nn.Module | None:
+    try:
+        return None if model is None else get_module(model, name)
+    except AttributeError:  # inside a module not yet in place (a low-rank layer's factors)
+        return None
+
+
+def _fitting(types: list[type[CompressedLinear]], module: nn.Module | None) -> type[CompressedLinear]:
+    fits = [t for t in types if module is not None and isinstance(module, t.replaces)]
+    return (fits or types)[0]
 
 
 def quantized_layer_names(source: ModelSource) -> list[str]:
@@ -57,20 +77,31 @@ def replace_stored(model: nn.Module, source: ModelSource, stored: dict[str, type
         except AttributeError:
             raise InputError(f"{source.path}: compressed layer {name} does not exist in a {source.config.model_type} model") from None
         new = kind.from_checkpoint(source, name, old, groups)
-        if getattr(new, "bias", None) is not None:
-            new.bias.data = new.bias.data.to(dtype)
+        new.set_dtype(dtype)
         replace_linear(model, name, new)
+
+
+def tie_head(model: nn.Module) -> None:
+    """Tie the output head to the input embedding: transformers' ``tie_weights``, or where the
+    embedding is stored compressed (a quantized table), the head its type serves from the same
+    tensors (``CompressedLinear.tied_head``)."""
+    head = tied_head(model.get_input_embeddings())
+    if head is None:
+        model.tie_weights()
+        return
+    out = model.get_output_embeddings()
+    replace_linear(model, next(n for n, m in model.named_modules() if m is out), head)
 
 
 def load_source(source: ModelSource, dtype: torch.dtype = torch.float32) -> nn.Module:
     model = source.skeleton(allow_quantized=True)
-    replace_stored(model, source, stored_modules(source), dtype)
+    replace_stored(model, source, stored_modules(source, model), dtype)
     skip = set()
     if getattr(source.config, "tie_word_embeddings", False):
         skip = {n for n, _ in model.named_parameters() if n.startswith("lm_head.")}
     materialize(model, "", source, dtype=dtype, skip=skip)
     if skip:
-        model.tie_weights()
+        tie_head(model)
     model.eval()
     return model
 

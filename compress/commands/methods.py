@@ -45,13 +45,17 @@ def quantize_cmd(
     rotate: Annotated[bool, typer.Option("--rotate", help=(
         "Fuse QuaRot's randomized Hadamard rotations into the weights first (recipe: `- rotate: {}` before the quantizer): "
         "the same function, outliers spread over all columns; an ordinary checkpoint, lm_head untied."))] = False,
+    embeddings: Annotated[int | None, typer.Option("--embeddings", help=(
+        "Also quantize the token embedding and lm_head to 4 or 8 bits (recipe: `embeddings: {bits: 4}` on the quantizer): "
+        "row-wise, symmetric, the Linears' group size; a tied lm_head reads the same table. Loads in compress and, for "
+        "untied models, vLLM (GPU)."), metavar="4|8")] = None,
     *, calibration: Calibration, targets: Targets, job: Job, tasks: Tasks, gates: Gates, report: Report,
 ):
     """Quantize one model with one method (builds a recipe and runs it)."""
     if g_idx and "gptq" not in (p.name for p in get_method("quantize", method).passes):
         raise UsageError("--g-idx applies to the GPTQ methods only")
     opts = {"bits": bits, "group_size": group_size, "symmetric": not asymmetric, "act_order": act_order, "static_groups": not g_idx,
-            "alpha": alpha}
+            "alpha": alpha, "embeddings": None if embeddings is None else {"bits": embeddings}}
     passes = ([{"rotate": {}}] if rotate else []) + method_passes("quantize", method, opts, targets.ignore)
     run_method(model, output, passes, calibration, targets, job, tasks, gates, report)
 

@@ -1,4 +1,5 @@
-"""What the sweep hands on: each Linear's report and each finished block (the exporter's input)."""
+"""What the sweep hands on: each Linear's report, each finished block and the compressed modules
+outside the blocks (the exporter's input)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,13 @@ class BlockResult:
     module: nn.Module  # the compressed block (weights on the CPU until the sink frees them)
     layers: list[LayerReport]
     seconds: float
+
+
+@dataclass
+class OutsideResult:
+    """The modules outside the blocks that passes compressed (``Pass.apply_outside``)."""
+
+    module: nn.Module  # holds each compressed module at its full name (model.embed_tokens, lm_head)
+    layers: list[LayerReport]
+    seconds: float
+    replaces: list[str]  # the source's tensors they stand in for (the exporter does not copy them)

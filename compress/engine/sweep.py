@@ -7,9 +7,11 @@ For block i (only its weights, its statistics and the cached activations are in 
    then compress), train_block, then the block propagates its calibration inputs;
 3. the finished block goes to the sink (the exporter) and its weights are freed.
 
-Before the first block: the plan (``compress.engine.plan``), the capture of block 0's inputs and
-of the keyword arguments every block gets (``compress.engine.inputs``), and the preview stage
-(``compress.engine.preview``) where a pass asks for one.
+Before the first block: the plan (``compress.engine.plan``), the modules outside the blocks a
+pass compresses (``compress.engine.outside``: a quantized embedding, handed to the sink first), the
+capture of block 0's inputs and of the keyword arguments every block gets
+(``compress.engine.inputs``), and the preview stage (``compress.engine.preview``) where a pass
+asks for one.
 """
 
 from __future__ import annotations
@@ -35,16 +37,19 @@ from compress.engine.inputs import (
     scatter_inputs,
     to_device,
 )
+from compress.engine.outside import run_outside, swap_in, swap_out
 from compress.engine.plan import check_plan
 from compress.engine.preview import preview
-from compress.engine.records import BlockResult, LayerReport
+from compress.engine.records import BlockResult, LayerReport, OutsideResult
 from compress.errors import UsageError
 from compress.passes import PAIRED, SWEEP_STAGES, Pass
 from compress.utils import trim_heap
 
 __all__ = ["BlockInputs", "BlockResult", "LayerReport", "SweepOptions", "compress_blocks", "plan_sweep"]
 
-Sink = Callable[[BlockResult, BlockInputs | None], None]
+# receives each finished block (with the activations entering the next, for the resume state),
+# and first, before block 0, the compressed modules outside the blocks (with None)
+Sink = Callable[[BlockResult | OutsideResult, BlockInputs | None], None]
 
 
 def plan_sweep(source: ModelSource, model: nn.Module, passes: list[Pass], options: SweepOptions, world: World,
@@ -69,11 +74,14 @@ def plan_sweep(source: ModelSource, model: nn.Module, passes: list[Pass], option
     return sweep
 
 
-def _capture(sweep: Sweep, calib: torch.Tensor) -> BlockInputs:
+def _capture(sweep: Sweep, calib: torch.Tensor, compressed: OutsideResult | None = None) -> BlockInputs:
     """Block 0's inputs for this rank's share of the calibration batches: everything outside the
-    blocks (embeddings, final norm; not the head) is loaded for the model's forward, then freed."""
+    blocks (embeddings, final norm; not the head) is loaded for the model's forward, then freed.
+    ``compressed`` (outside modules a pass compressed) compute in place of the source's while the
+    sweep propagates compressed activations."""
     model, bp, world = sweep.model, sweep.blocks_path + ".", sweep.world
     outside = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(bp) and not n.startswith("lm_head.")]
+    swapped = swap_in(model, compressed if sweep.options.propagate else None)
     materialize(model, "", sweep.source, skip={n for n, _ in model.named_parameters() if n.startswith(bp) or n.startswith("lm_head.")})
     to_device(model, world.device)
     batches = list(torch.split(calib, sweep.options.batch_size))
@@ -84,14 +92,17 @@ def _capture(sweep: Sweep, calib: torch.Tensor) -> BlockInputs:
         batches = [batches[j] for j in world.share(len(batches))]
     with torch.no_grad(), on(world.device):
         captured = capture_inputs(model, sweep.blocks, [b.to(world.device) for b in batches])
+    swap_out(model, swapped)
     for name in outside:
         set_module_tensor_to_device(model, name, "meta")
     return captured
 
 
-def _starting_inputs(sweep: Sweep, calib, start: int, resume_inputs: BlockInputs | None) -> BlockInputs | None:
-    """The activations entering block ``start``: captured (start 0), or the resume state's (under
-    torchrun rank 0 read it and each rank takes its share); the preview stage runs first."""
+def _starting_inputs(sweep: Sweep, calib, start: int, resume_inputs: BlockInputs | None,
+                     compressed: OutsideResult | None = None) -> BlockInputs | None:
+    """The activations entering block ``start``: captured (start 0; through the ``compressed``
+    outside modules), or the resume state's (under torchrun rank 0 read it and each rank takes its
+    share); the preview stage runs first."""
     if calib is None:
         return None
     inputs = None
@@ -99,7 +110,7 @@ def _starting_inputs(sweep: Sweep, calib, start: int, resume_inputs: BlockInputs
         inputs = scatter_inputs(sweep.world, resume_inputs) if sweep.world.distributed else resume_inputs
     previewers = sweep.taking_part("preview_block")
     if inputs is None or previewers:
-        captured = _capture(sweep, calib)
+        captured = _capture(sweep, calib, compressed)
         if previewers:
             sweep.options.progress(0, len(sweep.blocks), "preview")
             preview(sweep, previewers, captured, copy=inputs is None)
@@ -129,14 +140,18 @@ def compress_blocks(source: ModelSource, model: nn.Module, passes: list[Pass], c
                     options: SweepOptions | None = None, resume: tuple[int, BlockInputs | None] = (0, None),
                     world: World | None = None) -> dict:
     """Run the layer-wise sweep; ``model`` is ``source.skeleton()`` (meta parameters), ``calib``
-    the calibration windows (None: data-free), ``sink`` receives each finished block,
+    the calibration windows (None: data-free), ``sink`` receives each finished block (first the
+    compressed modules outside the blocks, where a pass compresses some),
     ``resume``: (first block to run, the activations entering it). Returns how it ran:
     {"activations": "device" | "cpu" | None} (where the calibration activations lived)."""
     options = options or SweepOptions()
     world = world or World()
     sweep = plan_sweep(source, model, passes, options, world, calib is not None)
     start = resume[0]
-    inputs = _starting_inputs(sweep, calib, start, resume[1])
+    compressed = run_outside(sweep) if start == 0 else None  # a resumed run wrote them before its block 0
+    if compressed is not None and world.main:
+        sink(compressed, None)
+    inputs = _starting_inputs(sweep, calib, start, resume[1], compressed)
     where = None if inputs is None else offload(inputs, world.device, reserve=4 * _block_bytes(sweep.blocks[0]))
     n = len(sweep.blocks)
     for i in range(start, n):
