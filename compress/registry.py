@@ -16,6 +16,7 @@ FAMILIES = (
     "compress.prune.passes",  # magnitude, wanda, sparsegpt
     "compress.prune.structured_pass",  # prune_structured
     "compress.quant.rotate_pass",  # rotate
+    "compress.quant.codebook_pass",  # squeezellm; CodebookLinear
     "compress.lowrank.passes",  # lowrank; LowRankLinear
     "compress.distill.passes",  # distill
 )
