@@ -37,6 +37,9 @@ def replace_linear(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     owner = model.get_submodule(parent) if parent else model
     old = getattr(owner, child)
     setattr(owner, child, module)
+    for attr, value in list(vars(owner).items()):  # an alias the model's forward reads (a renamed module: gpt_neox's lm_head)
+        if value is old:
+            owner.__dict__[attr] = module
     return old
 
 

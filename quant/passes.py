@@ -6,6 +6,7 @@ and devices, ``compress.arch.smoothing`` the folding of scales into a block.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal
 
@@ -79,8 +80,8 @@ class QuantConfig(BaseModel):
     # W8A8: also quantize the Linear's input per token at run time (int8 × int8 → int32 GEMM);
     # needs bits 8, group_size -1, symmetric (the compressed-tensors int-quantized scheme)
     activations: ActivationConfig | None = None
-    # also the token embedding and lm_head (tied: the one table; untied: the head as a Linear), by
-    # RTN before block 0 (compress.quant.embeddings); None: they stay in the checkpoint's dtype
+    # also the token embedding and lm_head (tied: the one table; untied: the head as a Linear; the
+    # gptq pass solves the head on its inputs; compress.quant.embeddings); None: left as they are
     embeddings: EmbeddingsConfig | None = None
 
     @model_validator(mode="before")
@@ -185,7 +186,11 @@ class _QuantPass(Pass):
         return super().in_stage(stage)
 
     def apply_outside(self, stage):
-        return quantize_outside(stage, self.config, self.ctx.dtype)
+        return quantize_outside(stage, self.config, self.ctx.dtype, self.head_solver())
+
+    def head_solver(self) -> Callable | None:
+        """``solve(W, H, scheme) -> QuantResult`` for the lm_head on its inputs (None: RTN only)."""
+        return None
 
     def conflicts(self, planned):
         return exclusive(self, planned, "quantize", "quantization")
@@ -298,6 +303,11 @@ class GPTQPass(_QuantPass):
     name = "gptq"
     Config = GPTQConfig
     stats = ("hessian",)
+
+    def head_solver(self):
+        c = self.config  # static groups: a quantized table stores no g_idx
+        return lambda W, H, scheme: gptq_quantize(W, H, scheme, blocksize=c.block_size, damp=c.damp, act_order=c.act_order,
+                                                  static_groups=True, name="lm_head")
 
     def apply(self, full_name, module, stats):
         c = self.config

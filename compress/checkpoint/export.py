@@ -17,10 +17,11 @@ Layout of the output folder (what vLLM and transformers read unchanged):
     recipe.yaml                      the resolved recipe that produced it
     report.json                      the run's report
 
-Modules outside the blocks that a pass compressed (a quantized token embedding, an untied lm_head:
-``Pass.apply_outside``) arrive before block 0 (``write_outside``) and wait in their own file
-(``block-outside.safetensors``) until ``finalize`` adds them with the other tensors outside the blocks;
-the source tensors they replace are not copied.
+Modules outside the blocks that a pass compressed (a quantized token embedding, an lm_head:
+``Pass.apply_outside``) arrive before block 0 or after the last block (``write_outside``) and wait in
+their own files (``block-outside-before.safetensors``, ``block-outside-after.safetensors``) until
+``finalize`` adds them with the other tensors outside the blocks; the source tensors they replace are
+not copied.
 
 Everything is written into ``.<name>.partial`` beside the target. Each finished block is flushed
 at once to its own file there (``block-0000k.safetensors``, so memory does not grow with the model)
@@ -105,7 +106,7 @@ _COPY_CHUNK = 16 * 2**20
 # what transformers shows (pydantic prints it whole up to 50 characters) when it refuses an export
 # it would load as a different model (Exporter._refuse_transformers)
 REFUSAL = "transformers cannot load this; see compress.json"  # bytes copied at a time when a shard is assembled
-OUTSIDE_PART = "block-outside.safetensors"  # the compressed modules outside the blocks, until finalize shards them
+OUTSIDE_PART = "block-outside-{}.safetensors"  # the compressed modules outside the blocks, by phase, until finalize shards them
 
 
 def shard_name(k: int, total: int) -> str:
@@ -196,6 +197,7 @@ class Exporter:
         # source tensors they replace (not copied)
         self.outside_entries: list[list] = []
         self.replaced: list[str] = []
+        self.saved_inputs: str | None = None  # the resume state's activations file the record names
         self.limit = int(max_shard_size)
         self.shards: list[str] = []  # shards written, in order (work names until finalize gives the final ones)
         self.pending: list[list] = []  # [tensor, file, bytes] waiting for a shard, in order (file: a block's)
@@ -247,6 +249,7 @@ class Exporter:
             self.factored = p.get("factored", [])
             self.outside_entries, self.replaced = p.get("outside_entries", []), p.get("replaced", [])
             saved = p.get("inputs", "inputs.pt")  # None: a data-free run; "inputs.pt": a folder from before the record named it
+            self.saved_inputs = saved
             inputs = torch.load(self.work / saved, weights_only=False) if saved and (self.work / saved).is_file() else None
             self.done = p["done"]
             return p["done"], inputs
@@ -281,20 +284,22 @@ class Exporter:
 
     def write_outside(self, res: OutsideResult) -> None:
         """The compressed modules outside the blocks (``res.module`` holds them at their full
-        names), before block 0: kept in their own file until ``finalize``; ``res.replaces`` (the
-        source's tensors they stand for) are not copied. A resumed run that redoes block 0 writes
-        the same file again."""
+        names) of one phase (before block 0, after the last block): kept in the phase's own file
+        until ``finalize``; ``res.replaces`` (the source's tensors they stand for) are not copied.
+        A resumed run that redoes the phase writes the same file again."""
         tensors = self._tensors(res.module, "")
-        entries = [[k, OUTSIDE_PART, t.numel() * t.element_size()] for k, t in tensors.items()]
+        part = OUTSIDE_PART.format(res.phase)
+        entries = [[k, part, t.numel() * t.element_size()] for k, t in tensors.items()]
         with self._disk():
-            _save_shard(tensors, self.work / OUTSIDE_PART)
-            self.outside_entries, self.replaced = entries, sorted(res.replaces)
+            _save_shard(tensors, self.work / part)
+            self.outside_entries = [e for e in self.outside_entries if e[1] != part] + entries
+            self.replaced = sorted(set(self.replaced) | set(res.replaces))
             self.layers = [r for r in self.layers if r.name not in {l.name for l in res.layers}] + list(res.layers)
-            self._record(None)
+            self._record(self.saved_inputs)
 
     def write_block(self, res: BlockResult | OutsideResult, inputs: BlockInputs | None) -> None:
-        """The sweep's sink: a finished block (and the activations entering the next), or before
-        block 0 the compressed modules outside the blocks (``write_outside``)."""
+        """The sweep's sink: a finished block (and the activations entering the next), or the
+        compressed modules outside the blocks, before block 0 or after the last (``write_outside``)."""
         if isinstance(res, OutsideResult):
             self.write_outside(res)
             return
@@ -316,7 +321,8 @@ class Exporter:
             if inputs is not None:
                 atomic_torch_save(inputs, self.work / saved)
             self.done = res.index + 1
-            self._record(saved if inputs is not None else None)
+            self.saved_inputs = saved if inputs is not None else None
+            self._record(self.saved_inputs)
         self._drop_inputs(keep=saved)
         self._drop_blocks()
 
@@ -362,7 +368,7 @@ class Exporter:
 
     def _drop_blocks(self) -> None:
         """Block files whose tensors are all in shards (the record no longer names them)."""
-        keep = {f for _, f, _ in self.pending} | ({OUTSIDE_PART} if not self.outside_added else set())
+        keep = {f for _, f, _ in self.pending} | ({f for _, f, _ in self.outside_entries} if not self.outside_added else set())
         for f in self.work.glob("block-*.safetensors"):
             if f.name not in keep:
                 remove_quietly(f)

@@ -47,8 +47,8 @@ def quantize_cmd(
         "the same function, outliers spread over all columns; an ordinary checkpoint, lm_head untied."))] = False,
     embeddings: Annotated[int | None, typer.Option("--embeddings", help=(
         "Also quantize the token embedding and lm_head to 4 or 8 bits (recipe: `embeddings: {bits: 4}` on the quantizer): "
-        "row-wise, symmetric, the Linears' group size; a tied lm_head reads the same table. Loads in compress and, for "
-        "untied models, vLLM (GPU)."), metavar="4|8")] = None,
+        "row-wise, symmetric, the Linears' group size; a tied lm_head reads the same table; gptq solves the head on its "
+        "inputs. Loads in compress and, for untied models, vLLM (GPU)."), metavar="4|8")] = None,
     *, calibration: Calibration, targets: Targets, job: Job, tasks: Tasks, gates: Gates, report: Report,
 ):
     """Quantize one model with one method (builds a recipe and runs it)."""

@@ -33,3 +33,4 @@ class OutsideResult:
     layers: list[LayerReport]
     seconds: float
     replaces: list[str]  # the source's tensors they stand in for (the exporter does not copy them)
+    phase: str = "before"  # "before" block 0, or "after" the last block (a head solved on its inputs)

@@ -148,7 +148,7 @@ def compress_blocks(source: ModelSource, model: nn.Module, passes: list[Pass], c
     world = world or World()
     sweep = plan_sweep(source, model, passes, options, world, calib is not None)
     start = resume[0]
-    compressed = run_outside(sweep) if start == 0 else None  # a resumed run wrote them before its block 0
+    compressed = run_outside(sweep, "before") if start == 0 else None  # a resumed run wrote them before its block 0
     if compressed is not None and world.main:
         sink(compressed, None)
     inputs = _starting_inputs(sweep, calib, start, resume[1], compressed)
@@ -169,6 +169,9 @@ def compress_blocks(source: ModelSource, model: nn.Module, passes: list[Pass], c
             release(block)
         trim_heap()
         options.progress(i + 1, n, "done")
+    compressed = run_outside(sweep, "after", inputs)  # a head solved on what the compressed blocks feed it
+    if compressed is not None and world.main:
+        sink(compressed, None)
     return {"activations": where}
 
 

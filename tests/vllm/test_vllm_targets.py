@@ -63,6 +63,12 @@ REFUSED = {
     "W8A16 per-channel (rtn)": ("demo", [{"rtn": {"bits": 8, "group_size": -1, "symmetric": True}}], {}),
     "W3A16 sym g64 (rtn)": ("demo", [{"rtn": {"bits": 3, "group_size": 64, "symmetric": True}}], {}),
     "low-rank 10% factored (whitened)": ("demo", [{"lowrank": {"method": "whitened", "reduction": 0.1}}], {"lowrank": "factored"}),
+    # quantized embeddings (QuantEmbedding.refusal, read from vLLM's code, not yet run here): a tied lm_head
+    # shares embed_tokens.weight, which a quantized embedding does not have; the lookup is a Triton kernel,
+    # and the CPU build runs without Triton
+    "W4A16 g64 + 4-bit embeddings, tied (rtn)": ("demo", [{"rtn": {**W4, "group_size": 64, "embeddings": {"bits": 4}}}], {}),
+    "MoE (tiny qwen3_moe) W4A16 g32 + 4-bit embeddings, untied (rtn)":
+        ("qwen3_moe", [{"rtn": {**W4, "group_size": 32, "embeddings": {"bits": 4}}}], {}),
 }
 
 
