@@ -73,6 +73,7 @@ from compress.errors import InputError, UsageError
 from compress.modules import (
     ALL_RUNTIMES,
     COMPRESS,
+    TRANSFORMERS,
     compressed_modules,
     quant_spec,
     scheme_refusals,
@@ -207,6 +208,9 @@ class Exporter:
         self.block_seconds: list[float] = []
         self.quantized: dict[str, dict] = {}  # full name -> its scheme (for the config's groups)
         self.factored: list[str] = []  # layers stored as factors (containers not merged): no other runtime reads them
+        # layers in a format of their own (no quantization_config group: codebooks, ...) that a runtime
+        # cannot read: {runtime: {why (the module type's refusal), layers}}
+        self.unread: dict[str, dict] = {}
         self.refusals: dict = {}  # set by finalize: the runtimes that load the export, and why and how the others refuse it
         check_target(self.target, overwrite)  # a file there is refused even with --overwrite (exit 2)
         self.resume = resume
@@ -247,6 +251,7 @@ class Exporter:
             self.block_seconds = p["block_seconds"]
             self.quantized = p["quantized"]
             self.factored = p.get("factored", [])
+            self.unread = p.get("unread", {})
             self.outside_entries, self.replaced = p.get("outside_entries", []), p.get("replaced", [])
             saved = p.get("inputs", "inputs.pt")  # None: a data-free run; "inputs.pt": a folder from before the record named it
             self.saved_inputs = saved
@@ -280,6 +285,10 @@ class Exporter:
         for name, mod in compressed_modules(module):
             if mod.container and not (self.lowrank == "merged" and mod.merge_on_export):
                 self.factored.append(prefix + name)
+            elif not mod.container and mod.quant_spec() is None:  # stored outside compressed-tensors' groups
+                for runtime in ALL_RUNTIMES:
+                    if (why := mod.refusal({}, runtime)) is not None:
+                        self.unread.setdefault(runtime, {"why": why, "layers": []})["layers"].append(prefix + name)
         return tensors
 
     def write_outside(self, res: OutsideResult) -> None:
@@ -340,6 +349,7 @@ class Exporter:
             "block_seconds": self.block_seconds,
             "quantized": self.quantized,
             "factored": self.factored,
+            "unread": self.unread,
             "outside_entries": self.outside_entries,
             "replaced": self.replaced,
         }
@@ -455,22 +465,26 @@ class Exporter:
         first factored layer's dense weight name, whose size mismatch stops transformers
         (``ignore_mismatched_sizes`` is off by default); compress.load does not read that name."""
         conv1d = sorted(set(model.__dict__.get("_compress_conv1d", [])) & set(self.quantized))
-        if not conv1d and not self.factored:
+        unread = self.unread.get(TRANSFORMERS, {}).get("layers", [])
+        if not conv1d and not self.factored and not unread:
             return None
         if conv1d:
             why = (f"{len(conv1d)} quantized layers are Conv1D in transformers ({conv1d[0]}, ...), which compressed-tensors "
                    "does not quantize: transformers would load them as random weights")
             loads = ["vLLM", "compress"] if not self.factored else ["compress"]
-        else:
+        elif self.factored:
             why = (f"{len(self.factored)} layers are stored as low-rank factors ({self.factored[0]}, ...), which only "
                    "compress.load reads; export.lowrank: merged writes dense weights every runtime loads")
             loads = ["compress"]
+        else:
+            why = f"{len(unread)} layers ({unread[0]}, ...): {self.unread[TRANSFORMERS]['why']}"
+            loads = [r for r in ALL_RUNTIMES if r not in self.unread]
         sentinel = None
         if "quantization_config" in cfg:
             cfg["quantization_config"]["global_compression_ratio"] = REFUSAL
             how = f"config.json quantization_config.global_compression_ratio = {REFUSAL!r} (transformers rejects the text)"
         else:
-            sentinel = f"{sorted(self.factored)[0]}.weight"
+            sentinel = f"{sorted(self.factored or unread)[0]}.weight"
             how = f"the empty tensor {sentinel} (transformers stops on its size mismatch)"
         self.refusals = {"loads": loads, "refuses": {"transformers": {"why": why, "how": how}}}
         return sentinel
@@ -489,6 +503,8 @@ class Exporter:
         for runtime in ALL_RUNTIMES:
             if self.factored and runtime != COMPRESS:
                 refuses.setdefault(runtime, {"why": f"{len(self.factored)} layers are stored as low-rank factors, which only compress.load reads"})
+        for runtime, u in self.unread.items():
+            refuses.setdefault(runtime, {"why": f"{len(u['layers'])} layers ({u['layers'][0]}, ...): {u['why']}"})
         return {"loads": [r for r in ALL_RUNTIMES if r not in refuses], "refuses": refuses}
 
     @staticmethod

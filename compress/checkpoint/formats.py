@@ -336,10 +336,13 @@ class Int8Linear(CompressedLinear):
 
     @classmethod
     def stored_layers(cls, source) -> list[str]:
-        """Layers with an int8 ``weight`` beside a ``weight_scale`` and no packed codes."""
+        """Layers with an int8 ``weight`` beside a ``weight_scale`` and no packed codes (an empty
+        ``weight`` is the exporter's refusal sentinel beside another type's tensors, not a weight)."""
         wm = source.weight_map
         scaled = {k[: -len(".weight_scale")] for k in wm if k.endswith(".weight_scale")}
-        return sorted(n for n in scaled if n + ".weight_packed" not in wm and n + ".weight" in wm)
+        names = [n for n in scaled if n + ".weight_packed" not in wm and n + ".weight" in wm]
+        info = source.tensor_info([n + ".weight" for n in names])
+        return sorted(n for n in names if math.prod(info[n + ".weight"][0]) > 0)
 
     @classmethod
     def from_checkpoint(cls, source, name, linear, groups) -> "Int8Linear":

@@ -301,3 +301,16 @@ def test_the_cli_exits_2_on_a_codebook_over_2_to_the_8(tmp_path):
 
     r = CliRunner().invoke(app, ["run", "--set", "passes=[{squeezellm: {bits: 9}}]", "--dry-run"])
     assert r.exit_code == 2 and "passes.0.squeezellm.bits" in r.output
+
+
+def test_the_export_records_that_only_compress_loads_it_and_transformers_refuses(tmp_path):
+    from compress.api import run
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny(tmp_path / "m", "llama")
+    run(_recipe(path, tmp_path / "out", [{"squeezellm": {"bits": 3}}]))
+    rt = json.loads((tmp_path / "out" / "compress.json").read_text())["runtimes"]
+    assert rt["loads"] == ["compress"] and set(rt["refuses"]) == {"vLLM", "vLLM-CPU", "transformers"}
+    assert "non-uniform codebook" in rt["refuses"]["transformers"]["why"]
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out")
