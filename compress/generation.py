@@ -95,7 +95,7 @@ def generate_sequences(model: nn.Module, tokenizer, count: int, length: int, *, 
     document, as in a corpus); only the first token is restricted to ordinary ones."""
     if count < 1 or length < 2:
         raise UsageError(f"generated data: {count} sequences of {length} tokens; use at least 1 sequence of 2 tokens")
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.config.vocab_size  # (a quantized head stores no .weight)
     firsts = ordinary_tokens(tokenizer, vocab).nonzero()[:, 0]
     g = torch.Generator().manual_seed(seed)
     out, done, total = [], 0, count * (length - 1)
