@@ -88,6 +88,7 @@ CONFIGS = {
     "gptq-mixed35-g64": ["passes.0.gptq.bits=3.5"],  # mixed precision: widths 2/3/4/8 averaging 3.5 bits
     "rot-gptq-mixed35-g64": ["passes=[{rotate: {}}, {gptq: {bits: 3.5, group_size: 64, symmetric: true}}]"],
     "squeezellm-w3": ["passes=[{squeezellm: {bits: 3}}]"],  # per-row 8-entry tables: 3.22 bits per weight on 576 columns
+    "gptq-w4g64-emb4": ["passes.0.gptq.embeddings={bits: 4}"],  # + the tied embedding/lm_head at 4 bits g64 (GPTQ on the head's inputs)
     "gptq-w4g64-gen-hybrid": ["calibration.data=generated", "calibration.generate.greedy_first=4", "calibration.generate.batch_size=64"],
     "gptq-w3g64-distill-gen": ["passes=[{gptq: {bits: 3, group_size: 64, symmetric: true}}, {distill: {}}]",
                                "calibration.data=generated"],
