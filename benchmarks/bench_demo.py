@@ -80,7 +80,7 @@ CONFIGS = {
     "lr-20-distill": ["passes=[{lowrank: {reduction: 0.2}}, {distill: {}}]"],
     # issue 26: calibration (and distillation) on 128 × 512 tokens the demo writes itself
     # (calibration.data: generated, the default sampling: T 1, top-k 50, seed 0)
-    "gptq-w4g64-gen": ["calibration.data=generated"],
+    "gptq-w4g64-gen": ["calibration.data=generated"],  # the default sampling (batch 16)
     # issue 25: QuaRot's randomized Hadamard rotations (R1 residual, R2 per head) fused before GPTQ
     "rot-gptq-w4g64": ["passes=[{rotate: {}}, {gptq: {bits: 4, group_size: 64, symmetric: true}}]"],
     "rot-gptq-w3g64": ["passes=[{rotate: {}}, {gptq: {bits: 3, group_size: 64, symmetric: true}}]"],
@@ -89,6 +89,7 @@ CONFIGS = {
     "rot-gptq-mixed35-g64": ["passes=[{rotate: {}}, {gptq: {bits: 3.5, group_size: 64, symmetric: true}}]"],
     "squeezellm-w3": ["passes=[{squeezellm: {bits: 3}}]"],  # per-row 8-entry tables: 3.22 bits per weight on 576 columns
     "gptq-w4g64-emb4": ["passes.0.gptq.embeddings={bits: 4}"],  # + the tied embedding/lm_head at 4 bits g64 (GPTQ on the head's inputs)
+    "gptq-w4g64-gen-full": ["calibration.data=generated", "calibration.generate.top_k=null", "calibration.generate.batch_size=64"],
     "gptq-w4g64-gen-hybrid": ["calibration.data=generated", "calibration.generate.greedy_first=4", "calibration.generate.batch_size=64"],
     "gptq-w3g64-distill-gen": ["passes=[{gptq: {bits: 3, group_size: 64, symmetric: true}}, {distill: {}}]",
                                "calibration.data=generated"],
