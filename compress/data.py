@@ -101,15 +101,8 @@ def load_texts(ref: str, split: str = "calibration", text_field: str = "text", s
         if p.suffix == ".jsonl":
             texts = []
             for i, line in enumerate(_read_text(p, strict).splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{p}:{i}: not valid JSON ({e.msg})") from e
-                if not isinstance(rec, dict) or text_field not in rec:
-                    raise InputError(f"{p}:{i}: the record has no {text_field!r} field (set calibration.text_field)")
-                texts.append(str(rec[text_field]))
+                if line.strip():
+                    texts.append(record_text(line, f"{p}:{i}", text_field))
             return texts
         if p.suffix == ".parquet":
             try:
@@ -122,6 +115,17 @@ def load_texts(ref: str, split: str = "calibration", text_field: str = "text", s
             return [_as_text(t, f"{p}: row {i}", strict) for i, t in enumerate(table.column(text_field).to_pylist())]
         return [_read_text(p, strict)]
     return _hub_texts(ref.removeprefix("hf:"), split, text_field, strict)
+
+
+def record_text(line: str, where: str, text_field: str) -> str:
+    """The ``text_field`` of one JSON line (``where``: the file and line, for the errors)."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not valid JSON ({e.msg})") from e
+    if not isinstance(rec, dict) or text_field not in rec:
+        raise InputError(f"{where}: the record has no {text_field!r} field (set calibration.text_field)")
+    return str(rec[text_field])
 
 
 def _hub_texts(spec: str, split: str, text_field: str, strict: bool = False) -> list[str]:

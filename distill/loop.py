@@ -41,16 +41,21 @@ from compress.errors import TrainingError, UsageError
 from compress.utils import atomic_torch_save
 
 
-def split_windows(windows: torch.Tensor, holdout: float, field: str = "distill.holdout") -> tuple[torch.Tensor, torch.Tensor]:
-    """(training windows, held-out windows): ``holdout`` of them, evenly spread, held out."""
-    n = len(windows)
+def holdout_split(n: int, holdout: float, field: str, what: str, fix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask of the items kept for training, indices of the held-out ones): ``holdout`` of ``n``
+    items, evenly spread, held out; a UsageError naming ``field`` where none would be left."""
     k = max(1, round(n * holdout))
     if n - k < 1:
-        raise UsageError(f"{field}: {n} calibration window(s) leave none to train on once {k} are held out for early "
-                         "stopping; use more calibration.samples (at least 2)")
+        raise UsageError(f"{field}: {n} {what} leave none to train on once {k} are held out for early stopping; {fix}")
     held = torch.linspace(0, n - 1, k).round().long().unique()
     keep = torch.ones(n, dtype=torch.bool)
     keep[held] = False
+    return keep, held
+
+
+def split_windows(windows: torch.Tensor, holdout: float, field: str = "distill.holdout") -> tuple[torch.Tensor, torch.Tensor]:
+    """(training windows, held-out windows): ``holdout`` of them, evenly spread, held out."""
+    keep, held = holdout_split(len(windows), holdout, field, "calibration window(s)", "use more calibration.samples (at least 2)")
     return windows[keep], windows[held]
 
 

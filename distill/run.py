@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from compress.distill.config import DistillConfig
-from compress.distill.loop import split_windows, teacher_topk, train_model
+from compress.distill.loop import holdout_split, split_windows, teacher_topk, train_model
 from compress.distill.sources import Responses, Streamed
 from compress.distill.stream import TokenStream
 from compress.distill.trainable import commit, prepare
@@ -152,14 +152,7 @@ def distill_responses(student_path: Path, examples, cfg: DistillConfig, *, seed:
 
 def split_examples(ex, holdout: float):
     """(training examples, held-out examples), ``holdout`` of them evenly spread held out."""
-    n = len(ex.ids)
-    k = max(1, round(n * holdout))
-    if n - k < 1:
-        raise UsageError(f"distill.holdout: {n} example(s) leave none to train on once {k} are held out for early stopping; "
-                         "give more records (at least 2)")
-    held = torch.linspace(0, n - 1, k).round().long().unique()
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[held] = False
+    keep, held = holdout_split(len(ex.ids), holdout, "distill.holdout", "example(s)", "give more records (at least 2)")
     return subset(ex, keep), subset(ex, held)
 
 

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-from compress.data import check_characters, check_tokens_per_char
+from compress.data import check_characters, check_tokens_per_char, record_text
 from compress.errors import InputError, UsageError
 
 SUFFIXES = (".txt", ".jsonl")
@@ -99,17 +98,6 @@ def txt_pieces(lines: Iterable[bytes], path: Path, strict: bool) -> Iterator[tup
     """(line number, text) of each line of a .txt file: its whole content is one document."""
     for i, raw in enumerate(lines, 1):
         yield i, decode_line(raw, f"{path}:{i}", strict)
-
-
-def record_text(line: str, where: str, text_field: str) -> str:
-    """The ``text_field`` of one JSON line, as ``compress.data.load_texts`` reads it."""
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{where}: not valid JSON ({e.msg})") from e
-    if not isinstance(rec, dict) or text_field not in rec:
-        raise InputError(f"{where}: the record has no {text_field!r} field; name the field that holds the text (text_field)")
-    return str(rec[text_field])
 
 
 def jsonl_pieces(lines: Iterable[bytes], path: Path, strict: bool, text_field: str) -> Iterator[tuple[int, str]]:
