@@ -84,6 +84,13 @@ def save_tiny(path, family: str, seed: int = 0):
     return path
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """``$COMPRESS_CACHE`` in the test's own folder (generated data, statistics, answers)."""
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")

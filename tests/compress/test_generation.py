@@ -19,9 +19,7 @@ def qwen(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("gen") / "qwen2", "qwen2")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # $COMPRESS_CACHE per test
 
 
 def _slow_sample(model, prompts, n, temperature, top_k, generator):

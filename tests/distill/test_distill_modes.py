@@ -17,9 +17,7 @@ runner = CliRunner()
 FAST = ["--samples", "8", "--seq-len", "64", "--set", "eval_every=2", "--set", "grad_accum=2", "--lr", "1e-3"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # $COMPRESS_CACHE per test
 
 
 def _records(path, n=12):

@@ -12,9 +12,7 @@ from compress.data import pydoc_topics
 from compress.errors import InputError, UsageError
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # $COMPRESS_CACHE per test
 
 
 def test_lastword_items_are_paragraph_endings_of_the_eval_split():

@@ -25,9 +25,7 @@ def tiny(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("structured") / "llama", "llama")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # $COMPRESS_CACHE per test
 
 
 def _recipe(model, out, passes, **extra):
