@@ -5,7 +5,6 @@ a token budget, and calibration data the model writes itself; and their bad inpu
 import json
 
 import pytest
-import torch
 from conftest import save_tiny
 from test_distill_run import tiny, w3  # noqa: F401  (module fixtures)
 from typer.testing import CliRunner

@@ -55,7 +55,7 @@ def test_the_pool_is_the_current_students_own_writing(tiny, w3):  # noqa: F811
     assert [m for _, ms, *_ in seen for m in ms] == [m for m in range(6) if is_on_policy(m, 0.5)] == [1, 3, 5]
     assert all(not torch.equal(got, by_teacher) for _, _, got, by_teacher, _ in seen)  # not the teacher's text
     # the last pool comes from the trained weights: the first step's weights would have written otherwise
-    last_step, ms, got, _, _ = seen[-1]
+    last_step, _, got, _, _ = seen[-1]
     assert not torch.equal(got, written_by(seen[0][4], got[:, :P], last_step))
 
 
