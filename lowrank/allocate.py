@@ -22,12 +22,13 @@ them; a budget below one multiple per layer raises ``BudgetError``.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 from dataclasses import dataclass
 
 import torch
+
+from compress.allocation import water_fill
 
 
 @dataclass
@@ -112,21 +113,6 @@ def _options(L: LayerShape, multiple: int) -> list[tuple[int, float, int | None]
     return out
 
 
-def _hull(opts: list) -> list[int]:
-    """Indices of ``opts`` on the lower convex hull of error against parameters."""
-    hull: list[int] = []
-    for k in range(len(opts)):
-        while len(hull) >= 2 and _slope(opts[hull[-2]], opts[hull[-1]]) <= _slope(opts[hull[-1]], opts[k]):
-            hull.pop()  # hull[-1] lies above the chord: never the better buy
-        hull.append(k)
-    return hull
-
-
-def _slope(a, b) -> float:
-    """Error removed per parameter from option a to option b."""
-    return (a[1] - b[1]) / max(b[0] - a[0], 1)
-
-
 def sensitivity_ranks(layers: list[LayerShape], reduction: float, multiple: int = 1) -> dict[str, int | None]:
     """{name: rank or None (dense)}: greedy water-filling over each layer's error curve
     (``error_curve``; module docstring). Every layer starts at its least option; the step buying
@@ -134,29 +120,7 @@ def sensitivity_ranks(layers: list[LayerShape], reduction: float, multiple: int 
     hull, or, once that no longer fits the budget, to the best option on the way that does."""
     budget = (1 - reduction) * sum(L.dense for L in layers)
     opts = [_options(L, multiple) for L in layers]
-    hulls = [_hull(o) for o in opts]
-    at = [0] * len(layers)  # each layer's option
-    spent = sum(o[0][0] for o in opts)
-    heap: list[tuple[float, int, int]] = []
-
-    def push(i: int) -> None:
-        o, cur = opts[i], opts[i][at[i]]
-        nxt = next((k for k in hulls[i] if k > at[i]), None)
-        if nxt is None:
-            return
-        fit = [k for k in range(at[i] + 1, nxt + 1) if spent + o[k][0] - cur[0] <= budget]
-        if fit:  # the hull's next vertex, or the option before it buying the most per parameter
-            k = nxt if fit[-1] == nxt else max(fit, key=lambda k: _slope(cur, o[k]))
-            heapq.heappush(heap, (-_slope(cur, o[k]), i, k))
-
-    for i in range(len(layers)):
-        push(i)
-    while heap:
-        _, i, k = heapq.heappop(heap)
-        if spent + opts[i][k][0] - opts[i][at[i]][0] <= budget:
-            spent += opts[i][k][0] - opts[i][at[i]][0]
-            at[i] = k
-        push(i)  # its next step (or a smaller one, where this one no longer fits)
+    at = water_fill(opts, budget)
     return _within_budget(layers, {L.name: o[a][2] for L, o, a in zip(layers, opts, at)}, reduction, multiple)
 
 

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from compress import api
 from compress.errors import UsageError
-from compress.quant.mixed import LayerErrors, _hull, allocate_bits, average_bits
+from compress.allocation import lower_hull
+from compress.quant.mixed import LayerErrors, allocate_bits, average_bits, options
 from compress.recipe import load_recipe
 
 
@@ -44,7 +45,8 @@ def test_allocation_fits_the_budget_and_beats_every_uniform_width_that_fits(seed
     spent = sum(L.params * bits[L.name] for L in layers)
     total = sum(L.params for L in layers)
     for L in layers:
-        nxt = [b for b, _ in _hull(list(L.errors.items())) if b > bits[L.name]]
+        opts = options(L)
+        nxt = [opts[k][2] for k in lower_hull(opts) if opts[k][2] > bits[L.name]]
         if nxt:
             assert spent + L.params * (nxt[0] - bits[L.name]) > budget * total
 
@@ -62,9 +64,14 @@ def test_allocation_is_near_the_brute_force_optimum(seed):
     assert got >= best - 1e-12
 
 
+def _hull_widths(errors: dict[int, float]) -> list[tuple[int, float]]:
+    opts = options(LayerErrors("l", 1, errors))
+    return [(opts[k][2], opts[k][1]) for k in lower_hull(opts)]
+
+
 def test_hull_drops_dominated_and_non_convex_points():
-    assert _hull([(2, 10.0), (3, 9.9), (4, 1.0), (8, 0.5)]) == [(2, 10.0), (4, 1.0), (8, 0.5)]  # 3 lies above the chord
-    assert _hull([(2, 5.0), (3, 6.0), (4, 1.0)]) == [(2, 5.0), (4, 1.0)]  # more bits, more error: never taken
+    assert _hull_widths({2: 10.0, 3: 9.9, 4: 1.0, 8: 0.5}) == [(2, 10.0), (4, 1.0), (8, 0.5)]  # 3 lies above the chord
+    assert _hull_widths({2: 5.0, 3: 6.0, 4: 1.0}) == [(2, 5.0), (4, 1.0)]  # more bits, more error: never taken
 
 
 def test_a_budget_below_the_narrowest_width_is_refused():
