@@ -1,7 +1,7 @@
 """Packed-int kernels, and the dispatcher that picks one per call (``dispatch``).
 
 Backends: ``torch`` (``reference``: the float32 CPU path and the oracle of every test), ``cpu``
-(``cpu``: torch's int4/int8 CPU kernels and oneDNN's int8 GEMM, bf16 activations), ``triton``
+(``cpu``: compress's AVX-512 int4 kernel (``native``) or torch's int4/int8 CPU kernels, and oneDNN's int8 GEMM, bf16 activations), ``triton``
 (``triton_kernels``: on a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1``) and ``cuda``
 (``cuda_kernel``: a CUDA C++ decode kernel built with nvcc at first use). ``dispatch`` says how
 one is chosen (argument, module, ``$COMPRESS_KERNEL``, automatic) and the kernels' weight layout;

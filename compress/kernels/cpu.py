@@ -1,13 +1,17 @@
-"""CPU packed-int kernels: the weights stay packed in memory and run through torch's integer
-kernels (AVX-512 / AVX2 / AMX, whatever torch's build dispatches to).
+"""CPU packed-int kernels: the weights stay packed in memory and run through integer kernels:
+compress's own AVX-512 kernels where the CPU has AVX-512 BW and BF16 (``native``), torch's
+(AVX-512 / AVX2 / AMX, whatever torch's build dispatches to) otherwise.
 
-* **W4A16** ``torch.ops.aten._weight_int4pack_mm_for_cpu``: codes in torch's own int4 CPU layout
+* **W4A16** ``native.int4_linear`` (layout ``"native"``: codes in ``native.pack``'s layout,
+  float32 scales and zero term, exact as stored); without it,
+  ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (layout ``"torch"``): codes in torch's own int4 CPU layout
   (``_convert_weight_to_int4pack_for_cpu``: rows in blocks of 64 on AVX-512 builds, two codes per
   byte), per-group ``(scale, zero)`` pairs; it computes ``Ŵ = (q - 8) · scale + zero``.
 * **W8A16** ``torch.ops.aten._weight_int8pack_mm``: signed int8 codes (N, K) with one scale per
   row; grouped scales run one call per group (codes stored (G, N, gs)).
 * **W8A8** ``torch.ops.onednn.qlinear_pointwise``: oneDNN's int8 GEMM (VNNI / AMX) on the
-  prepacked weight; the per-token activation scales are applied after it.
+  prepacked weight; the per-token activation scales are applied after it. The activations are
+  quantized by ``native.quantize_rows`` (one read per row) where it runs.
 
 Exactness. Symmetric codes fold straight in (zero = 0). An asymmetric group's weight is
 ``(q - z) · s = (q - 8) · s + (8 - z) · s`` (8 bits: 128): the second term is folded into the
@@ -21,7 +25,8 @@ The int4/int8 weight-only kernels read the activations in bf16 (fp32 runs them ~
 fp16 ~40x, measured: the automatic choice keeps those on the torch reference). They are decode kernels: their
 cost grows linearly with the tokens (no weight reuse), so above ``PREFILL_TOKENS[bits]`` tokens a call
 dequantizes the layer from the packed codes (exactly as the reference does) and runs the dense
-GEMM, which is faster there (measured, see BENCHMARKS.md "Serving on the CPU").
+GEMM, which is faster there (measured, see BENCHMARKS.md "Serving on the CPU"); the native
+kernel's crossover is ``NATIVE_PREFILL_TOKENS``.
 
 What cannot run here (another width, a group size no kernel group divides, N not a multiple of 16
 for int4 is padded, K not a multiple of 32) is reported by ``unsupported`` and that layer keeps the
@@ -35,13 +40,16 @@ import threading
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from compress.checkpoint.packing import unpack_int32
+from compress.kernels import native
 
 INT4_GROUPS = (256, 128, 64, 32)  # the group widths _weight_int4pack_mm_for_cpu takes
 # above this many tokens per call: dequantize + dense GEMM, whose cost does not grow per token
 # (crossovers measured on 2048 x 5632, benchmarks/bench_cpu_kernels.py: int4 ~96, int8 ~40)
 PREFILL_TOKENS = {4: 96, 8: 32}
+NATIVE_PREFILL_TOKENS = 8  # compress's own int4 kernel (``native``): its crossover, measured the same way
 COMPUTE_DTYPES = (torch.bfloat16,)  # fp16 activations run the int4 kernel ~40x slower (measured): reference there
 
 
@@ -125,11 +133,16 @@ def unpack_int4(p: torch.Tensor, N: int, K: int) -> torch.Tensor:
 class CpuWeights:
     """A weight-only layer in the CPU kernels' layout; replaces the export's packed words in memory.
 
-    codes       int4: uint8 (Np, K/2) torch's int4 CPU layout, Np = N rounded up to 16;
+    codes       int4 ``native``: uint8 (N, K/2) in ``native.pack``'s layout;
+                int4 ``torch``: uint8 (Np, K/2) torch's int4 CPU layout, Np = N rounded up to 16;
                 int8: int8 (N, K) per-channel, or (G, N, gs) per group (signed: q - 128)
-    scale_zero  int4: (K / kgs, Np, 2) compute dtype;  int8: (N,) or (G, N) scales, compute dtype
+    scale_zero  int4 ``native``: float32 (N, G) scales;  int4 ``torch``: (K / kgs, Np, 2) compute
+                dtype;  int8: (N,) or (G, N) scales, compute dtype
     corr        float32 (G, N) or None: (2^(b-1) - z) · s where it is not exact in the compute dtype
+                (``native``: always None, the zero term is ``zero``)
     perm        int64 (K,) or None: act-order column order (groups contiguous)
+    zero        int4 ``native``: float32 (N, G) zero term (8 - z) · s, or None (symmetric)
+    layout      "native" (compress's AVX-512 kernel, ``compress.kernels.native``) or "torch"
     """
 
     bits: int
@@ -142,9 +155,11 @@ class CpuWeights:
     scale_zero: torch.Tensor
     corr: torch.Tensor | None
     perm: torch.Tensor | None
+    zero: torch.Tensor | None = None
+    layout: str = "torch"
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.codes, self.scale_zero, self.corr, self.perm) if t is not None]
+        return [t for t in (self.codes, self.scale_zero, self.corr, self.perm, self.zero) if t is not None]
 
     @property
     def nbytes(self) -> int:
@@ -180,6 +195,9 @@ def build(qlinear, dtype: torch.dtype) -> CpuWeights:
     if not qlinear.symmetric:
         z = unpack_int32(qlinear.weight_zero_point, bits, N, dim=0, dense=qlinear.dense).float()  # z - 2^(b-1)
         fold = -z * s  # (N, G): (2^(b-1) - z) · s, exact in float32
+    if bits == 4 and native.missing() is None:  # scales and zero term stay float32: exact as stored
+        return CpuWeights(4, N, K, gs, gs, dtype, native.pack(v + 8, gs), s.contiguous(), None, perm,
+                          None if fold is None else fold.contiguous(), "native")
     corr = None
     if fold is not None and not torch.equal(fold.to(dtype).float(), fold):
         corr, fold = fold.t().contiguous(), None  # (G, N) float32, added beside the kernel
@@ -206,6 +224,9 @@ def build(qlinear, dtype: torch.dtype) -> CpuWeights:
 def _kernel_codes(cw: CpuWeights, transposed: bool = False) -> torch.Tensor:
     """(N, K) signed codes q - 2^(b-1) in the kernel's column order, int8; ``transposed``: (K, N)
     (built so for 4 bits, whose layout decodes that way)."""
+    if cw.layout == "native":
+        v = native.unpack(cw.codes, cw.gs).view(torch.int8) - 8
+        return v.t() if transposed else v
     if cw.bits == 4:
         v = unpack_int4_t(cw.codes, cw.codes.shape[0], cw.K)[:, : cw.N].view(torch.int8) - 8
         return v if transposed else v.t()
@@ -225,6 +246,8 @@ def codes(cw: CpuWeights) -> torch.Tensor:
 
 def _scales(cw: CpuWeights) -> torch.Tensor:
     """(N, G) float32 scales in stored group order."""
+    if cw.layout == "native":
+        return cw.scale_zero
     if cw.bits == 4:
         return cw.scale_zero[:: cw.gs // cw.kgs, : cw.N, 0].t().float()
     return cw.scale_zero.float().reshape(-1, cw.N).t() if cw.scale_zero.dim() == 2 else cw.scale_zero.float()[:, None]
@@ -232,6 +255,8 @@ def _scales(cw: CpuWeights) -> torch.Tensor:
 
 def _zero_term(cw: CpuWeights) -> torch.Tensor | None:
     """(N, G) float32 ``(2^(b-1) - z) · s`` (None: symmetric)."""
+    if cw.layout == "native":
+        return cw.zero
     if cw.corr is not None:
         return cw.corr.t()
     if cw.bits == 4:
@@ -262,6 +287,8 @@ def dequantize(cw: CpuWeights, dtype: torch.dtype = torch.float32, transposed: b
 
 def dequantize_t(cw: CpuWeights, dtype: torch.dtype) -> torch.Tensor:
     """(K, N) Ŵᵀ for the prefill path: 4-bit codes decode transposed; 8-bit ones are stored (N, K)."""
+    if cw.layout == "native" and dtype == torch.bfloat16:
+        return native.int4_dequant(cw.codes, cw.scale_zero, cw.zero, cw.gs).t()
     return dequantize(cw, dtype, transposed=True) if cw.bits == 4 else dequantize(cw, dtype).t()
 
 
@@ -279,6 +306,12 @@ def wna16_linear(x: torch.Tensor, cw: CpuWeights, bias: torch.Tensor | None) -> 
     if cw.perm is not None:
         x2 = x2.index_select(1, cw.perm)
     M = x2.shape[0]
+    if cw.layout == "native":
+        if M > NATIVE_PREFILL_TOKENS:
+            y = F.linear(x2, native.int4_dequant(cw.codes, cw.scale_zero, cw.zero, cw.gs), None if bias is None else bias.to(x2.dtype))
+        else:
+            y = native.int4_linear(x2, cw.codes, cw.scale_zero, cw.zero, bias, cw.gs)
+        return y.to(out_dtype).reshape(*x.shape[:-1], cw.N)
     if M > PREFILL_TOKENS[cw.bits]:
         y = x2 @ dequantize_t(cw, cw.dtype)
     else:
@@ -345,8 +378,11 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.quantize_per_token``, bit for bit, in fewer passes over memory (prefill's
     activations are megabytes per call; the reference's float32 copies cost more than the int8
     GEMM there): the max of |x| in x's own dtype (exact), the division promoting bf16 to float32
-    as it reads, rounding and clamping in place."""
+    as it reads, rounding and clamping in place. bf16 with compress's CPU kernels (``native``): one
+    read of each row."""
     x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype == torch.bfloat16 and native.missing() is None:
+        return native.quantize_rows(x2)
     xs = x2.abs().amax(dim=1, keepdim=True).float() / 127  # (T, 1)
     safe = torch.where(xs > 0, xs, torch.ones_like(xs))
     xq = (x2 / safe).round_().clamp_(-127, 127).to(torch.int8)

@@ -9,9 +9,8 @@ compiles the source without being able to run it.
 
 Build: ``nvcc -O3 -std=c++17 -shared -Xcompiler -fPIC -gencode arch=compute_XY,code=sm_XY``
 for the GPU's compute capability (the CUDA runtime is linked statically, nvcc's default), into
-``$COMPRESS_CACHE/kernels/`` (default ``~/.cache/compress/kernels/``) under a name that hashes
-the source, the architecture and nvcc's version; written to a temporary file and renamed, so
-concurrent first uses cannot load a half-written library. nvcc is found as ``$NVCC``, on PATH,
+the kernel cache (``compress.kernels.build``: ``$COMPRESS_CACHE/kernels/``), under a name that
+hashes the source, the architecture and nvcc's version. nvcc is found as ``$NVCC``, on PATH,
 or under ``$CUDA_HOME/bin`` / ``/usr/local/cuda/bin``.
 
 Entry point: ``compress_wna16_decode(x_code, s_code, bits, x, qw, scales, zeros, g_idx, bias, y,
@@ -23,16 +22,14 @@ pointers for absent zeros / g_idx / bias; 0 on success, else a cudaError_t or -1
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
 from compress.errors import UsageError
+from compress.kernels.build import compile_library
 
 SOURCE = Path(__file__).with_name("cuda") / "wna16_decode.cu"
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
@@ -51,11 +48,6 @@ def find_nvcc() -> str | None:
     return None
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("COMPRESS_CACHE") or Path.home() / ".cache" / "compress"
-    return Path(root) / "kernels"
-
-
 def compile_source(arch: str, out_dir: Path | None = None) -> Path:
     """Compile the kernel for ``arch`` (e.g. 'sm_90') and return the shared library's path.
 
@@ -65,25 +57,9 @@ def compile_source(arch: str, out_dir: Path | None = None) -> Path:
     nvcc = find_nvcc()
     if nvcc is None:
         raise UsageError("the CUDA kernel needs nvcc to build (set $NVCC or $CUDA_HOME, or put nvcc on PATH); or use --kernel triton")
-    ver = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src + arch.encode() + ver.encode()).hexdigest()[:16]
-    out_dir = Path(out_dir) if out_dir else _cache_dir()
-    lib = out_dir / f"wna16_decode-{arch}-{tag}.so"
-    if lib.is_file():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
     cc = arch.removeprefix("sm_")
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-gencode", f"arch=compute_{cc},code=sm_{cc}", "-o", tmp, str(SOURCE)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        os.unlink(tmp)
-        tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-6:])
-        raise UsageError(f"nvcc could not build {SOURCE} for {arch}: {tail}")
-    os.replace(tmp, lib)
-    return lib
+    flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-gencode", f"arch=compute_{cc},code=sm_{cc}"]
+    return compile_library(nvcc, flags, SOURCE, f"wna16_decode-{arch}", out_dir)
 
 
 def _arch(device: torch.device) -> str:

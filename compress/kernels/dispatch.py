@@ -4,8 +4,9 @@ Four backends compute the same functions (see ``reference`` for the exact defini
 
 * ``torch``  (``reference.py``): dequantize then ``F.linear``; W8A8 through ``torch._int_mm``.
   Runs everywhere; the float32 CPU path and the oracle of every test.
-* ``cpu``    (``cpu.py``): torch's integer CPU kernels: W4A16 ``_weight_int4pack_mm_for_cpu``,
-  W8A16 ``_weight_int8pack_mm``, W8A8 oneDNN ``qlinear_pointwise``, with bf16 activations.
+* ``cpu``    (``cpu.py``): integer CPU kernels with bf16 activations: W4A16 on compress's own
+  AVX-512 kernel (``native.py``, built with the C compiler at first use) or torch's
+  ``_weight_int4pack_mm_for_cpu``, W8A16 ``_weight_int8pack_mm``, W8A8 oneDNN ``qlinear_pointwise``.
   ``compress.load`` on the CPU converts each packed layer to this layout once (the codes' only
   copy in memory, ``CpuQuantLinear``/``CpuInt8Linear``); a plain module asked for it here builds
   the layout at its first call and keeps it beside its buffers.

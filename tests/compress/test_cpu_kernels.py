@@ -17,7 +17,7 @@ from compress.checkpoint.cpu_modules import (
 )
 from compress.checkpoint.formats import Int8Linear, QuantLinear
 from compress.errors import UsageError
-from compress.kernels import cpu, reference
+from compress.kernels import cpu, native, reference
 
 pytestmark = pytest.mark.skipif(cpu.available() is not None, reason=f"CPU integer kernels unavailable: {cpu.available()}")
 
@@ -27,6 +27,17 @@ BF16_TOL = 8e-3  # one bf16 rounding of the output (2^-9 relative), summed over 
 @pytest.fixture(autouse=True)
 def _no_env_backend(monkeypatch):
     monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.delenv(native.ENV, raising=False)
+
+
+@pytest.fixture(params=["native", "torch"])
+def layout(request, monkeypatch):
+    """Both 4-bit layouts: compress's AVX-512 kernel (``native``) and torch's int4 kernel."""
+    if request.param == "torch":
+        monkeypatch.setenv(native.ENV, "0")
+    elif native.missing():
+        pytest.skip(f"compress's CPU kernels unavailable: {native.missing()}")
+    return request.param
 
 
 @pytest.mark.parametrize("N,K", [(16, 64), (48, 96), (64, 32), (80, 64), (112, 128), (176, 576)])
@@ -55,8 +66,8 @@ def _converted(m, dtype=torch.bfloat16):
 
 
 @pytest.mark.parametrize("bits,N,K,gs,sym,act", CASES)
-@pytest.mark.parametrize("tokens", [1, 17, max(cpu.PREFILL_TOKENS.values()) + 7])
-def test_wna16_cpu_equals_reference(bits, N, K, gs, sym, act, tokens):
+@pytest.mark.parametrize("tokens", [1, 3, 17, max(cpu.PREFILL_TOKENS.values()) + 7])
+def test_wna16_cpu_equals_reference(bits, N, K, gs, sym, act, tokens, layout):
     m = random_qlinear(N, K, bits, gs, sym, g_idx=act, bias=True, seed=N + K)
     c = _converted(m)
     x = torch.randn(2, tokens, K, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(tokens))
@@ -68,7 +79,7 @@ def test_wna16_cpu_equals_reference(bits, N, K, gs, sym, act, tokens):
 
 
 @pytest.mark.parametrize("bits,N,K,gs,sym,act", CASES)
-def test_converted_module_gives_the_export_back(bits, N, K, gs, sym, act):
+def test_converted_module_gives_the_export_back(bits, N, K, gs, sym, act, layout):
     m = random_qlinear(N, K, bits, gs, sym, g_idx=act, bias=True, seed=3)
     c = _converted(m)
     assert torch.equal(c.dequantize(), m.dequantize())
@@ -79,9 +90,10 @@ def test_converted_module_gives_the_export_back(bits, N, K, gs, sym, act):
     assert isinstance(c, QuantLinear) and "weight_packed" not in c._buffers  # the codes are held once, in c.cpu
 
 
-def test_asymmetric_zeros_fold_or_correct_exactly():
+def test_asymmetric_zeros_fold_or_correct_exactly(monkeypatch):
     """(8 - z) · s folds into the kernel's zero where bf16 holds it; otherwise the exact float32
     term goes beside the kernel. Both give the reference's weight exactly."""
+    monkeypatch.setenv(native.ENV, "0")  # torch's int4 layout
     m = random_qlinear(32, 128, 4, 32, symmetric=False, seed=5)
     cw = cpu.build(m, torch.bfloat16)
     assert cw.corr is not None  # random bf16 scales times 3-bit integers: not exact in bf16
@@ -199,13 +211,13 @@ def test_load_of_the_demo_w4_export_holds_its_packed_size(tmp_path):
 
 @pytest.mark.parametrize("bits,N,K,gs,sym,act", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_transposed_dequantize_of_the_prefill_path_is_the_same_weight(bits, N, K, gs, sym, act, dtype):
+def test_transposed_dequantize_of_the_prefill_path_is_the_same_weight(bits, N, K, gs, sym, act, dtype, layout):
     cw = cpu.build(random_qlinear(N, K, bits, gs, sym, g_idx=act, seed=7), torch.bfloat16)
     assert torch.equal(cpu.dequantize_t(cw, dtype), cpu.dequantize(cw, dtype).t())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fast_per_token_quantizer_is_the_reference_bit_for_bit(dtype):
+def test_fast_per_token_quantizer_is_the_reference_bit_for_bit(dtype, layout):
     x = torch.randn(3, 33, 200) * torch.tensor([1e-3, 1.0, 40.0]).reshape(3, 1, 1)
     x[1, 5] = 0  # an all-zero token
     x = x.to(dtype)

@@ -1,0 +1,172 @@
+"""compress's own AVX-512 CPU kernels (``csrc/int4_avx512.c``): built with the C compiler at first
+use, loaded with ctypes, like the CUDA kernel (``cuda_kernel``) and for the same reasons (raw
+pointers are all they need; no torch headers, no ninja).
+
+Why our own: torch's int4 CPU kernel (``_weight_int4pack_mm_for_cpu``) streams the codes at 10–14
+GB/s on the project's 2-core Xeon where bf16's GEMV streams 17–20 GB/s, so W4A16 decode reached
+only 2.2× bf16 against a 3.3× bytes limit (BENCHMARKS.md "Serving on the CPU"). This kernel
+decodes 32 codes to bf16 with one table lookup (VPERMW) and multiplies on VDPBF16PS (exact
+products, float32 sums); and W8A8's per-token activation quantizer becomes one read per row.
+
+* ``int4_linear``   W4A16 for decode (up to ``cpu.NATIVE_PREFILL_TOKENS`` tokens per call);
+* ``int4_dequant``  the bf16 weight for the prefill path's dense GEMM;
+* ``quantize_rows`` per-token int8 quantization of bf16 activations, bit for bit the reference's.
+
+Layout of the codes: ``pack`` / ``unpack`` (documented in the C source). Needs Linux on x86-64
+with AVX-512 BW and BF16 (``/proc/cpuinfo``), and a C compiler (``$CC``, ``cc`` or ``gcc``) with
+OpenMP; links the libgomp torch has loaded, so both share one thread pool. ``missing()`` says why
+not; ``COMPRESS_CPU_NATIVE=0`` turns it off (torch's int4 kernel and quantizer run instead).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+from compress.errors import UsageError
+from compress.kernels.build import compile_library
+
+SOURCE = Path(__file__).with_name("csrc") / "int4_avx512.c"
+ENV = "COMPRESS_CPU_NATIVE"
+FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"]
+NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _compiler() -> str | None:
+    for cand in (os.environ.get("CC"), "cc", "gcc"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The loaded library, or why it cannot be (built once per process)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"compress's CPU kernels are built for Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
+    lacking = [f for f in NEEDS if f not in _cpu_flags()]
+    if lacking:
+        return f"this CPU lacks {', '.join(lacking)} (compress's int4 kernel needs AVX-512 BW and BF16)"
+    cc = _compiler()
+    if cc is None:
+        return "no C compiler to build compress's CPU kernels (set $CC or install gcc)"
+    try:
+        lib = ctypes.CDLL(str(compile_library(cc, FLAGS, SOURCE, "cpu_int4_avx512")))
+    except (UsageError, OSError) as e:
+        return str(e)
+    p, i = ctypes.c_void_p, ctypes.c_int
+    for name, args in (("compress_int4_linear", [p] * 7 + [i] * 7), ("compress_int4_dequant", [p] * 4 + [i] * 4),
+                       ("compress_quantize_rows_bf16", [p] * 3 + [i] * 4)):
+        f = getattr(lib, name)
+        f.restype, f.argtypes = i, args
+    return lib
+
+
+def missing() -> str | None:
+    """Why the native kernels cannot run here (builds them at the first call); None when they can."""
+    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return f"${ENV} turns compress's CPU kernels off"
+    lib = _library()
+    return lib if isinstance(lib, str) else None
+
+
+def _lib() -> ctypes.CDLL:
+    why = missing()
+    if why:
+        raise UsageError(why)
+    return _library()
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc:
+        raise ValueError(f"compress's CPU kernel {what} refused its arguments (code {rc})")
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def pack(q: torch.Tensor, gs: int) -> torch.Tensor:
+    """Unsigned 4-bit codes (N, K) -> the kernel's (N, K/2) uint8: per group of ``gs`` columns,
+    chunks of 64 (byte j: column j low, j + 32 high), then a half chunk of 32 where ``gs`` is an
+    odd multiple of 32 (byte j: column j low, j + 16 high)."""
+    N, K = q.shape
+    q = q.to(torch.uint8).reshape(N, K // gs, gs)
+    full = gs // 64 * 64
+    c = q[:, :, :full].reshape(N, K // gs, -1, 2, 32)
+    parts = [(c[..., 0, :] | (c[..., 1, :] << 4)).reshape(N, K // gs, -1)]
+    if gs > full:
+        r = q[:, :, full:].reshape(N, K // gs, 2, 16)
+        parts.append(r[..., 0, :] | (r[..., 1, :] << 4))
+    return torch.cat(parts, dim=-1).reshape(N, K // 2).contiguous()
+
+
+def unpack(p: torch.Tensor, gs: int) -> torch.Tensor:
+    """Inverse of ``pack``: (N, K/2) uint8 -> (N, K) uint8 codes 0..15."""
+    N, K = p.shape[0], p.shape[1] * 2
+    p = p.reshape(N, K // gs, gs // 2)
+    full = gs // 64 * 64
+    c = p[:, :, : full // 2].reshape(N, K // gs, -1, 1, 32)
+    parts = [torch.cat([c & 15, c >> 4], dim=-2).reshape(N, K // gs, -1)]
+    if gs > full:
+        r = p[:, :, full // 2 :]
+        parts.append(torch.cat([r & 15, r >> 4], dim=-1))
+    return torch.cat(parts, dim=-1).reshape(N, K)
+
+
+# ----------------------------------------------------------------------------- calls
+
+
+def int4_linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zero: torch.Tensor | None,
+                bias: torch.Tensor | None, gs: int) -> torch.Tensor:
+    """x2 bf16 (M, K) -> bf16 (M, N): x2 @ Ŵᵀ (+ bias), Ŵ = (q - 8)·scales + zero per group,
+    products exact and sums in float32, the output rounded once (bias added before)."""
+    lib = _lib()
+    M, K = x2.shape
+    N, G = scales.shape
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    xsum = torch.empty(M, G, dtype=torch.float32) if zero is not None else None
+    b = None if bias is None else bias.float().contiguous()
+    _check(lib.compress_int4_linear(_ptr(x2), _ptr(codes), _ptr(scales), _ptr(zero), _ptr(b), _ptr(y), _ptr(xsum),
+                                    M, N, K, gs, x2.stride(0), N, torch.get_num_threads()), "int4_linear")
+    return y
+
+
+def int4_dequant(codes: torch.Tensor, scales: torch.Tensor, zero: torch.Tensor | None, gs: int) -> torch.Tensor:
+    """(N, K) bf16 Ŵ, rounded to nearest even from the exact float32 (q - 8)·s + zero."""
+    lib = _lib()
+    N, K = codes.shape[0], codes.shape[1] * 2
+    out = torch.empty(N, K, dtype=torch.bfloat16)
+    _check(lib.compress_int4_dequant(_ptr(codes), _ptr(scales), _ptr(zero), _ptr(out), N, K, gs, torch.get_num_threads()), "int4_dequant")
+    return out
+
+
+def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 (T, K) -> int8 (T, K) codes and float32 (T, 1) scales: ``reference.quantize_per_token``
+    bit for bit, in one read of each row."""
+    lib = _lib()
+    T, K = x2.shape
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    q = torch.empty(T, K, dtype=torch.int8)
+    s = torch.empty(T, 1, dtype=torch.float32)
+    _check(lib.compress_quantize_rows_bf16(_ptr(x2), _ptr(q), _ptr(s), T, K, x2.stride(0), torch.get_num_threads()), "quantize_rows")
+    return q, s

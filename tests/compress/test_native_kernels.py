@@ -1,0 +1,95 @@
+"""compress's own AVX-512 CPU kernels (compress.kernels.native) against slow, obvious references:
+the code layout round-trips; the dequantized weight is the exact float32 (q - 8)·s + zero rounded
+once to bf16; the int4 GEMV/GEMM equals the float64 product of the same weight on odd shapes
+(groups of 32, 96, 160 and per-channel, asymmetric, 1-7 token rows); the activation quantizer is
+the reference's bit for bit, K not a multiple of 16."""
+
+import pytest
+import torch
+
+from compress.errors import UsageError
+from compress.kernels import native, reference
+
+pytestmark = pytest.mark.skipif(native.missing() is not None, reason=f"compress's CPU kernels unavailable: {native.missing()}")
+
+SHAPES = [  # N, K, group size
+    (40, 96, 32),
+    (17, 576, 64),
+    (33, 160, 160),  # 2 chunks + a half chunk per group
+    (24, 192, 96),  # 1 chunk + a half chunk
+    (7, 384, 128),
+    (5, 1056, 1056),  # per-channel, K = 33 * 32
+]
+
+
+def _layer(N, K, gs, asym, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (N, K), generator=g)
+    s = (torch.rand(N, K // gs, generator=g) * 0.01 + 1e-3).to(torch.bfloat16).float()
+    zero = (torch.randint(-8, 8, (N, K // gs), generator=g).float() * s) if asym else None
+    w = (q.double() - 8).reshape(N, -1, gs) * s.double()[:, :, None]
+    if asym:
+        w = w + zero.double()[:, :, None]
+    return q, s, zero, w.reshape(N, K)
+
+
+@pytest.mark.parametrize("N,K,gs", SHAPES)
+def test_layout_round_trips(N, K, gs):
+    q = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(N))
+    p = native.pack(q, gs)
+    assert p.shape == (N, K // 2) and p.dtype == torch.uint8
+    assert torch.equal(native.unpack(p, gs).long(), q)
+
+
+def test_layout_of_one_chunk_is_as_documented():
+    q = torch.arange(64).remainder(16).reshape(1, 64)
+    p = native.pack(q, 64)[0]
+    assert all(int(p[j]) == (j % 16) | (((j + 32) % 16) << 4) for j in range(32))
+    h = native.pack(q[:, :32], 32)[0]
+    assert all(int(h[j]) == (j % 16) | (((j + 16) % 16) << 4) for j in range(16))
+
+
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("N,K,gs", SHAPES)
+def test_dequantize_is_the_exact_weight_rounded_once(N, K, gs, asym):
+    q, s, zero, w = _layer(N, K, gs, asym, seed=K)
+    got = native.int4_dequant(native.pack(q, gs), s, zero, gs)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, w.float().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("N,K,gs", SHAPES)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7])
+def test_linear_equals_the_float64_product(N, K, gs, asym, M):
+    q, s, zero, w = _layer(N, K, gs, asym, seed=N + M)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16)
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(1))
+    y = native.int4_linear(x, native.pack(q, gs), s, zero, bias, gs)
+    want = x.double() @ w.t() + bias.double()
+    assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+    # float32 sums of exact products, then one bf16 rounding (2^-9 relative per element)
+    assert ((y.double() - want).abs() <= want.abs() * 2.0**-8 + 1e-4 * want.abs().max()).all()
+
+
+def test_linear_reads_strided_rows():
+    q, s, _, w = _layer(16, 128, 64, False, seed=3)
+    x = torch.randn(6, 256).to(torch.bfloat16)[:, 64:192]  # row stride 256
+    y = native.int4_linear(x, native.pack(q, 64), s, None, None, 64)
+    assert torch.allclose(y.double(), x.double() @ w.t(), rtol=2.0**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("K", [200, 16, 7])
+def test_quantize_rows_is_the_reference_bit_for_bit(K):
+    x = torch.randn(37, K) * torch.logspace(-3, 2, 37)[:, None]
+    x[3] = 0  # an all-zero token
+    x = x.to(torch.bfloat16)
+    q, s = native.quantize_rows(x)
+    qr, sr = reference.quantize_per_token(x)
+    assert torch.equal(q, qr) and torch.equal(s, sr.reshape(s.shape))
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(native.ENV, "0")
+    assert native.ENV in native.missing()
+    with pytest.raises(UsageError, match=native.ENV):
+        native.quantize_rows(torch.zeros(2, 32, dtype=torch.bfloat16))
