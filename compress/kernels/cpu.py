@@ -49,7 +49,7 @@ INT4_GROUPS = (256, 128, 64, 32)  # the group widths _weight_int4pack_mm_for_cpu
 # above this many tokens per call: dequantize + dense GEMM, whose cost does not grow per token
 # (crossovers measured on 2048 x 5632, benchmarks/bench_cpu_kernels.py: int4 ~96, int8 ~40)
 PREFILL_TOKENS = {4: 96, 8: 32}
-NATIVE_PREFILL_TOKENS = 8  # compress's own int4 kernel (``native``): its crossover, measured the same way
+NATIVE_PREFILL_TOKENS = 16  # compress's own int4 kernel (``native``): its crossover with dequantize + GEMM, measured the same way
 COMPUTE_DTYPES = (torch.bfloat16,)  # fp16 activations run the int4 kernel ~40x slower (measured): reference there
 
 
@@ -412,6 +412,9 @@ def int8_linear(x: torch.Tensor, ci: CpuInt8, bias: torch.Tensor | None) -> torc
     y = acc · ws · xs (+ bias), in x.dtype (the reference's ``(acc · xs) · ws`` to float32
     rounding; for bf16 x, ``acc · ws`` is rounded to bf16 before ``· xs``), the epilogue in place."""
     xq, xs = _quantized(x)
+    if x.dtype == torch.bfloat16 and native.missing() is None:  # bf16 out of oneDNN, then one fused pass
+        y = native.scale_rows_(_qlinear(xq, ci, ci.scale, torch.bfloat16), xs, bias)
+        return y.reshape(*x.shape[:-1], ci.N)
     if x.dtype == torch.bfloat16:  # bf16 straight out of oneDNN: a third of the epilogue's bytes, one more bf16 rounding
         y = _qlinear(xq, ci, ci.scale, torch.bfloat16).mul_(xs.to(torch.bfloat16))
         return (y if bias is None else y.add_(bias.to(y.dtype))).reshape(*x.shape[:-1], ci.N)

@@ -10,7 +10,8 @@ products, float32 sums); and W8A8's per-token activation quantizer becomes one r
 
 * ``int4_linear``   W4A16 for decode (up to ``cpu.NATIVE_PREFILL_TOKENS`` tokens per call);
 * ``int4_dequant``  the bf16 weight for the prefill path's dense GEMM;
-* ``quantize_rows`` per-token int8 quantization of bf16 activations, bit for bit the reference's.
+* ``quantize_rows`` per-token int8 quantization of bf16 activations, bit for bit the reference's;
+* ``scale_rows_``   W8A8's epilogue (per-token scale and bias) in one pass.
 
 Layout of the codes: ``pack`` / ``unpack`` (documented in the C source). Needs Linux on x86-64
 with AVX-512 BW and BF16 (``/proc/cpuinfo``), and a C compiler (``$CC``, ``cc`` or ``gcc``) with
@@ -20,11 +21,14 @@ not; ``COMPRESS_CPU_NATIVE=0`` turns it off (torch's int4 kernel and quantizer r
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import mmap
 import os
 import platform
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -71,7 +75,7 @@ def _library() -> ctypes.CDLL | str:
         return str(e)
     p, i = ctypes.c_void_p, ctypes.c_int
     for name, args in (("compress_int4_linear", [p] * 7 + [i] * 7), ("compress_int4_dequant", [p] * 4 + [i] * 4),
-                       ("compress_quantize_rows_bf16", [p] * 3 + [i] * 4)):
+                       ("compress_quantize_rows_bf16", [p] * 3 + [i] * 4), ("compress_scale_rows_bf16", [p] * 3 + [i] * 4)):
         f = getattr(lib, name)
         f.restype, f.argtypes = i, args
     return lib
@@ -116,7 +120,59 @@ def pack(q: torch.Tensor, gs: int) -> torch.Tensor:
     if gs > full:
         r = q[:, :, full:].reshape(N, K // gs, 2, 16)
         parts.append(r[..., 0, :] | (r[..., 1, :] << 4))
-    return torch.cat(parts, dim=-1).reshape(N, K // 2).contiguous()
+    return huge_pages(torch.cat(parts, dim=-1).reshape(N, K // 2))
+
+
+HUGE_PAGE = 2 << 20
+ARENA_CHUNK = 64 << 20
+
+
+class _Arena:
+    """Bump allocation in 2 MiB-aligned private anonymous mappings advised for transparent huge
+    pages, ``ARENA_CHUNK`` (or one tensor's size) at a time. One mapping per tensor would leave
+    each tensor's unaligned head and tail on 4 KiB pages (a 2 MiB q_proj on none at all), and
+    aligning each mapping would fault a whole huge page past each tensor's end; packing the
+    layers back to back leaves one partial page per chunk. A chunk lives while any tensor in it
+    does (the tensors hold it)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.buf: mmap.mmap | None = None
+        self.start = self.used = self.cap = 0
+
+    def _grow(self, n: int) -> None:
+        cap = max(ARENA_CHUNK, -(-n // HUGE_PAGE) * HUGE_PAGE)
+        buf = mmap.mmap(-1, cap + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared anonymous memory is shmem: no THP
+        with contextlib.suppress(OSError):
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        self.buf, self.start, self.used, self.cap = buf, (-addr) % HUGE_PAGE, 0, cap
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.numel() * t.element_size()
+        with self.lock:
+            if self.buf is None or self.cap - self.used < n:
+                self._grow(n)
+            off = self.start + self.used
+            self.used += -(-n // 64) * 64
+            out = torch.frombuffer(self.buf, dtype=t.dtype, count=t.numel(), offset=off).view(t.shape)  # holds the mapping
+        out.copy_(t)
+        return out
+
+
+_arena = _Arena()
+
+
+def huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s copy in memory advised for transparent huge pages (``_Arena``; Linux, tensors of at
+    least 2 MiB; others are returned contiguous as they are). A decode step streams every code
+    once: with 4 KiB pages the page walks held one layer's GEMV at 12 GB/s, with 2 MiB pages it
+    reaches 15-17 GB/s (2048 x 5632, 2 threads; BENCHMARKS.md "Serving on the CPU"). Needs
+    /sys/kernel/mm/transparent_hugepage/enabled at ``madvise`` or ``always``; elsewhere the
+    advice is ignored and the copy is an ordinary one."""
+    if t.numel() * t.element_size() < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return t.contiguous()
+    return _arena.take(t)
 
 
 def unpack(p: torch.Tensor, gs: int) -> torch.Tensor:
@@ -170,3 +226,16 @@ def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty(T, 1, dtype=torch.float32)
     _check(lib.compress_quantize_rows_bf16(_ptr(x2), _ptr(q), _ptr(s), T, K, x2.stride(0), torch.get_num_threads()), "quantize_rows")
     return q, s
+
+
+def scale_rows_(y: torch.Tensor, rs: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """W8A8's epilogue in place: bf16 (M, N) ``y`` = y · rs[m] (+ bias), float32 math, one
+    rounding (``rs``: float32 (M, 1) per-token scales). Returns ``y``."""
+    lib = _lib()
+    M, N = y.shape
+    if y.stride(-1) != 1:
+        raise ValueError("scale_rows_ needs unit-stride rows")
+    r = rs.reshape(M).float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    _check(lib.compress_scale_rows_bf16(_ptr(y), _ptr(r), _ptr(b), M, N, y.stride(0), torch.get_num_threads()), "scale_rows")
+    return y

@@ -93,3 +93,26 @@ def test_turned_off_by_the_environment(monkeypatch):
     assert native.ENV in native.missing()
     with pytest.raises(UsageError, match=native.ENV):
         native.quantize_rows(torch.zeros(2, 32, dtype=torch.bfloat16))
+
+
+def test_huge_page_copies_hold_the_same_codes():
+    big = torch.randint(0, 256, (1536, 2048), dtype=torch.uint8)  # 3 MiB
+    h = native.huge_pages(big)
+    assert h.is_contiguous() and h.data_ptr() != big.data_ptr() and torch.equal(h, big)
+    small = torch.randint(0, 256, (16, 64), dtype=torch.uint8)
+    assert torch.equal(native.huge_pages(small), small)
+    # the packed layer of a real-sized layout lands there too, and still decodes exactly
+    q = torch.randint(0, 16, (1024, 4096), dtype=torch.uint8)
+    assert torch.equal(native.unpack(native.pack(q, 128), 128), q)
+
+
+@pytest.mark.parametrize("N", [40, 16, 7])
+@pytest.mark.parametrize("bias", [False, True])
+def test_epilogue_scales_rows_with_one_rounding(N, bias):
+    g = torch.Generator().manual_seed(N)
+    y = torch.randn(9, N, generator=g).to(torch.bfloat16)
+    rs = torch.rand(9, 1, generator=g) * 0.01
+    b = torch.randn(N, generator=g) if bias else None
+    want = torch.addcmul(b, y.float(), rs) if bias else y.float() * rs  # float32, one rounding to bf16 after
+    got = native.scale_rows_(y.clone(), rs, b)
+    assert torch.equal(got, want.to(torch.bfloat16))

@@ -15,7 +15,8 @@
  *    32-entry table repeats its 16 values and the low nibble needs no mask).
  *
  *    Threads split the output rows; a row's codes (K/2 bytes) stay in L1 while up to 4 token
- *    rows at a time read them, so M > 4 re-reads the codes from L1, not from memory.
+ *    rows at a time read them, so M > 4 re-reads the codes from L1, not from memory. The codes
+ *    are prefetched PREFETCH bytes ahead.
  *
  * 2. The dequantized weight (N, K) in bf16, rounded to nearest even from the exact float32
  *    (q - 8) * s + zt: the prefill path's dense GEMM operand.
@@ -57,6 +58,12 @@ static inline float from_bf16(uint16_t h) {
     return f;
 }
 
+/* Software prefetch distance in bytes of codes: the hardware prefetchers alone kept one decode
+ * stream at 6-9 GB/s from memory on the project's Xeon; 2 KB ahead (a few rows) reaches the
+ * bf16 GEMV's 20 GB/s (measured with 2 threads: 0 B 9.3, 512 B 15.5, 1 KB 18.0, 2 KB 20.0, 4 KB 19.9 GB/s).
+ * A prefetch past the end of the codes never faults. */
+#define PREFETCH 2048
+
 #define DP(acc, w, xp) (acc) = _mm512_dpbf16_ps((acc), (__m512bh)(w), (__m512bh)_mm512_loadu_si512(xp))
 
 /* One output row n against MB (1..4) token rows: out[m] = sum_g s_g * dot_g + sum_g zt_g * xsum[m][g]. */
@@ -67,39 +74,47 @@ static inline __attribute__((always_inline)) void row_dot(
     __m512 tot[4];
     float corr[4] = {0, 0, 0, 0};
     for (int m = 0; m < MB; m++) tot[m] = _mm512_setzero_ps();
-    int k = 0;
+    const uint8_t *wp = w;  /* this group's codes */
+    const uint16_t *xp[4];   /* this group's activations, per token row */
+    for (int m = 0; m < MB; m++) xp[m] = xr[m];
     for (int g = 0; g < G; g++) {
         __m512 a0[4], a1[4], a2[4], a3[4];
         for (int m = 0; m < MB; m++) a0[m] = a1[m] = a2[m] = a3[m] = _mm512_setzero_ps();
-        const int kend = k + gs;
-        for (; k + 128 <= kend; k += 128) { /* two chunks: four independent accumulator chains */
-            __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + k / 2)));
-            __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + k / 2 + 32)));
+        size_t j = 0; /* bytes into the group's codes; column 2 j */
+        const size_t half = (size_t)gs / 2;
+        for (; j + 64 <= half; j += 64) { /* two chunks: four independent accumulator chains */
+            _mm_prefetch((const char *)(wp + j + PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(wp + j + PREFETCH + 64), _MM_HINT_T0);
+            __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wp + j)));
+            __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wp + j + 32)));
             __m512i w0 = _mm512_permutexvar_epi16(b, tab), w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), tab);
             __m512i w2 = _mm512_permutexvar_epi16(c, tab), w3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(c, 4), tab);
             for (int m = 0; m < MB; m++) {
-                DP(a0[m], w0, xr[m] + k);
-                DP(a1[m], w1, xr[m] + k + 32);
-                DP(a2[m], w2, xr[m] + k + 64);
-                DP(a3[m], w3, xr[m] + k + 96);
+                const uint16_t *xk = xp[m] + 2 * j;
+                DP(a0[m], w0, xk);
+                DP(a1[m], w1, xk + 32);
+                DP(a2[m], w2, xk + 64);
+                DP(a3[m], w3, xk + 96);
             }
         }
-        if (k + 64 <= kend) {
-            __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + k / 2)));
+        if (j + 32 <= half) {
+            _mm_prefetch((const char *)(wp + j + PREFETCH), _MM_HINT_T0);
+            __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wp + j)));
             __m512i w0 = _mm512_permutexvar_epi16(b, tab), w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), tab);
             for (int m = 0; m < MB; m++) {
-                DP(a0[m], w0, xr[m] + k);
-                DP(a1[m], w1, xr[m] + k + 32);
+                DP(a0[m], w0, xp[m] + 2 * j);
+                DP(a1[m], w1, xp[m] + 2 * j + 32);
             }
-            k += 64;
+            j += 32;
         }
-        if (k < kend) { /* the half chunk: 32 columns in 16 bytes */
-            __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + k / 2)));
+        if (j < half) { /* the half chunk: 32 columns in 16 bytes */
+            __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wp + j)));
             __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
             __m512i w0 = _mm512_permutexvar_epi16(idx, tab);
-            for (int m = 0; m < MB; m++) DP(a2[m], w0, xr[m] + k);
-            k += 32;
+            for (int m = 0; m < MB; m++) DP(a2[m], w0, xp[m] + 2 * j);
         }
+        wp += half;
+        for (int m = 0; m < MB; m++) xp[m] += gs;
         const __m512 sv = _mm512_set1_ps(s[g]);
         for (int m = 0; m < MB; m++)
             tot[m] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(a0[m], a1[m]), _mm512_add_ps(a2[m], a3[m])), sv, tot[m]);
@@ -140,8 +155,13 @@ int compress_int4_linear(const uint16_t *x, const uint8_t *codes, const float *s
 #pragma omp parallel num_threads(nthreads)
     {
         const __m512i tab = code_table();
+        /* Each thread alternates between two distant rows (n and n + H): two memory streams
+         * at once read 15-30% faster than one (16.6 against 19.1-19.9 GB/s, 2 threads). */
+        const int H = (N + 1) / 2;
 #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
+        for (int i = 0; i < 2 * H; i++) {
+            const int n = i / 2 + (i % 2) * H;
+            if (n >= N) continue;
             const uint8_t *w = codes + (int64_t)n * (K / 2);
             const float *s = scales + (int64_t)n * G, *z = zt ? zt + (int64_t)n * G : NULL;
             for (int m0 = 0; m0 < M; m0 += 4) {
@@ -215,6 +235,27 @@ int compress_quantize_rows_bf16(const uint16_t *x, int8_t *q, float *scale, int 
             float v = nearbyintf(from_bf16(r[k]) / safe);
             o[k] = (int8_t)(v > 127.f ? 127 : v < -127.f ? -127 : v);
         }
+    }
+    return 0;
+}
+
+/* W8A8's epilogue, in place: y[m, n] = bf16(y[m, n] * rs[m] (+ bias[n])), y bf16 (M, ld), rs
+ * float32 (M) (the per-token activation scales), bias float32 (N) or NULL: one float32 product
+ * (and sum), rounded once to nearest even, in one pass over y. */
+int compress_scale_rows_bf16(uint16_t *y, const float *rs, const float *bias, int M, int N, int ld, int nthreads)
+{
+    if (M < 0 || N < 0 || ld < N || nthreads < 1) return -1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int m = 0; m < M; m++) {
+        uint16_t *r = y + (int64_t)m * ld;
+        const __m512 sv = _mm512_set1_ps(rs[m]);
+        int n = 0;
+        for (; n + 16 <= N; n += 16) {
+            __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(r + n))), 16));
+            v = bias ? _mm512_fmadd_ps(v, sv, _mm512_loadu_ps(bias + n)) : _mm512_mul_ps(v, sv);
+            _mm256_storeu_si256((__m256i *)(r + n), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+        for (; n < N; n++) r[n] = to_bf16(bias ? from_bf16(r[n]) * rs[m] + bias[n] : from_bf16(r[n]) * rs[m]);
     }
     return 0;
 }
