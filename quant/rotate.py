@@ -16,9 +16,11 @@ when its weight is all ones, as ‖x R1‖ = ‖x‖):
   dimensions, so a head's output is rotated by the same R2).
 
 The rotations are randomized Hadamard matrices (``random_hadamard``): a random ±1 diagonal times
-a Walsh–Hadamard matrix of the largest power-of-two factor of the width, Kronecker a random
-orthogonal factor of the rest (576 = 64 × 9); Hadamard entries all have the same magnitude, so a
-weight's outliers are spread over all columns.
+a Hadamard matrix of the width, built as QuaRot does for widths that are not powers of two, from
+Sylvester's and Paley's constructions (576 = 4 · 12 · 12); for a width with no such form, the
+Walsh–Hadamard matrix of its largest power-of-two factor Kronecker a random orthogonal factor of
+the rest. Hadamard entries all have the same magnitude, so a weight's outliers are spread over
+all columns.
 
 Families: llama, mistral, qwen2, qwen3 (their fold points are the table below); others are
 refused (``check_family``).
@@ -60,6 +62,37 @@ def hadamard(n: int) -> torch.Tensor:
     return h / n**0.5
 
 
+PALEY_PRIMES = (11, 19, 43, 59)  # primes q = 3 (mod 4): Paley I gives Hadamard matrices of order q + 1 (12, 20, 44, 60)
+
+
+def paley(q: int) -> torch.Tensor:
+    """The (q+1) × (q+1) Hadamard matrix of Paley's first construction (q a prime, q = 3 mod 4),
+    unscaled (±1 entries): I + [[0, 1ᵀ], [-1, Q]] with Q[i, j] the quadratic character of j - i."""
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0] + [1 if d in squares else -1 for d in range(1, q)], dtype=torch.float64)
+    idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
+    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, chi[idx]
+    return s + torch.eye(q + 1, dtype=torch.float64)
+
+
+def full_hadamard(n: int) -> torch.Tensor | None:
+    """An n × n Hadamard matrix scaled to be orthogonal, where n = 2^k · (Paley orders, up to two
+    factors), e.g. 576 = 4 · 12 · 12, 3072 = 256 · 12, 5120 = 256 · 20: Kronecker products of
+    Sylvester's and Paley's matrices. None when n has no such form."""
+    orders = [1] + [q + 1 for q in PALEY_PRIMES]
+    for a in orders:
+        for b in orders:
+            rest = n // (a * b) if n % (a * b) == 0 else 0
+            if rest and not rest & (rest - 1):
+                h = hadamard(rest)
+                for q in (a, b):
+                    if q > 1:
+                        h = torch.kron(paley(q - 1) / q**0.5, h)
+                return h
+    return None
+
+
 def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     """A uniformly random n × n orthogonal matrix (QR of a Gaussian, signs fixed)."""
     q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
@@ -67,12 +100,15 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def random_hadamard(n: int, seed: int = 0) -> torch.Tensor:
-    """An n × n orthogonal matrix: diag(±1) · (H_{2^k} ⊗ Q_m), n = 2^k · m with m odd, H the
-    Walsh–Hadamard matrix, Q a random orthogonal m × m factor (none when m = 1)."""
+    """An n × n orthogonal matrix: diag(±1) · H_n where a Hadamard matrix of that order is built
+    here (``full_hadamard``), else diag(±1) · (H_{2^k} ⊗ Q_m), n = 2^k · m with m odd, H the
+    Walsh–Hadamard matrix, Q a random orthogonal m × m factor."""
     g = torch.Generator().manual_seed(seed)
     p = n & -n  # the largest power of two dividing n
     m = n // p
-    r = hadamard(p) if m == 1 else torch.kron(hadamard(p), random_orthogonal(m, g))
+    r = full_hadamard(n)
+    if r is None:
+        r = torch.kron(hadamard(p), random_orthogonal(m, g))
     signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
     return signs[:, None] * r
 

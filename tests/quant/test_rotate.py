@@ -13,7 +13,16 @@ from typer.testing import CliRunner
 from compress import api
 from compress.cli import app
 from compress.errors import UsageError
-from compress.quant.rotate import FAMILIES, UnsupportedFamily, check_family, hadamard, random_hadamard, rotate_state
+from compress.quant.rotate import (
+    FAMILIES,
+    UnsupportedFamily,
+    check_family,
+    full_hadamard,
+    hadamard,
+    paley,
+    random_hadamard,
+    rotate_state,
+)
 from compress.recipe import load_recipe
 
 
@@ -29,6 +38,28 @@ def test_hadamard_entries_have_one_magnitude():
     assert torch.allclose(h.abs(), torch.full_like(h, 1 / 8))
     with pytest.raises(ValueError):
         hadamard(12)
+
+
+@pytest.mark.parametrize("q", [11, 19, 43, 59])
+def test_paley_matrices_are_hadamard(q):
+    h = paley(q)
+    assert h.shape == (q + 1, q + 1) and bool((h.abs() == 1).all())
+    assert torch.equal(h @ h.T, (q + 1) * torch.eye(q + 1, dtype=h.dtype))
+
+
+@pytest.mark.parametrize("n", [576, 3072, 5120, 96, 12 * 20 * 2])
+def test_full_hadamard_at_widths_that_are_not_powers_of_two(n):
+    h = full_hadamard(n)
+    assert torch.allclose(h @ h.T, torch.eye(n, dtype=h.dtype), atol=1e-12)
+    assert torch.allclose(h.abs(), torch.full_like(h, n**-0.5))  # every entry the same magnitude
+    r = random_hadamard(n, seed=1)
+    assert torch.allclose(r.abs(), torch.full_like(r, n**-0.5))  # the demo's 576 is a true Hadamard now
+
+
+def test_widths_without_a_hadamard_here_fall_back_to_an_orthogonal_factor():
+    assert full_hadamard(64 * 9 * 7) is None
+    r = random_hadamard(64 * 7, seed=2)
+    assert torch.allclose(r @ r.T, torch.eye(64 * 7, dtype=r.dtype), atol=1e-12)
 
 
 def _random_model(family):
