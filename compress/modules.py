@@ -234,6 +234,13 @@ def keep_dense(model: nn.Module, on: bool = True) -> int:
     return sum(bool(m.keep_dense(on)) for _, m in compressed_modules(model))
 
 
+def has_experts(config) -> bool:
+    """Whether a model config (object or dict) routes its MLPs to experts (MoE): a runtime's
+    rules for a scheme can depend on it (vLLM-CPU has no W4A16 MoE kernel)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    return any((get(k) or 0) > 0 for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+
+
 def runtimes_for(scheme: dict) -> list[str]:
     """The runtimes that read a layer stored with ``scheme`` (a ``read_quantization_config``
     group: its ``format`` picks the module type)."""

@@ -28,7 +28,7 @@ from compress.checkpoint.ggml_linear import GGMLLinear
 from compress.checkpoint.gguf import F16, F32, arch_for, hf_layer_type
 from compress.engine.observe import typical_energy
 from compress.errors import UsageError
-from compress.modules import TARGETS
+from compress.modules import TARGETS, has_experts
 from compress.passes import Pass, exclusive, matches_any, register
 from compress.utils import get_module
 
@@ -226,7 +226,9 @@ class _QuantPass(Pass):
         c = self.config
         kind = Int8Linear if getattr(c, "activations", None) is not None else QuantLinear
         g_idx = getattr(c, "act_order", False) and not getattr(c, "static_groups", True)
-        why = kind.refusal({"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric, "act_order": g_idx}, TARGETS[target])
+        moe = has_experts(job.model_config)
+        why = kind.refusal({"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric, "act_order": g_idx, "moe": moe},
+                           TARGETS[target])
         if why:
             raise UsageError(f"passes.{k}.{self.name}: export.target is {target}, and {why}")
 
@@ -242,8 +244,8 @@ class _QuantPass(Pass):
         if target is not None:
             c = self.config
             for w in sorted(set(c.widths)):
-                why = QuantLinear.refusal({"bits": w, "group_size": c.group_size, "symmetric": c.symmetric, "act_order": False},
-                                          TARGETS[target])
+                why = QuantLinear.refusal({"bits": w, "group_size": c.group_size, "symmetric": c.symmetric, "act_order": False,
+                                           "moe": has_experts(job.model_config)}, TARGETS[target])
                 if why:
                     raise UsageError(f"{where}: export.target is {target}, and the width {w} of widths {sorted(c.widths)}: {why}; "
                                      "set widths to ones it serves (e.g. [4, 8])")

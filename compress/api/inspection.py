@@ -14,7 +14,7 @@ from compress.checkpoint.source import (
     read_metadata,
     resolve_model,
 )
-from compress.modules import ALL_RUNTIMES, runtime_fields, runtimes_for
+from compress.modules import ALL_RUNTIMES, has_experts, runtime_fields, runtimes_for
 
 
 def _parameters(source: ModelSource, stored: dict, info: dict) -> int:
@@ -64,11 +64,12 @@ def inspect_checkpoint(path) -> dict:
         "quantized_layers": len(stored),
     }
     tied = bool(getattr(source.config, "tie_word_embeddings", False))  # a quantized embedding's rules depend on it
+    ctx = {"tied": tied, "moe": has_experts(source.config)}  # and W4A16's on vLLM-CPU, on MoE experts
     if source.quantized:
         qc = source.config.quantization_config
         qc = qc if isinstance(qc, dict) else qc.to_dict()
         out["format"] = qc.get("format")
-        out["schemes"] = [{**g, **runtime_fields({**g, "tied": tied}), "embedding": is_embedding_group(g)}
+        out["schemes"] = [{**g, **runtime_fields({**g, **ctx}), "embedding": is_embedding_group(g)}
                           for g in read_quantization_config(qc).values()]
         out["ignore"] = qc.get("ignore", [])
         emb = [g for g in out["schemes"] if g["embedding"]]
@@ -80,7 +81,7 @@ def inspect_checkpoint(path) -> dict:
     # wrote), or, for a checkpoint without that record, what its schemes allow
     rt = meta.get("runtimes")
     if rt is None:
-        loads = [r for r in ALL_RUNTIMES if all(r in runtimes_for({**g, "tied": tied}) for g in read_quantization_config(qc).values())] if source.quantized else list(ALL_RUNTIMES)
+        loads = [r for r in ALL_RUNTIMES if all(r in runtimes_for({**g, **ctx}) for g in read_quantization_config(qc).values())] if source.quantized else list(ALL_RUNTIMES)
         rt = {"loads": loads, "refuses": {}}
     out["runtimes"] = rt
     return out

