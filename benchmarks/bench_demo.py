@@ -91,6 +91,10 @@ CONFIGS = {
     "gptq-w4g64-emb4": ["passes.0.gptq.embeddings={bits: 4}"],  # + the tied embedding/lm_head at 4 bits g64 (GPTQ on the head's inputs)
     "gptq-w4g64-gen-full": ["calibration.data=generated", "calibration.generate.top_k=null", "calibration.generate.batch_size=64"],
     "gptq-w4g64-gen-hybrid": ["calibration.data=generated", "calibration.generate.greedy_first=4", "calibration.generate.batch_size=64"],
+    # issue 25: the rotation and the 4-bit embedding/lm_head together (rotate unties the head; both are quantized)
+    "rot-gptq-w4g64-emb4": ["passes=[{rotate: {}}, {gptq: {bits: 4, group_size: 64, symmetric: true, embeddings: {bits: 4}}}]"],
+    # issue 26: the rotation before GPTQ, calibrated on the generated text (the default sampling, cached)
+    "rot-gptq-w4g64-gen": ["passes=[{rotate: {}}, {gptq: {bits: 4, group_size: 64, symmetric: true}}]", "calibration.data=generated"],
     "gptq-w3g64-distill-gen": ["passes=[{gptq: {bits: 3, group_size: 64, symmetric: true}}, {distill: {}}]",
                                "calibration.data=generated"],
 }
