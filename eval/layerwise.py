@@ -49,14 +49,16 @@ FIT = 0.8
 
 class _Finished(nn.Module):
     """Stands in for every block in the head's forward: block 0 returns the batch's final hidden
-    states (``feed[0]``) in place of the embeddings it is given, the others pass them on."""
+    states (``feed[0]``) in place of the embeddings it is given, the others pass them on; as a
+    1-tuple where the real blocks return tuples (falcon, bloom: the model reads ``outputs[0]``)."""
 
-    def __init__(self, first: bool, feed: list):
+    def __init__(self, first: bool, feed: list, as_tuple: bool = False):
         super().__init__()
-        self.first, self.feed = first, feed
+        self.first, self.feed, self.as_tuple = first, feed, as_tuple
 
     def forward(self, hidden_states, *args, **kwargs):
-        return self.feed[0] if self.first else hidden_states
+        out = self.feed[0] if self.first else hidden_states
+        return (out,) if self.as_tuple else out
 
 
 def _param_names(model: nn.Module, module: nn.Module | None) -> set[str]:
@@ -95,13 +97,17 @@ def layerwise_perplexity(source: ModelSource, windows: torch.Tensor, batch_size:
     trim_heap()
 
     # 2. sweep: one block in memory at a time
+    as_tuple = False  # whether the blocks return tuples (the stand-ins below must too)
     for i, block in enumerate(blocks):
         prefix = f"{blocks_path}.{i}."
         replace_stored(model, source, {k: v for k, v in stored.items() if k.startswith(prefix)})
         materialize(block, prefix, source)
         keep_dense(block)  # each packed layer dequantized once for all the batches
         for b, (args, kwargs) in enumerate(inputs.kwargs[i]):
-            hidden[b] = first_output(block(hidden[b], *args, **kwargs)).detach().float()  # in place: the input is freed
+            out = block(hidden[b], *args, **kwargs)
+            as_tuple = isinstance(out, (tuple, list))
+            hidden[b] = first_output(out).detach().float()  # in place: the input is freed
+            del out
         keep_dense(block, on=False)  # the dense copies are no parameters: release would not free them
         release(block)
         trim_heap()
@@ -119,7 +125,7 @@ def layerwise_perplexity(source: ModelSource, windows: torch.Tensor, batch_size:
     feed: list = [None]
     originals = list(blocks)
     for i in range(n):
-        blocks[i] = _Finished(i == 0, feed)
+        blocks[i] = _Finished(i == 0, feed, as_tuple)
     nll = 0.0
     try:
         for b, x in enumerate(batches):

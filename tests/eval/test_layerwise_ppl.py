@@ -50,8 +50,9 @@ def _same(whole, lw):
 
 
 # llama and opt tie the head to the embeddings, qwen2 does not; gemma3 scales its embeddings and
-# alternates sliding-window and global layers (two rotary tables, two masks)
-@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "gemma3_text"])
+# alternates sliding-window and global layers (two rotary tables, two masks); falcon and bloom blocks
+# return tuples (the stand-ins in the head pass must too)
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "gemma3_text", "falcon", "bloom"])
 def test_layerwise_equals_whole_model_dense(family, tmp_path):
     _same(*_both(save_tiny(tmp_path / family, family)))
 
