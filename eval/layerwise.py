@@ -105,9 +105,7 @@ def layerwise_perplexity(source: ModelSource, windows: torch.Tensor, batch_size:
         keep_dense(block)  # each packed layer dequantized once for all the batches
         for b, (args, kwargs) in enumerate(inputs.kwargs[i]):
             out = block(hidden[b], *args, **kwargs)
-            as_tuple = isinstance(out, (tuple, list))
-            hidden[b] = first_output(out).detach().float()  # in place: the input is freed
-            del out
+            as_tuple, hidden[b] = isinstance(out, (tuple, list)), first_output(out).detach().float()  # the input is freed
         keep_dense(block, on=False)  # the dense copies are no parameters: release would not free them
         release(block)
         trim_heap()

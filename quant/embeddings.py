@@ -162,7 +162,8 @@ def check_embeddings(where: str, p, job) -> None:
         return
     name, emb = _plain_lookup(job.model, at)
     head = job.model.get_output_embeddings()
-    tied = head is not None and bool(getattr(job.model_config, "tie_word_embeddings", False))
+    rotated = any(getattr(q, "name", None) == "rotate" for q in job.passes[: job.passes.index(p)])  # it unties the head
+    tied = head is not None and bool(getattr(job.model_config, "tie_word_embeddings", False)) and not rotated
     widths = {name: emb.embedding_dim}
     if head is not None and not tied:
         widths[next(n for n, m in job.model.named_modules() if m is head)] = head.in_features

@@ -270,6 +270,17 @@ def tiny(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("emb_bad") / "llama", "llama")
 
 
+def test_a_rotation_first_unties_the_head_so_vllm_is_a_fine_target(tiny, tmp_path):
+    """`--rotate` unties a tied lm_head, so vLLM (which refuses a quantized embedding tied to its
+    head) serves the result: the preflight must judge the model the embeddings pass will see."""
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["quantize", str(tiny), "-o", str(out), "--group-size", "16", "--samples", "4", "--seq-len", "32",
+                            "--no-eval", "--rotate", "--embeddings", "4", "--target", "vllm"])
+    assert r.exit_code == 0, r.output
+    rt = json.loads((out / "compress.json").read_text())["runtimes"]
+    assert "vLLM" in rt["loads"] and not json.loads((out / "config.json").read_text())["tie_word_embeddings"]
+
+
 @pytest.mark.parametrize("extra,says", [
     (["--embeddings", "3"], "passes.0.gptq.embeddings.bits"),
     (["--embeddings", "4", "--set", "passes.0.gptq.embeddings.group_size=48"], "passes.0.gptq.embeddings.group_size: 48 does not divide"),
