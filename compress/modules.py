@@ -234,11 +234,21 @@ def keep_dense(model: nn.Module, on: bool = True) -> int:
     return sum(bool(m.keep_dense(on)) for _, m in compressed_modules(model))
 
 
+def _getter(config):
+    return config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+
+
 def has_experts(config) -> bool:
     """Whether a model config (object or dict) routes its MLPs to experts (MoE): a runtime's
     rules for a scheme can depend on it (vLLM-CPU has no W4A16 MoE kernel)."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    get = _getter(config)
     return any((get(k) or 0) > 0 for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+
+
+def runtime_context(config) -> dict:
+    """What of the model a scheme's runtime rules read besides the scheme (``refusal``'s spec):
+    ``tied`` (lm_head tied to the embedding: quantized embeddings) and ``moe`` (``has_experts``)."""
+    return {"tied": bool(_getter(config)("tie_word_embeddings", False)), "moe": has_experts(config)}
 
 
 def runtimes_for(scheme: dict) -> list[str]:

@@ -14,7 +14,7 @@ from compress.checkpoint.source import (
     read_metadata,
     resolve_model,
 )
-from compress.modules import ALL_RUNTIMES, has_experts, runtime_fields, runtimes_for
+from compress.modules import ALL_RUNTIMES, runtime_context, runtime_fields, runtimes_for
 
 
 def _parameters(source: ModelSource, stored: dict, info: dict) -> int:
@@ -63,8 +63,8 @@ def inspect_checkpoint(path) -> dict:
         "bits_per_parameter": round(bits / max(n_params, 1), 3),
         "quantized_layers": len(stored),
     }
-    tied = bool(getattr(source.config, "tie_word_embeddings", False))  # a quantized embedding's rules depend on it
-    ctx = {"tied": tied, "moe": has_experts(source.config)}  # and W4A16's on vLLM-CPU, on MoE experts
+    ctx = runtime_context(source.config)  # a quantized embedding's rules depend on tying, W4A16's on vLLM-CPU on experts
+    tied = ctx["tied"]
     if source.quantized:
         qc = source.config.quantization_config
         qc = qc if isinstance(qc, dict) else qc.to_dict()

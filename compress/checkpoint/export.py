@@ -75,8 +75,8 @@ from compress.modules import (
     COMPRESS,
     TRANSFORMERS,
     compressed_modules,
-    has_experts,
     quant_spec,
+    runtime_context,
     scheme_refusals,
 )
 from compress.utils import (
@@ -497,9 +497,9 @@ class Exporter:
         refuses = dict(self.refusals.get("refuses", {}))
         qc = cfg.get("quantization_config")
         if qc:
-            tied, moe = bool(cfg.get("tie_word_embeddings")), has_experts(cfg)
+            ctx = runtime_context(cfg)
             for scheme in read_quantization_config({**qc, "global_compression_ratio": None}).values():
-                for runtime, why in scheme_refusals({**scheme, "tied": tied, "moe": moe}).items():
+                for runtime, why in scheme_refusals({**scheme, **ctx}).items():
                     refuses.setdefault(runtime, {"why": why})
         for runtime in ALL_RUNTIMES:
             if self.factored and runtime != COMPRESS:
