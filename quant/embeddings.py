@@ -162,7 +162,7 @@ def check_embeddings(where: str, p, job) -> None:
         return
     name, emb = _plain_lookup(job.model, at)
     head = job.model.get_output_embeddings()
-    rotated = any(getattr(q, "name", None) == "rotate" for q in job.passes[: job.passes.index(p)])  # it unties the head
+    rotated = any("rotate" in q.effects for q in job.passes[: job.passes.index(p)])  # a rotation before unties the head
     tied = head is not None and bool(getattr(job.model_config, "tie_word_embeddings", False)) and not rotated
     widths = {name: emb.embedding_dim}
     if head is not None and not tied:
