@@ -17,7 +17,7 @@ from torch import nn
 
 from compress.checkpoint.formats import Int8Linear, QuantLinear
 from compress.checkpoint.packing import pack_int32
-from compress.kernels import cpu, record_kernel, reference
+from compress.kernels import cpu, native, record_kernel, reference
 from compress.utils import replace_linear, trim_heap
 
 
@@ -149,6 +149,9 @@ def to_cpu_kernels(model: nn.Module, dtype: torch.dtype, log=print) -> dict:
         if out["reference"]:
             reasons = sorted(set(out["reference"].values()))
             msg += f"; {len(out['reference'])} on the torch reference ({'; '.join(reasons)})"
+        on_torch = sum(isinstance(m, CpuQuantLinear) and m.cpu.bits == 4 and m.cpu.layout == "torch" for m in model.modules())
+        if on_torch:  # slower at decode than ours: say why ours does not run
+            msg += f"; {on_torch} 4-bit layers on torch's int4 kernel, not compress's ({native.missing()})"
         log(msg)
     return out
 

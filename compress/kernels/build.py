@@ -35,7 +35,7 @@ def compile_library(compiler: str, flags: list[str], source: Path, name: str, ou
     res = subprocess.run([compiler, *flags, "-o", tmp, str(source)], capture_output=True, text=True)
     if res.returncode:
         os.unlink(tmp)
-        tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-6:])
+        tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-6:]) or f"exit code {res.returncode}, no output"
         raise UsageError(f"{Path(compiler).name} could not build {source}: {tail}")
     os.replace(tmp, lib)
     return lib

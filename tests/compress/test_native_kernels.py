@@ -116,3 +116,25 @@ def test_epilogue_scales_rows_with_one_rounding(N, bias):
     want = torch.addcmul(b, y.float(), rs) if bias else y.float() * rs  # float32, one rounding to bf16 after
     got = native.scale_rows_(y.clone(), rs, b)
     assert torch.equal(got, want.to(torch.bfloat16))
+
+
+def test_a_load_without_our_kernel_says_which_int4_kernel_runs_and_why(monkeypatch):
+    from test_kernels import random_qlinear
+    from torch import nn
+
+    from compress.checkpoint.cpu_modules import to_cpu_kernels
+
+    monkeypatch.setattr(native, "missing", lambda: "no C compiler to build compress's CPU kernels (set $CC or install gcc)")
+    model = nn.Sequential(random_qlinear(32, 64, 4, 32, True, seed=1))
+    said: list[str] = []
+    out = to_cpu_kernels(model, torch.bfloat16, log=said.append)
+    assert out["converted"] == ["0"] and model[0].cpu.layout == "torch"
+    assert "1 4-bit layers on torch's int4 kernel, not compress's (no C compiler" in said[0]
+
+
+def test_a_failing_compiler_is_named_with_its_exit_code(tmp_path):
+    from compress.kernels.build import compile_library
+
+    with pytest.raises(UsageError, match="could not build .*exit code 1, no output"):
+        compile_library("false", [], native.SOURCE, "broken", out_dir=tmp_path)
+    assert not list(tmp_path.glob("*.so"))  # nothing half-written left in the cache
