@@ -84,6 +84,11 @@ CONFIGS = {
     # issue 25: QuaRot's randomized Hadamard rotations (R1 residual, R2 per head) fused before GPTQ
     "rot-gptq-w4g64": ["passes=[{rotate: {}}, {gptq: {bits: 4, group_size: 64, symmetric: true}}]"],
     "rot-gptq-w3g64": ["passes=[{rotate: {}}, {gptq: {bits: 3, group_size: 64, symmetric: true}}]"],
+    "rot-gptq-w3g64-asym": ["passes=[{rotate: {}}, {gptq: {bits: 3, group_size: 64, symmetric: false}}]"],
+    # GPTAQ's objective: each Linear's quantized outputs fit the original model's (objective: original)
+    "rot-gptq-w3g64-orig": ["passes=[{rotate: {}}, {gptq: {bits: 3, group_size: 64, symmetric: true, objective: original}}]"],
+    "rot-gptq-w3g64-asym-orig": ["passes=[{rotate: {}}, {gptq: {bits: 3, group_size: 64, symmetric: false, objective: original}}]"],
+    "rot-gptq-w4g64-orig": ["passes=[{rotate: {}}, {gptq: {bits: 4, group_size: 64, symmetric: true, objective: original}}]"],
     "rot-rtn-w4g64": ["passes=[{rotate: {}}, {rtn: {bits: 4, group_size: 64}}]"],
     "gptq-mixed35-g64": ["passes.0.gptq.bits=3.5"],  # mixed precision: widths 2/3/4/8 averaging 3.5 bits
     "rot-gptq-mixed35-g64": ["passes=[{rotate: {}}, {gptq: {bits: 3.5, group_size: 64, symmetric: true}}]"],

@@ -93,6 +93,21 @@ def activation_order(W: torch.Tensor, H: torch.Tensor, act_order: bool) -> tuple
     return W, H, perm
 
 
+def original_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weight whose outputs on the compressed model's inputs best match the *original* model's
+    outputs: argmin_V ‖XWᵀ − X̂Vᵀ‖² = W(C + λI)(H + λI)⁻¹, with H = X̂ᵀX̂, C = XᵀX̂ and the damping
+    λ = damp · mean(diag H) as a pull towards W (C = H gives W back). Since ‖XWᵀ − X̂Ŵᵀ‖² =
+    ‖X̂(W* − Ŵ)ᵀ‖² + const, GPTQ on W* with H minimises the distance to the original outputs:
+    earlier layers' errors are compensated where the inputs allow (GPTAQ's asymmetric calibration,
+    Li et al. 2025). float64; ``W`` (out, in)."""
+    n = H.shape[0]
+    lam = damp * float(torch.diagonal(H).double().mean().clamp_min(1e-12))
+    eye = torch.eye(n, dtype=torch.float64, device=H.device)
+    L = torch.linalg.cholesky(H.double() + lam * eye)
+    rhs = (C.double() + lam * eye).T @ W.double().T  # (in, out): (C + λI)ᵀ Wᵀ
+    return torch.cholesky_solve(rhs, L).T.to(W.dtype).contiguous()
+
+
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -104,14 +119,21 @@ def gptq_quantize(
     static_groups: bool = False,
     mask: torch.Tensor | None = None,
     name: str = "",
+    C: torch.Tensor | None = None,
 ) -> QuantResult:
     """Quantize ``W`` (out, in) given ``H`` (in, in) = Σ xxᵀ over calibration inputs.
 
     ``mask`` (out, in) bool, True = kept: weights already pruned stay exactly zero (their code is
-    the zero point) and the solver pushes the rounding error of the kept ones around them."""
+    the zero point) and the solver pushes the rounding error of the kept ones around them.
+    ``C`` (in, in) = Σ x·x̂ᵀ, the original model's inputs against these: quantize
+    ``original_target(W, H, C)`` instead of W (the original outputs as the target)."""
     out_f, in_f = W.shape
     if not check_group_size(in_f, scheme.group_size):
         raise ValueError(f"{name}: group_size {scheme.group_size} does not divide in_features {in_f}")
+    if C is not None:
+        W = original_target(W, H, C, damp)
+        if mask is not None:
+            W = W * mask
     W, H = prepare_hessian(W, H)  # copies: the caller's H is left as it was
     W, H, perm = activation_order(W, H, act_order)
     U, damp_used = inverse_cholesky(H, damp, name)  # damps H in place

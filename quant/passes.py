@@ -296,6 +296,11 @@ class GPTQConfig(QuantConfig):
     static_groups: bool = True
     block_size: int = Field(128, ge=1)  # columns per lazy-update block
     damp: float = Field(0.01, gt=0)  # λ = damp · mean(diag H); raised ×10 if H is not PD
+    # what each Linear's quantized outputs should match on the compressed model's inputs X̂: its
+    # own outputs there (propagated: ‖X̂(W − Ŵ)ᵀ‖, GPTQ's) or the original model's outputs
+    # (original: ‖XWᵀ − X̂Ŵᵀ‖, GPTAQ's asymmetric calibration; the original block runs alongside,
+    # about twice the calibration time)
+    objective: Literal["original", "propagated"] = "propagated"
 
 
 @register
@@ -304,7 +309,10 @@ class GPTQPass(_QuantPass):
 
     name = "gptq"
     Config = GPTQConfig
-    stats = ("hessian",)
+
+    @property
+    def stats(self):  # type: ignore[override]
+        return ("hessian", "xcov") if self.config.objective == "original" else ("hessian",)
 
     def head_solver(self):
         c = self.config  # static groups: a quantized table stores no g_idx
@@ -327,6 +335,7 @@ class GPTQPass(_QuantPass):
             static_groups=c.static_groups,
             mask=stats.get("mask"),  # an earlier pruning pass's zeros stay zeros
             name=full_name,
+            C=stats.get("xcov", {}).get("C"),
         )
         return self._module(module, res), {"damp": res.info["damp"], "group_size": res.scheme.group_size, "bits": res.scheme.bits}
 

@@ -422,3 +422,19 @@ def int8_linear(x: torch.Tensor, ci: CpuInt8, bias: torch.Tensor | None) -> torc
     if bias is not None:
         y.add_(bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], ci.N)
+
+
+def int8_gated_mlp(x: torch.Tensor, gate: CpuInt8, up: CpuInt8, down: CpuInt8, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A W8A8 gated MLP, ``down(SiLU(gate(x)) · up(x))`` (Llama's), in bf16 with compress's CPU
+    kernels: x quantized once for gate and up; their bf16 GEMM outputs go straight into
+    ``native.silu_mul_quant`` (SiLU, product and down's per-token quantization in one float32
+    pass, where the module path writes four bf16 intermediates); down's epilogue adds ``bias``.
+    Needs ``native.missing() is None`` and bf16 ``x``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = quantize_per_token(x2)
+    g = _qlinear(xq, gate, gate.scale, torch.bfloat16)
+    u = _qlinear(xq, up, up.scale, torch.bfloat16)
+    hq, hs = native.silu_mul_quant(g, u, xs)
+    del g, u
+    y = native.scale_rows_(_qlinear(hq, down, down.scale, torch.bfloat16), hs, bias)
+    return y.reshape(*x.shape[:-1], down.N)

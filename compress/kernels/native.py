@@ -11,7 +11,10 @@ products, float32 sums); and W8A8's per-token activation quantizer becomes one r
 * ``int4_linear``   W4A16 for decode (up to ``cpu.NATIVE_PREFILL_TOKENS`` tokens per call);
 * ``int4_dequant``  the bf16 weight for the prefill path's dense GEMM;
 * ``quantize_rows`` per-token int8 quantization of bf16 activations, bit for bit the reference's;
-* ``scale_rows_``   W8A8's epilogue (per-token scale and bias) in one pass.
+* ``scale_rows_``   W8A8's epilogue (per-token scale and bias) in one pass;
+* ``rms_norm``      Llama's RMSNorm on bf16 rows in one pass, transformers' two roundings;
+* ``silu_mul_quant`` a gated MLP's middle for W8A8: SiLU(gate) · up from the two GEMMs' outputs,
+                    quantized per token for down_proj, in one pass (no bf16 intermediates).
 
 Layout of the codes: ``pack`` / ``unpack`` (documented in the C source). Needs Linux on x86-64
 with AVX-512 BW and BF16 (``/proc/cpuinfo``), and a C compiler (``$CC``, ``cc`` or ``gcc``) with
@@ -75,7 +78,9 @@ def _library() -> ctypes.CDLL | str:
         return str(e)
     p, i = ctypes.c_void_p, ctypes.c_int
     for name, args in (("compress_int4_linear", [p] * 7 + [i] * 7), ("compress_int4_dequant", [p] * 4 + [i] * 4),
-                       ("compress_quantize_rows_bf16", [p] * 3 + [i] * 4), ("compress_scale_rows_bf16", [p] * 3 + [i] * 4)):
+                       ("compress_quantize_rows_bf16", [p] * 3 + [i] * 4), ("compress_scale_rows_bf16", [p] * 3 + [i] * 4),
+                       ("compress_silu_mul_quant_bf16", [p] * 5 + [i] * 5),
+                       ("compress_rms_norm_bf16", [p] * 3 + [i] * 4 + [ctypes.c_float, i])):
         f = getattr(lib, name)
         f.restype, f.argtypes = i, args
     return lib
@@ -239,3 +244,36 @@ def scale_rows_(y: torch.Tensor, rs: torch.Tensor, bias: torch.Tensor | None) ->
     b = None if bias is None else bias.float().contiguous()
     _check(lib.compress_scale_rows_bf16(_ptr(y), _ptr(r), _ptr(b), M, N, y.stride(0), torch.get_num_threads()), "scale_rows")
     return y
+
+
+def silu_mul_quant(g: torch.Tensor, u: torch.Tensor, rs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W8A8 gated MLP middle: bf16 (T, I) gate and up GEMM outputs before their per-token scale
+    ``rs`` (float32 (T, 1)) -> h = SiLU(g · rs) · (u · rs) in float32, quantized per token: int8
+    (T, I) codes and float32 (T, 1) scales (``reference.quantize_per_token``'s rule on h)."""
+    lib = _lib()
+    T, I = g.shape
+    if u.shape != g.shape or g.stride(-1) != 1 or u.stride(-1) != 1 or g.dtype != torch.bfloat16 or u.dtype != torch.bfloat16:
+        raise ValueError(f"silu_mul_quant needs two bf16 (T, I) tensors with unit-stride rows (got {tuple(g.shape)}, {tuple(u.shape)})")
+    r = rs.reshape(T).float().contiguous()
+    q = torch.empty(T, I, dtype=torch.int8)
+    s = torch.empty(T, 1, dtype=torch.float32)
+    _check(lib.compress_silu_mul_quant_bf16(_ptr(g), _ptr(u), _ptr(r), _ptr(q), _ptr(s), T, I, g.stride(0), u.stride(0),
+                                            torch.get_num_threads()), "silu_mul_quant")
+    return q, s
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm of bf16 ``x`` (..., K) with a bf16 ``weight`` (K): float32
+    ``x · rsqrt(mean(x²) + eps)`` rounded to bf16, times the weight rounded again, in one pass
+    per row (equal to transformers' up to the order of the float32 sum of squares)."""
+    lib = _lib()
+    K = x.shape[-1]
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.shape != (K,):
+        raise ValueError(f"rms_norm needs bf16 x (..., {K}) and a bf16 weight ({K},)")
+    x2 = x.reshape(-1, K)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    w = weight.contiguous()
+    y = torch.empty(x2.shape, dtype=torch.bfloat16)
+    _check(lib.compress_rms_norm_bf16(_ptr(x2), _ptr(w), _ptr(y), x2.shape[0], K, x2.stride(0), K, float(eps), torch.get_num_threads()),
+           "rms_norm")
+    return y.reshape(x.shape)

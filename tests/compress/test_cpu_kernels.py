@@ -3,6 +3,8 @@ a multiple of 128, groups of 32/64/128/per-channel, symmetric and asymmetric, ac
 and prefill-sized token counts; the converted modules give the export's tensors back exactly;
 compress.load keeps the demo's W4 export at its packed size in memory."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -244,3 +246,66 @@ def test_w8a8_in_inference_mode():
         y = a(x)
         x.mul_(3)
         assert not torch.equal(a(x), y)
+
+
+def _w8a8_tiny_llama(tmp_path):
+    """The tiny llama with every block Linear W8A8 (RTN int8 per channel), in bf16."""
+    from compress.quant.rtn import QuantScheme, rtn_quantize
+    from conftest import save_tiny
+    from transformers import AutoModelForCausalLM
+
+    from compress.utils import replace_linear
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "llama", "llama"), dtype=torch.bfloat16).eval()
+    scheme = QuantScheme(bits=8, group_size=-1, symmetric=True, observer="minmax")
+    for name, lin in [(n, m) for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)]:
+        replace_linear(model, name, Int8Linear.from_result(rtn_quantize(lin.weight.data.float(), scheme), lin.bias))
+    return model
+
+
+@pytest.mark.skipif(native.missing() is not None, reason=f"compress's CPU kernels unavailable: {native.missing()}")
+def test_w8a8_gated_mlps_are_fused_with_the_same_state_and_logits(tmp_path, monkeypatch):
+    from compress.checkpoint.cpu_modules import CpuGatedMLP, CpuRMSNorm
+
+    model = _w8a8_tiny_llama(tmp_path)
+    model.model.layers[1].mlp.act_fn = torch.nn.GELU()  # not SiLU: its MLP computes something else and stays unfused
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = copy.deepcopy(model).float()(ids).logits  # the float32 reference modules
+    logs = []
+    res = to_cpu_kernels(model, torch.bfloat16, log=logs.append)
+    layers = model.model.layers
+    assert res["fused_mlps"] == len(layers) - 1 and "gated MLPs fused" in logs[0]
+    assert res["norms"] == 2 * len(layers) + 1 and type(model.model.norm) is CpuRMSNorm and "RMSNorms in one pass" in logs[0]
+    assert type(layers[1].mlp) is not CpuGatedMLP and all(type(b.mlp) is CpuGatedMLP for i, b in enumerate(layers) if i != 1)
+    assert {k: v.shape for k, v in model.state_dict().items()} == keys
+    with torch.no_grad():
+        fused = model(ids).logits.float()
+        assert all(m.kernel == "cpu" for m in layers[0].mlp.children() if isinstance(m, CpuInt8Linear))
+        monkeypatch.setattr(CpuGatedMLP, "_fused", lambda self: False)  # the children one by one
+        unfused = model(ids).logits.float()
+    # the fused pass skips the module path's bf16 roundings: no farther from float32 than it
+    assert rel_err(fused, unfused) < 2e-2 and rel_err(fused, exact) <= 1.05 * rel_err(unfused, exact)
+
+
+@pytest.mark.skipif(native.missing() is not None, reason=f"compress's CPU kernels unavailable: {native.missing()}")
+def test_an_rmsnorm_with_another_formula_keeps_its_own():
+    from compress.checkpoint.cpu_modules import CpuRMSNorm, fuse_norms
+
+    class OnePlusRMSNorm(torch.nn.Module):  # Gemma's: x · (1 + w)
+        def __init__(self, K):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(K, dtype=torch.bfloat16))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    model = torch.nn.Sequential(OnePlusRMSNorm(64), LlamaRMSNorm(64).to(torch.bfloat16))
+    assert fuse_norms(model) == 1 and type(model[0]) is OnePlusRMSNorm and type(model[1]) is CpuRMSNorm
+    x = torch.randn(3, 64)
+    assert torch.equal(model[1](x), LlamaRMSNorm(64).to(torch.bfloat16)(x))  # float32 input: transformers' formula, exactly

@@ -138,3 +138,72 @@ def test_a_failing_compiler_is_named_with_its_exit_code(tmp_path):
     with pytest.raises(UsageError, match="could not build .*exit code 1, no output"):
         compile_library("false", [], native.SOURCE, "broken", out_dir=tmp_path)
     assert not list(tmp_path.glob("*.so"))  # nothing half-written left in the cache
+
+
+@pytest.mark.parametrize("T,I", [(1, 1001), (3, 16), (17, 7), (5, 5632)])
+def test_silu_mul_quant_equals_the_float64_rule(T, I):
+    """SiLU(g·rs)·(u·rs) quantized per token: the scale to float32 precision and every code the
+    float64 rule's (the float32 pass differs from float64 only far below a code's half step)."""
+    g = torch.Generator().manual_seed(T * I)
+    gate = (torch.randn(T, I, generator=g) * 4).to(torch.bfloat16)
+    up = torch.randn(T, I, generator=g).to(torch.bfloat16)
+    rs = torch.rand(T, 1, generator=g) + 0.25
+    if T > 1:
+        gate[1] = 0  # an all-zero row: scale 0, codes 0, no NaN
+    q, s = native.silu_mul_quant(gate, up, rs)
+    gd, ud = gate.double() * rs.double(), up.double() * rs.double()
+    h = gd * torch.sigmoid(gd) * ud
+    sref = h.abs().amax(1, keepdim=True) / 127
+    qref = (h / torch.where(sref > 0, sref, torch.ones_like(sref))).round().clamp(-127, 127)
+    torch.testing.assert_close(s.double(), sref, rtol=1e-6, atol=0)
+    near_half = ((h / sref.clamp_min(1e-30)).abs().frac() - 0.5).abs() < 1e-4  # ties the float32 pass may round the other way
+    assert torch.equal(q.double()[~near_half], qref[~near_half]) and (q.double() - qref).abs().max() <= 1
+    with pytest.raises(ValueError, match="bf16"):
+        native.silu_mul_quant(gate.float(), up, rs)
+
+
+def test_fused_gated_mlp_equals_the_reference_composition():
+    """cpu.int8_gated_mlp against down(SiLU(gate(x))·up(x)) of the reference int8 linears in
+    float32, on odd widths (K = 200, I = 333) and 1, 17 tokens."""
+    from compress.checkpoint.formats import Int8Linear
+    from compress.kernels import cpu
+
+    def layer(N, K, seed, bias=False):
+        gen = torch.Generator().manual_seed(seed)
+        m = Int8Linear(K, N, bias=bias)
+        m.weight.copy_(torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8))
+        m.weight_scale.copy_((torch.rand(N, 1, generator=gen) * 0.01 + 1e-3).to(m.weight_scale.dtype))
+        if bias:
+            m.bias.data.copy_(torch.randn(N, generator=gen))
+        return m
+
+    K, I = 200, 333
+    gate, up, down = layer(I, K, 1), layer(I, K, 2), layer(K, I, 3, bias=True)
+    for T in (1, 17):
+        x = torch.randn(T, K, generator=torch.Generator().manual_seed(T)).to(torch.bfloat16)
+        ref = lambda m, v: reference.int8_linear(v, m.weight, m.weight_scale, m.bias)
+        xf = x.float()
+        want = ref(down, torch.nn.functional.silu(ref(gate, xf)) * ref(up, xf))
+        got = cpu.int8_gated_mlp(x, *(cpu.build_int8(m.weight, m.weight_scale) for m in (gate, up, down)), down.bias)
+        assert got.dtype == torch.bfloat16 and got.shape == (T, K)
+        assert ((got.float() - want).norm() / want.norm()) < 8e-3
+
+
+@pytest.mark.parametrize("K", [2048, 576, 37, 16])
+def test_rms_norm_is_transformers_within_one_rounding(K):
+    """native.rms_norm against transformers' LlamaRMSNorm on the same bf16 input: at most one bf16
+    step apart (the float32 sum of squares in another order), almost always equal."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(K)
+    norm = LlamaRMSNorm(K, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(K, generator=g) * 0.3 + 1)
+        x = (torch.randn(301, K, generator=g) * 3).to(torch.bfloat16)
+        x[7] = 0  # eps keeps a zero row finite
+        want = norm(x).float()
+    got = native.rms_norm(x, norm.weight, norm.variance_epsilon).float()
+    assert (got - want).abs().le(want.abs() * 2.0**-7).all() and (got != want).float().mean() < 1e-3
+    strided = torch.zeros(301, K + 5, dtype=torch.bfloat16)
+    strided[:, :K] = x
+    assert torch.equal(native.rms_norm(strided[:, :K], norm.weight, norm.variance_epsilon).float(), got)

@@ -95,3 +95,35 @@ def test_static_groups_keep_natural_grouping_and_beat_rtn():
         assert torch.equal(res.scale[:, g], s)
     rtn = rtn_quantize(W, scheme).dequantize()
     assert _out_err(X, W, res.dequantize()) < 0.8 * _out_err(X, W, rtn)
+
+
+def test_original_target_is_the_least_squares_fit_to_the_original_outputs():
+    """original_target(W, H, C) = argmin_V ‖XWᵀ − X̂Vᵀ‖ (lstsq on the data, damping → 0)."""
+    from compress.quant.gptq import original_target
+
+    X = _calib(1024, 24, seed=3).double()
+    X_hat = X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    W = torch.randn(10, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    want = torch.linalg.lstsq(X_hat, X @ W.T).solution.T
+    got = original_target(W, X_hat.T @ X_hat, X.T @ X_hat, damp=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+    same = original_target(W, X_hat.T @ X_hat, X_hat.T @ X_hat, damp=0.01)  # C = H: W itself
+    torch.testing.assert_close(same, W, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_original_objective_gets_closer_to_the_original_outputs(bits):
+    """GPTQ with C (the original model's inputs X against the compressed model's X̂) lands nearer
+    the original outputs XWᵀ than GPTQ on X̂ alone, on the same data."""
+    X = _calib(2048, 64, seed=6)
+    X_hat = X + 0.25 * X.std() * torch.randn(X.shape, generator=torch.Generator().manual_seed(7))
+    W = torch.randn(48, 64, generator=torch.Generator().manual_seed(8))
+    scheme = QuantScheme(bits=bits, group_size=16, symmetric=True)
+    H, C = X_hat.T @ X_hat, X.T @ X_hat
+    plain = gptq_quantize(W, H, scheme, act_order=True, static_groups=True).dequantize()
+    orig = gptq_quantize(W, H, scheme, act_order=True, static_groups=True, C=C).dequantize()
+
+    def err(Wq):
+        return ((X @ W.T - X_hat @ Wq.T) ** 2).sum().item()
+
+    assert err(orig) < 0.9 * err(plain)

@@ -30,6 +30,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline __m512i code_table(void) {
@@ -256,6 +257,108 @@ int compress_scale_rows_bf16(uint16_t *y, const float *rs, const float *bias, in
             _mm256_storeu_si256((__m256i *)(r + n), (__m256i)_mm512_cvtneps_pbh(v));
         }
         for (; n < N; n++) r[n] = to_bf16(bias ? from_bf16(r[n]) * rs[m] + bias[n] : from_bf16(r[n]) * rs[m]);
+    }
+    return 0;
+}
+
+/* e^x for float32 lanes: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact to a
+ * float's precision), e^r by its degree-7 Taylor-like minimax polynomial (Cephes' expf
+ * coefficients, relative error ~1e-7), times 2^n by VSCALEFPS. x is clamped to [-87.3, 88.7]. */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 load_bf16_mask(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+/* A gated MLP's middle for W8A8, in one pass per token row: h = silu(g · rs) · (u · rs), float32,
+ * from the gate and up GEMMs' bf16 outputs g, u (T, I; rows ldg, ldu apart) and the per-token
+ * scales rs (T) of their int8 input; then h quantized per token like compress_quantize_rows_bf16:
+ * scale[t] = max|h| / 127, q = round-half-even(h / scale) clamped to ±127. The row of h lives in a
+ * per-thread float buffer of I floats (I * 4 bytes: in L2 for the widths served). */
+int compress_silu_mul_quant_bf16(const uint16_t *g, const uint16_t *u, const float *rs, int8_t *q, float *scale,
+                                 int T, int I, int ldg, int ldu, int nthreads)
+{
+    if (T < 0 || I <= 0 || ldg < I || ldu < I || nthreads < 1) return -1;
+    int bad = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *h = (float *)aligned_alloc(64, ((size_t)I + 15) / 16 * 64); /* whole 16-lane chunks */
+        if (!h) {
+#pragma omp atomic write
+            bad = 1;
+        }
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++) {
+            if (!h) continue;
+            const uint16_t *gr = g + (int64_t)t * ldg, *ur = u + (int64_t)t * ldu;
+            const float s = rs[t];
+            const __m512 sv = _mm512_set1_ps(s), one = _mm512_set1_ps(1.0f);
+            __m512 mx = _mm512_setzero_ps();
+            for (int k = 0; k < I; k += 16) {
+                const __mmask16 m = I - k >= 16 ? 0xFFFF : (__mmask16)((1u << (I - k)) - 1);
+                const __m512 gv = _mm512_mul_ps(load_bf16_mask(gr + k, m), sv), uv = _mm512_mul_ps(load_bf16_mask(ur + k, m), sv);
+                const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+                const __m512 v = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), uv);
+                _mm512_store_ps(h + k, v); /* lanes past I: 0 (masked loads), inside the padded buffer */
+                mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+            }
+            const float xs = _mm512_reduce_max_ps(mx) / 127.0f, safe = xs > 0.f ? xs : 1.0f;
+            scale[t] = xs;
+            int8_t *o = q + (int64_t)t * I;
+            const __m512 dv = _mm512_set1_ps(safe);
+            const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+            for (int k = 0; k < I; k += 16) {
+                const __mmask16 m = I - k >= 16 ? 0xFFFF : (__mmask16)((1u << (I - k)) - 1);
+                __m512i i = _mm512_cvt_roundps_epi32(_mm512_div_ps(_mm512_load_ps(h + k), dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                _mm512_mask_cvtepi32_storeu_epi8(o + k, m, _mm512_min_epi32(_mm512_max_epi32(i, lo), hi));
+            }
+        }
+        free(h);
+    }
+    return bad ? -2 : 0;
+}
+
+/* Llama's RMSNorm on bf16 rows, as transformers computes it (LlamaRMSNorm and its copies):
+ * r = 1 / sqrt(mean(x²) + eps) in float32, h = bf16(x · r), y = bf16(w · h): the same two
+ * roundings, one read of x and one write of y per row (transformers: five passes through float32
+ * copies). Only the order of the float32 sum of squares differs. x, y (T, K) rows ldx, ldy apart;
+ * w (K) bf16. */
+int compress_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int T, int K, int ldx, int ldy, float eps, int nthreads)
+{
+    if (T < 0 || K <= 0 || ldx < K || ldy < K || nthreads < 1) return -1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int t = 0; t < T; t++) {
+        const uint16_t *r = x + (int64_t)t * ldx;
+        uint16_t *o = y + (int64_t)t * ldy;
+        __m512 ss = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) {
+            const __mmask16 m = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            const __m512 v = load_bf16_mask(r + k, m);
+            ss = _mm512_fmadd_ps(v, v, ss);
+        }
+        const float var = _mm512_reduce_add_ps(ss) / (float)K + eps;
+        const float inv = 1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(var)));
+        const __m512 iv = _mm512_set1_ps(inv);
+        for (int k = 0; k < K; k += 16) {
+            const __mmask16 m = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(load_bf16_mask(r + k, m), iv));
+            const __m512 hv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            const __m256i out = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(hv, load_bf16_mask(w + k, m)));
+            _mm256_mask_storeu_epi16(o + k, m, out);
+        }
     }
     return 0;
 }
