@@ -563,7 +563,7 @@ def fmt_rate(r, base) -> str:
 def table(results: list[dict]) -> str:
     base = {}
     for r in results:
-        if r["model"] == "bf16" and "error" not in r:
+        if r["model"] == "bf16" and "error" not in r and r["runtime"] != "compress":  # the original in plain transformers (or vLLM)
             base[(r["runtime"] if r["runtime"] == "vllm" else "hf", r["batch"])] = r
     hdr = ["model", "runtime", "kernel", "B", "prefill tok/s (x bf16)", "decode tok/s (x bf16)", "bytes limit",
            "weights/token", "RSS load", "peak RSS"]
@@ -594,8 +594,9 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=["demo", "1b", "tiny"], default="tiny")
     ap.add_argument("--models", nargs="+", choices=ALL_MODELS, default=ALL_MODELS, help="default: all")
-    ap.add_argument("--runtimes", nargs="+", choices=["ours", "vllm"], default=["ours", "vllm"],
-                    help="ours: bf16 in plain transformers, exports in compress.load; vllm: vLLM-CPU")
+    ap.add_argument("--runtimes", nargs="+", choices=["ours", "vllm", "compress"], default=["ours", "vllm"],
+                    help="ours: bf16 in plain transformers, exports in compress.load; vllm: vLLM-CPU; "
+                         "compress: every model in compress.load, the bf16 original too (what our runtime's own ops give it)")
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence (P)")
     ap.add_argument("--new", type=int, default=32, help="new tokens per sequence (N)")
@@ -619,9 +620,9 @@ def _run_plan(args, paths: dict, bytes_: dict, vpy, prelude) -> list[dict]:
     bf16_tok = bytes_["bf16"]["per_token"]
     results = []
     plan = [(m, rt, b) for rt in args.runtimes for m in args.models if m in paths for b in args.batch
-            if not (rt == "vllm" and vpy is None)]
+            if not (rt == "vllm" and vpy is None) and not (rt == "compress" and m != "bf16" and "ours" in args.runtimes)]
     for i, (m, rt, b) in enumerate(plan, 1):
-        runtime = "vllm" if rt == "vllm" else ("transformers" if m == "bf16" else "compress")
+        runtime = "vllm" if rt == "vllm" else ("transformers" if m == "bf16" and rt == "ours" else "compress")
         spec = {"runtime": runtime, "path": str(paths[m]), "batch": b, "prompt": args.prompt, "new": args.new,
                 "repeats": args.repeats, "threads": args.threads, "kernel": args.kernel,
                 "prelude": prelude, "kv_gib": args.vllm_kv_gib}

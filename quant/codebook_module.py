@@ -13,9 +13,10 @@ Buffers (the state_dict is what the exporter writes):
 ``compress.json`` lists the codebook layers under ``codebook.layers`` ({name: {bits, in_features}},
 ``codebook_metadata`` writes the section) with the packing; ``stored_layers`` and
 ``from_checkpoint`` read it. No compressed-tensors or GGUF format stores codebooks: only our
-runtime (``compress.load``) reads these layers. The forward is the lookup-dequantize
-``tables.gather(codes)`` then a matmul (the torch reference; the dequantized weight is kept between
-forwards under ``keep_dense``).
+runtime (``compress.load``) reads these layers. The forward: on CUDA, the Triton lookup-dequantize
+GEMM (``compress.kernels.triton_codebook``: the codes read as exported, each table entry gathered
+in the kernel); elsewhere the torch reference, ``tables.gather(codes)`` then a matmul (the
+dequantized weight kept between forwards under ``keep_dense``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 from torch import nn
 
 from compress.checkpoint.source import read_metadata
-from compress.errors import InputError
+from compress.errors import InputError, UsageError
+from compress.kernels import missing, record_kernel
 from compress.kernels.reference import cache_dense, wna16_linear
 from compress.modules import COMPRESS, CompressedLinear, register_module_type
 
@@ -88,7 +90,26 @@ class CodebookLinear(CompressedLinear):
         return self.weight_tables.float().gather(1, self.codes().long())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._on_triton(x):
+            self.kernel = record_kernel("triton")
+            from compress.kernels.triton_codebook import codebook_gemm
+
+            y = codebook_gemm(x.reshape(-1, self.in_features), self.weight_codes, self.weight_tables, self.bits, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        self.kernel = record_kernel("torch")
         return wna16_linear(x, self)  # the looked-up weight (kept between calls under keep_dense), then a matmul
+
+    def _on_triton(self, x: torch.Tensor) -> bool:
+        """The Triton lookup-dequantize GEMM on CUDA tensors (automatic) or where ``backend`` is
+        'triton' (the CPU under TRITON_INTERPRET=1: the tests); the torch reference under
+        ``keep_dense``, on the CPU by default, and for ``backend='torch'``."""
+        backend = getattr(self, "backend", None)
+        if self.__dict__.get("_keep_dense") or backend not in (None, "triton") or (backend is None and x.device.type != "cuda"):
+            return False
+        why = missing("triton", x.device, op="codebook")
+        if why and backend == "triton":
+            raise UsageError(f"kernel backend 'triton' cannot run codebook layers here: {why}")
+        return why is None
 
     # the compressed-module protocol (compress.modules)
     def dense_weight(self) -> torch.Tensor:

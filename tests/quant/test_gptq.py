@@ -127,3 +127,34 @@ def test_original_objective_gets_closer_to_the_original_outputs(bits):
         return ((X @ W.T - X_hat @ Wq.T) ** 2).sum().item()
 
     assert err(orig) < 0.9 * err(plain)
+
+
+def test_cli_objective_original_runs_end_to_end_and_bad_values_exit_2(tmp_path):
+    """`compress quantize --objective original` puts `objective: original` in the gptq pass (the
+    engine then runs the original block beside the compressed one for the paired statistic) and
+    exports; an unknown objective is exit 2 naming the field, before any work."""
+    import json
+
+    from conftest import save_tiny
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+
+    tiny = save_tiny(tmp_path / "llama", "llama")
+    out = tmp_path / "out"
+    args = ["quantize", str(tiny), "-o", str(out), "--bits", "3", "--group-size", "16", "--samples", "4", "--seq-len", "32", "--no-eval"]
+    r = CliRunner().invoke(app, [*args, "--objective", "original"])
+    assert r.exit_code == 0, r.output
+    assert "objective: original" in (out / "recipe.yaml").read_text()
+    assert json.loads((out / "report.json").read_text())["export"]["bits_per_parameter"] > 0
+    plain = tmp_path / "plain"
+    assert CliRunner().invoke(app, [*args[:3], str(plain), *args[4:]]).exit_code == 0
+    from safetensors.torch import load_file
+
+    a, b = (load_file(next(iter(sorted(d.glob("*.safetensors"))))) for d in (out, plain))
+    codes = [k for k in a if k.endswith("weight_packed")]
+    # the first block's inputs are the same in both models; later blocks fit the original outputs
+    assert codes and any(not torch.equal(a[k], b[k]) for k in codes)
+    bad = tmp_path / "bad"
+    r = CliRunner().invoke(app, [*args[:3], str(bad), *args[4:], "--objective", "teacher"])
+    assert r.exit_code == 2 and "objective" in r.output and not bad.exists(), r.output
