@@ -89,6 +89,8 @@ CONFIGS = {
     "rot-gptq-w3g64-orig": ["passes=[{rotate: {}}, {gptq: {bits: 3, group_size: 64, symmetric: true, objective: original}}]"],
     "rot-gptq-w3g64-asym-orig": ["passes=[{rotate: {}}, {gptq: {bits: 3, group_size: 64, symmetric: false, objective: original}}]"],
     "rot-gptq-w4g64-orig": ["passes=[{rotate: {}}, {gptq: {bits: 4, group_size: 64, symmetric: true, objective: original}}]"],
+    # SpQR-style outliers: 0.5% of each Linear's weights (per column, the worst rounded) kept in bf16 beside the codes
+    "gptq-w3g64-out05": ["passes=[{gptq: {bits: 3, group_size: 64, symmetric: true, outliers: 0.005}}]"],
     "rot-rtn-w4g64": ["passes=[{rotate: {}}, {rtn: {bits: 4, group_size: 64}}]"],
     "gptq-mixed35-g64": ["passes.0.gptq.bits=3.5"],  # mixed precision: widths 2/3/4/8 averaging 3.5 bits
     "rot-gptq-mixed35-g64": ["passes=[{rotate: {}}, {gptq: {bits: 3.5, group_size: 64, symmetric: true}}]"],

@@ -364,7 +364,7 @@ def dump_recipe(recipe: Recipe) -> str:
 # choices; their help text is the option's help.
 
 _WEIGHTS = ("bits", "group_size", "symmetric")  # the weight format of the int quantizers
-_GPTQ_ORDER = ("act_order", "static_groups", "objective")
+_GPTQ_ORDER = ("act_order", "static_groups", "objective", "outliers")
 _EMB = ("embeddings",)  # the last quantizer of a method also quantizes the token embedding and lm_head (--embeddings)
 _PRUNE = ("sparsity", "pattern", "allocation", "owl_lambda", "owl_m")
 _LOWRANK = ("reduction", "allocation", "rank")

@@ -40,11 +40,17 @@ class ColumnRounder:
     SparseGPT's joint sparse + quantized mode, which calls it for the columns it keeps."""
 
     def __init__(self, W: torch.Tensor, perm: torch.Tensor, scheme: QuantScheme, static_groups: bool,
-                 fit_on: torch.Tensor | None = None):
+                 fit_on: torch.Tensor | None = None, outliers: int = 0, outlier_dtype: torch.dtype = torch.bfloat16):
         """``fit_on`` (out, in), visiting order: the weights static groups are fitted on (default
-        ``W``; SparseGPT's joint mode passes the pruned weights, whose range the kept ones have)."""
+        ``W``; SparseGPT's joint mode passes the pruned weights, whose range the kept ones have).
+        ``outliers``: per column, that many weights with the largest rounding error are kept
+        instead, in ``outlier_dtype`` (SpQR's outliers; the error feedback sees the kept value)."""
         out_f, in_f = W.shape
         self.scheme, self.perm, self.static = scheme, perm, static_groups
+        self.k, self.outlier_dtype = outliers, outlier_dtype
+        if outliers:
+            self.out_rows = torch.zeros(in_f, outliers, dtype=torch.int64)  # row j: the column visited j-th
+            self.out_vals = torch.zeros(in_f, outliers)
         self.gw = scheme.group_width(in_f)
         G = scheme.groups(in_f)
         # kept transposed, (G, out) and (in, out), so the per-column reads and writes are contiguous
@@ -70,7 +76,13 @@ class ColumnRounder:
         if keep is not None:
             c = torch.where(keep, c, z)
         self.codes[j] = c
-        return (c - z) * s
+        deq = (c - z) * s
+        if self.k:
+            top = torch.topk((w - deq).abs(), self.k).indices
+            kept = w[top].to(self.outlier_dtype).float()
+            deq[top] = kept
+            self.out_rows[j], self.out_vals[j] = top, kept
+        return deq
 
     def result(self, act_order: bool, info: dict) -> QuantResult:
         invperm = torch.argsort(self.perm)
@@ -82,6 +94,7 @@ class ColumnRounder:
             scheme=self.scheme,
             act_order=act_order and not self.static,  # only then is g_idx needed
             info=info,
+            outliers=(self.out_rows[invperm], self.out_vals[invperm]) if self.k else None,
         )
 
 
@@ -120,13 +133,21 @@ def gptq_quantize(
     mask: torch.Tensor | None = None,
     name: str = "",
     C: torch.Tensor | None = None,
+    outliers: int = 0,
+    outlier_dtype: torch.dtype = torch.bfloat16,
 ) -> QuantResult:
     """Quantize ``W`` (out, in) given ``H`` (in, in) = Σ xxᵀ over calibration inputs.
 
     ``mask`` (out, in) bool, True = kept: weights already pruned stay exactly zero (their code is
     the zero point) and the solver pushes the rounding error of the kept ones around them.
     ``C`` (in, in) = Σ x·x̂ᵀ, the original model's inputs against these: quantize
-    ``original_target(W, H, C)`` instead of W (the original outputs as the target)."""
+    ``original_target(W, H, C)`` instead of W (the original outputs as the target).
+    ``outliers``: per input column, the ``outliers`` weights whose rounding error is largest stay
+    unquantized (in ``outlier_dtype``), and the result's ``outliers`` holds them: (rows, values),
+    each (in, outliers), column j's kept rows and values (SpQR's dense-and-sparse, with a fixed
+    count per column)."""
+    if outliers and mask is not None:
+        raise ValueError(f"{name}: outliers and a pruning mask together are not supported")
     out_f, in_f = W.shape
     if not check_group_size(in_f, scheme.group_size):
         raise ValueError(f"{name}: group_size {scheme.group_size} does not divide in_features {in_f}")
@@ -138,7 +159,7 @@ def gptq_quantize(
     W, H, perm = activation_order(W, H, act_order)
     U, damp_used = inverse_cholesky(H, damp, name)  # damps H in place
     del H
-    rounder = ColumnRounder(W, perm, scheme, static_groups)
+    rounder = ColumnRounder(W, perm, scheme, static_groups, outliers=outliers, outlier_dtype=outlier_dtype)
     if mask is None:
         step = rounder
     else:

@@ -6,6 +6,7 @@ and devices, ``compress.arch.smoothing`` the folding of scales into a block.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal
@@ -16,6 +17,8 @@ from compress.quant import ggml
 from compress.quant.embeddings import EmbeddingsConfig, check_embeddings, quantize_outside
 from compress.quant.gptq import gptq_quantize, gptq_quantize_grid
 from compress.quant.mixed import LayerErrors, allocate_bits, average_bits, rtn_output_error
+from compress.quant.outliers_module import SECTION as OUTLIERS
+from compress.quant.outliers_module import OutlierQuantLinear, outlier_metadata
 from compress.quant.rtn import QuantScheme, rtn_quantize
 from compress.quant.smoothquant import smooth_scales
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -301,6 +304,16 @@ class GPTQConfig(QuantConfig):
     # (original: ‖XWᵀ − X̂Ŵᵀ‖, GPTAQ's asymmetric calibration; the original block runs alongside,
     # about twice the calibration time)
     objective: Literal["original", "propagated"] = "propagated"
+    # SpQR's outliers: this fraction of each Linear's weights (per input column, the rows with the
+    # largest rounding error) kept unquantized in the checkpoint's dtype beside the codes; 16 + 16
+    # bits each (value, row). Only compress.load reads such layers (docs/quantization.md)
+    outliers: float = Field(0.0, ge=0, le=0.25)
+
+    @model_validator(mode="after")
+    def _outliers_weight_only(self):
+        if self.outliers and self.activations is not None:
+            raise ValueError("outliers apply to weight-only schemes; W8A8 (activations) keeps none")
+        return self
 
 
 @register
@@ -319,6 +332,21 @@ class GPTQPass(_QuantPass):
         return lambda W, H, scheme: gptq_quantize(W, H, scheme, blocksize=c.block_size, damp=c.damp, act_order=c.act_order,
                                                   static_groups=True, name="lm_head")
 
+    def export_metadata(self, layers, export):
+        meta = outlier_metadata(layers)
+        return {**super().export_metadata(layers, export), **({OUTLIERS: meta} if meta else {})}
+
+    def validate(self, k, job):
+        if self.config.outliers:
+            if getattr(job.export, "format", None) == "gguf":
+                raise UsageError(f"passes.{k}.gptq.outliers: a GGUF export stores no outliers (llama.cpp reads its own block types); "
+                                 "drop outliers or the GGUF export")
+            target = getattr(job.export, "target", None)
+            why = OutlierQuantLinear.refusal({}, TARGETS[target]) if target else None
+            if why:
+                raise UsageError(f"passes.{k}.gptq.outliers: export.target is {target}, and {why}")
+        super().validate(k, job)
+
     def apply(self, full_name, module, stats):
         c = self.config
         if self.gguf is not None:  # static groups: a GGUF block has its parameters, whatever the visiting order
@@ -336,8 +364,17 @@ class GPTQPass(_QuantPass):
             mask=stats.get("mask"),  # an earlier pruning pass's zeros stay zeros
             name=full_name,
             C=stats.get("xcov", {}).get("C"),
+            outliers=math.ceil(c.outliers * module.out_features) if c.outliers else 0,
+            outlier_dtype=self.ctx.dtype,
         )
-        return self._module(module, res), {"damp": res.info["damp"], "group_size": res.scheme.group_size, "bits": res.scheme.bits}
+        info = {"damp": res.info["damp"], "group_size": res.scheme.group_size, "bits": res.scheme.bits}
+        if res.outliers is None:
+            return self._module(module, res), info
+        bias = None if module.bias is None else module.bias.detach()
+        s = res.scheme
+        info.update({"outliers_per_column": res.outliers[0].shape[1], "outliers_bits": s.bits, "outliers_group_size": s.group_size,
+                     "outliers_symmetric": s.symmetric, "outliers_act_order": res.act_order, "outliers_in_features": module.in_features})
+        return OutlierQuantLinear.from_outliers(res, bias, self.ctx.dtype, self.ctx.dtype), info
 
 
 # ---------------------------------------------------------------- scale folding

@@ -66,6 +66,9 @@ class QuantResult:
     scheme: QuantScheme
     act_order: bool = False
     info: dict = field(default_factory=dict)
+    # weights kept unquantized beside the codes (GPTQ's ``outliers``): (rows int64 (in, k), values
+    # float32 (in, k)), column j's k rows and their values; None: none kept
+    outliers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.q, self.scale, self.zero, self.g_idx)

@@ -46,6 +46,9 @@ def quantize_cmd(
         "GPTQ: fit each layer's quantized outputs to the original model's (original: GPTAQ, about twice the calibration "
         "time; measured best at 3 bits) or to its own on the compressed model's inputs (propagated, the default)."),
         metavar="original|propagated")] = None,
+    outliers: Annotated[float | None, typer.Option("--outliers", help=(
+        "GPTQ: keep this fraction of each layer's weights (e.g. 0.005; per input column the worst rounded) unquantized beside "
+        "the codes (SpQR's dense-and-sparse); 32 bits each. Only compress.load reads such exports."), metavar="FRACTION")] = None,
     rotate: Annotated[bool, typer.Option("--rotate", help=(
         "Fuse QuaRot's randomized Hadamard rotations into the weights first (recipe: `- rotate: {}` before the quantizer): "
         "the same function, outliers spread over all columns; an ordinary checkpoint, lm_head untied."))] = False,
@@ -59,7 +62,8 @@ def quantize_cmd(
     if g_idx and "gptq" not in (p.name for p in get_method("quantize", method).passes):
         raise UsageError("--g-idx applies to the GPTQ methods only")
     opts = {"bits": bits, "group_size": group_size, "symmetric": not asymmetric, "act_order": act_order, "static_groups": not g_idx,
-            "alpha": alpha, "embeddings": None if embeddings is None else {"bits": embeddings}, "objective": objective}
+            "alpha": alpha, "embeddings": None if embeddings is None else {"bits": embeddings}, "objective": objective,
+            "outliers": outliers}
     passes = ([{"rotate": {}}] if rotate else []) + method_passes("quantize", method, opts, targets.ignore)
     run_method(model, output, passes, calibration, targets, job, tasks, gates, report)
 

@@ -10,7 +10,7 @@ reads the two bytes around each code and shifts. The table entry is then gathere
 reference rounds the looked-up weight, and multiplied on ``tl.dot`` with float32 accumulation.
 
 Under ``TRITON_INTERPRET=1`` (CPU, CI) the dot runs on float32 copies, and bf16 rounding is
-emulated, for the reasons ``triton_kernels`` gives (its ``_rtne_bf16`` is reused).
+emulated, for the reasons ``triton_kernels`` gives (its ``rtne_bf16`` is reused).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from compress.kernels.triton_kernels import _interpreting, _rtne_bf16
+from compress.kernels.triton_kernels import interpreting, rtne_bf16
 
-DECODE = dict(BM=16, BN=64, BK=64, num_warps=4, num_stages=2)
-PREFILL = dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=2)
+DECODE = {"BM": 16, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 2}
+PREFILL = {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 2}
 DECODE_MAX_M = 16
 
 
@@ -54,7 +54,7 @@ def _codebook_kernel(
         code = ((lo | (hi << 8)) >> (bit & 7)[None, :]) & (ENTRIES - 1)  # (BN, BK)
         w = tl.load(T + offs_n[:, None] * ENTRIES + code, mask=ok, other=0.0).to(tl.float32)  # the looked-up Ŵ tile
         if EMULATE_BF16:
-            w = _rtne_bf16(w)
+            w = rtne_bf16(w)
         else:
             w = w.to(X.dtype.element_ty)
         if DOT_F32:
@@ -64,7 +64,7 @@ def _codebook_kernel(
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if EMULATE_BF16:
-        acc = _rtne_bf16(acc)
+        acc = rtne_bf16(acc)
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -79,7 +79,7 @@ def codebook_gemm(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, bi
         raise ValueError(f"codebook_gemm: codes {tuple(codes.shape)} {codes.dtype} and tables {tuple(tables.shape)} "
                          f"do not hold {N} rows of {K} {bits}-bit codes")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    interp = _interpreting()
+    interp = interpreting()
     cfg = {**(DECODE if M <= DECODE_MAX_M else PREFILL), **(config or {})}
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     b = None if bias is None else bias.to(x.dtype)

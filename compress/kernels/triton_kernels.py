@@ -23,7 +23,7 @@ a CPU-only machine); ``config=`` overrides them so ``compress/kernels/bench.py``
 Under ``TRITON_INTERPRET=1`` (CPU, CI) the dot runs on float32 copies of the same bf16/fp16
 operands: Triton 3.9's interpreter computes bf16 ``tl.dot`` wrongly (it multiplies the raw
 bits), and float32 holds every bf16/fp16 value exactly, so the check of the dequantization and
-the indexing is unchanged. Its float32 -> bf16 cast truncates, so there ``_rtne_bf16`` rounds
+the indexing is unchanged. Its float32 -> bf16 cast truncates, so there ``rtne_bf16`` rounds
 to nearest-even as compiled Triton and torch do (EMULATE_BF16; never set on a GPU). The interpreter is chosen when ``@triton.jit`` runs, i.e. when this
 module is first imported: set TRITON_INTERPRET before importing it.
 """
@@ -45,7 +45,7 @@ DECODE_MAX_M = 16
 PROGRAMS_PER_SM = 4  # split-K target: enough programs in flight to stream the weight from every SM
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -54,7 +54,7 @@ def _dot_dtype(x_dtype, interpreting):
 
 
 @triton.jit
-def _rtne_bf16(x):
+def rtne_bf16(x):
     """float32 -> the nearest bf16 value (ties to even), kept in float32. Only under the
     interpreter, whose float32 -> bf16 cast truncates; compiled Triton casts with RTNE already."""
     b = x.to(tl.uint32, bitcast=True)
@@ -106,7 +106,7 @@ def _wna16_kernel(
                 v = v - tl.load(Z + offs_n * G + g, mask=n_ok, other=0).to(tl.int32)[:, None]
         w = v.to(tl.float32) * s  # Ŵ tile (BN, BK), float32 (exact: small integer times a 16-bit scale)
         if EMULATE_BF16:
-            w = _rtne_bf16(w)
+            w = rtne_bf16(w)
         else:
             w = w.to(X.dtype.element_ty)  # rounded to x's dtype, as the oracle's Ŵ
         if DOT_F32:
@@ -120,7 +120,7 @@ def _wna16_kernel(
         if HAS_BIAS:
             acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if EMULATE_BF16:
-            acc = _rtne_bf16(acc)
+            acc = rtne_bf16(acc)
         tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=out_mask)
 
 
@@ -144,7 +144,7 @@ def wna16_gemm(x: torch.Tensor, kw, bias: torch.Tensor | None = None, config: di
     if K != kw.K:
         raise ValueError(f"x has {K} features, the layer reads {kw.K}")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    interp = _interpreting()
+    interp = interpreting()
     decode = M <= DECODE_MAX_M
     cfg = {**(DECODE if decode else PREFILL), **(config or {})}
     BM, BN = cfg["BM"], cfg["BN"]
@@ -240,7 +240,7 @@ def _int8_gemm_kernel(A, B, XS, WS, BIAS, Y, M, N, K, stride_ym,
     if HAS_BIAS:
         y += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if EMULATE_BF16:
-        y = _rtne_bf16(y)
+        y = rtne_bf16(y)
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -254,6 +254,6 @@ def int8_gemm(xq, xs, weight, weight_scale, bias, dtype, config: dict | None = N
     grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))
     _int8_gemm_kernel[grid](
         xq, w, xs.reshape(M).contiguous(), weight_scale.contiguous(), bias if bias is not None else xs, y, M, N, K, N,
-        HAS_BIAS=bias is not None, EMULATE_BF16=_interpreting() and dtype == torch.bfloat16, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_BIAS=bias is not None, EMULATE_BF16=interpreting() and dtype == torch.bfloat16, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y
