@@ -196,27 +196,25 @@ def _replaceable_norm(m: nn.Module) -> bool:
     return exact and want.shape == got.shape and bool(((got - want).abs() <= ulp).all())
 
 
-def fuse_norms(model: nn.Module) -> int:
-    """Replace every RMSNorm computing Llama's formula by a ``CpuRMSNorm``. Returns how many."""
-    if native.missing() is not None:
-        return 0
+def _replace_where(model: nn.Module, fits, make) -> int:
+    """Replace every submodule ``m`` with ``fits(m)`` by ``make(m)``; returns how many."""
     n = 0
     for name, m in list(model.named_modules()):
-        if _replaceable_norm(m):
-            replace_linear(model, name, CpuRMSNorm(m))
+        if fits(m):
+            replace_linear(model, name, make(m))
             n += 1
     return n
+
+
+def fuse_norms(model: nn.Module) -> int:
+    """Replace every RMSNorm computing Llama's formula by a ``CpuRMSNorm``. Returns how many."""
+    return 0 if native.missing() is not None else _replace_where(model, _replaceable_norm, CpuRMSNorm)
 
 
 def fuse_gated_mlps(model: nn.Module) -> int:
     """Replace every gated MLP whose projections are all W8A8 on the CPU kernels by a
     ``CpuGatedMLP`` (same children, same state_dict). Returns how many."""
-    n = 0
-    for name, m in list(model.named_modules()):
-        if _fusable_mlp(m):
-            replace_linear(model, name, CpuGatedMLP(m))
-            n += 1
-    return n
+    return _replace_where(model, _fusable_mlp, CpuGatedMLP)
 
 
 def to_cpu_kernels(model: nn.Module, dtype: torch.dtype, log=print) -> dict:

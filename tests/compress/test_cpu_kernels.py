@@ -309,3 +309,20 @@ def test_an_rmsnorm_with_another_formula_keeps_its_own():
     assert fuse_norms(model) == 1 and type(model[0]) is OnePlusRMSNorm and type(model[1]) is CpuRMSNorm
     x = torch.randn(3, 64)
     assert torch.equal(model[1](x), LlamaRMSNorm(64).to(torch.bfloat16)(x))  # float32 input: transformers' formula, exactly
+
+
+@pytest.mark.skipif(native.missing() is not None, reason=f"compress's CPU kernels unavailable: {native.missing()}")
+@pytest.mark.parametrize("T", [1, 17])
+def test_fused_gated_mlp_equals_the_reference_composition(T):
+    """cpu.int8_gated_mlp against down(SiLU(gate(x))·up(x)) of the reference int8 linears in
+    float32, on odd widths (K = 200, I = 333)."""
+    K, I = 200, 333
+    gate, up, down = _int8_linear(I, K, seed=1, bias=False), _int8_linear(I, K, seed=2, bias=False), _int8_linear(K, I, seed=3)
+    x = torch.randn(T, K, generator=torch.Generator().manual_seed(T)).to(torch.bfloat16)
+
+    def ref(m, v):
+        return reference.int8_linear(v, m.weight, m.weight_scale, m.bias)
+
+    want = ref(down, F.silu(ref(gate, x.float())) * ref(up, x.float()))
+    got = cpu.int8_gated_mlp(x, *(cpu.build_int8(m.weight, m.weight_scale) for m in (gate, up, down)), down.bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (T, K) and rel_err(got, want) < BF16_TOL

@@ -162,33 +162,6 @@ def test_silu_mul_quant_equals_the_float64_rule(T, I):
         native.silu_mul_quant(gate.float(), up, rs)
 
 
-def test_fused_gated_mlp_equals_the_reference_composition():
-    """cpu.int8_gated_mlp against down(SiLU(gate(x))·up(x)) of the reference int8 linears in
-    float32, on odd widths (K = 200, I = 333) and 1, 17 tokens."""
-    from compress.checkpoint.formats import Int8Linear
-    from compress.kernels import cpu
-
-    def layer(N, K, seed, bias=False):
-        gen = torch.Generator().manual_seed(seed)
-        m = Int8Linear(K, N, bias=bias)
-        m.weight.copy_(torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8))
-        m.weight_scale.copy_((torch.rand(N, 1, generator=gen) * 0.01 + 1e-3).to(m.weight_scale.dtype))
-        if bias:
-            m.bias.data.copy_(torch.randn(N, generator=gen))
-        return m
-
-    K, I = 200, 333
-    gate, up, down = layer(I, K, 1), layer(I, K, 2), layer(K, I, 3, bias=True)
-    for T in (1, 17):
-        x = torch.randn(T, K, generator=torch.Generator().manual_seed(T)).to(torch.bfloat16)
-        ref = lambda m, v: reference.int8_linear(v, m.weight, m.weight_scale, m.bias)
-        xf = x.float()
-        want = ref(down, torch.nn.functional.silu(ref(gate, xf)) * ref(up, xf))
-        got = cpu.int8_gated_mlp(x, *(cpu.build_int8(m.weight, m.weight_scale) for m in (gate, up, down)), down.bias)
-        assert got.dtype == torch.bfloat16 and got.shape == (T, K)
-        assert ((got.float() - want).norm() / want.norm()) < 8e-3
-
-
 @pytest.mark.parametrize("K", [2048, 576, 37, 16])
 def test_rms_norm_is_transformers_within_one_rounding(K):
     """native.rms_norm against transformers' LlamaRMSNorm on the same bf16 input: at most one bf16

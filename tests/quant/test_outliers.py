@@ -66,3 +66,19 @@ def test_impossible_outlier_recipes_are_refused_before_any_work(tmp_path, passes
     with pytest.raises(UsageError, match=match):
         run(_recipe(path, tmp_path / "out", passes, **export))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--outliers", "0.01", "--target", "vllm"], "passes.0.gptq.outliers: export.target is vllm"),
+    (["--outliers", "0.01", "--method", "w8a8"], "outliers apply to weight-only"),
+])
+def test_the_cli_exits_2_on_outliers_a_runtime_cannot_read(tmp_path, extra, says):
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+
+    path = save_tiny(tmp_path / "m", "llama")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["quantize", str(path), "-o", str(out), "--samples", "4", "--seq-len", "32", "--no-eval", *extra])
+    assert r.exit_code == 2 and says in " ".join(r.output.split()), r.output
+    assert not out.exists()
