@@ -100,6 +100,7 @@ CONFIGS = {
     "gptq-w4g64-gen-hybrid": ["calibration.data=generated", "calibration.generate.greedy_first=4", "calibration.generate.batch_size=64"],
     # issue 25: the rotation and the 4-bit embedding/lm_head together (rotate unties the head; both are quantized)
     "rot-gptq-w4g64-emb4": ["passes=[{rotate: {}}, {gptq: {bits: 4, group_size: 64, symmetric: true, embeddings: {bits: 4}}}]"],
+    "rot-gptq-w4g64-emb4-orig": ["passes=[{rotate: {}}, {gptq: {bits: 4, group_size: 64, symmetric: true, embeddings: {bits: 4}, objective: original}}]"],
     # issue 26: the rotation before GPTQ, calibrated on the generated text (the default sampling, cached)
     "rot-gptq-w4g64-gen": ["passes=[{rotate: {}}, {gptq: {bits: 4, group_size: 64, symmetric: true}}]", "calibration.data=generated"],
     "gptq-w3g64-distill-gen": ["passes=[{gptq: {bits: 3, group_size: 64, symmetric: true}}, {distill: {}}]",

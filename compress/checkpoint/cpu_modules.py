@@ -118,6 +118,12 @@ class CpuInt8Linear(Int8Linear):
         destination[prefix + "weight"] = self.weight
 
 
+def _needs_grad(*ts: torch.Tensor) -> bool:
+    """The native kernels record no autograd graph: a forward that training differentiates
+    (distillation through a loaded model) takes the differentiable path instead."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
 class CpuGatedMLP(nn.Module):
     """A gated MLP (``down_proj(act_fn(gate_proj(x)) · up_proj(x))``, Llama's and its kin's) whose
     three projections are W8A8 on oneDNN, run as one fused call on bf16 inputs
@@ -135,7 +141,7 @@ class CpuGatedMLP(nn.Module):
                 and self.gate_proj.bias is None and self.up_proj.bias is None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and self._fused():
+        if x.dtype == torch.bfloat16 and not _needs_grad(x) and self._fused():
             for m in (self.gate_proj, self.up_proj, self.down_proj):
                 m.kernel = record_kernel("cpu")
             return cpu.int8_gated_mlp(x, self.gate_proj.cpu, self.up_proj.cpu, self.down_proj.cpu, self.down_proj.bias)
@@ -163,7 +169,7 @@ class CpuRMSNorm(nn.Module):
     """transformers' Llama RMSNorm (``weight · bf16(x · rsqrt(mean(x²) + eps))``) in one pass per
     row on bf16 (``native.rms_norm``; transformers makes five passes through float32 copies, about
     a fifth of a 2048-token prefill on 2 cores). Same ``weight`` parameter, same state_dict; other
-    inputs take transformers' formula."""
+    inputs, and any forward autograd must differentiate, take transformers' formula."""
 
     def __init__(self, src: nn.Module):
         super().__init__()
@@ -172,7 +178,8 @@ class CpuRMSNorm(nn.Module):
         self.source_type = type(src).__name__
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and native.missing() is None:
+        if (x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not _needs_grad(x, self.weight)
+                and native.missing() is None):
             return native.rms_norm(x, self.weight, self.variance_epsilon)
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)

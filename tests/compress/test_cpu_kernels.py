@@ -326,3 +326,22 @@ def test_fused_gated_mlp_equals_the_reference_composition(T):
     want = ref(down, F.silu(ref(gate, x.float())) * ref(up, x.float()))
     got = cpu.int8_gated_mlp(x, *(cpu.build_int8(m.weight, m.weight_scale) for m in (gate, up, down)), down.bias)
     assert got.dtype == torch.bfloat16 and got.shape == (T, K) and rel_err(got, want) < BF16_TOL
+
+
+@pytest.mark.skipif(native.missing() is not None, reason=f"compress's CPU kernels unavailable: {native.missing()}")
+def test_a_replaced_norm_still_differentiates_where_training_needs_it():
+    """Distillation trains through a loaded model: a forward autograd must see takes transformers'
+    formula (the native kernel records no graph), with transformers' gradients."""
+    from compress.checkpoint.cpu_modules import CpuRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    hf = LlamaRMSNorm(64).to(torch.bfloat16)
+    ours = CpuRMSNorm(hf)
+    x = torch.randn(3, 64).to(torch.bfloat16).requires_grad_()
+    y = ours(x)
+    assert y.grad_fn is not None
+    (g_ours,) = torch.autograd.grad(y.float().sum(), x)
+    (g_hf,) = torch.autograd.grad(hf(x).float().sum(), x)
+    assert torch.equal(g_ours, g_hf)
+    with torch.no_grad():
+        assert ours(x).grad_fn is None  # inference: the one-pass kernel
