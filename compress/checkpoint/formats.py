@@ -234,11 +234,7 @@ class QuantLinear(CompressedLinear):
 
     @classmethod
     def stored_layers(cls, source) -> list[str]:
-        from compress.checkpoint.source import read_metadata
-
-        # layers stored with outliers beside the codes (compress.json `outliers`) are another type's
-        other = read_metadata(source.path).get("outliers", {}).get("layers", {}) if cls is QuantLinear else {}
-        return sorted(n for k in source.weight_map if k.endswith(".weight_packed") and (n := k[: -len(".weight_packed")]) not in other)
+        return sorted(k[: -len(".weight_packed")] for k in source.weight_map if k.endswith(".weight_packed"))
 
     @classmethod
     def stored_parameters(cls, source, name: str) -> int:

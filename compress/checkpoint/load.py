@@ -35,7 +35,9 @@ def stored_modules(source: ModelSource, model: nn.Module | None = None) -> dict[
     """Each layer the checkpoint stores in a compressed module type's format -> that type, owners
     before the modules inside them (a low-rank layer before its quantized factors ``<layer>.A``).
     With the ``model`` skeleton, a layer stored in several types' formats (packed codes: a Linear's
-    or an embedding's) goes to the first type that ``replaces`` the skeleton's module there."""
+    or an embedding's) goes to the first type that ``replaces`` the skeleton's module there; a type
+    claiming a layer its base type claims too wins (its format holds more: the outliers of
+    ``OutlierQuantLinear`` beside ``QuantLinear``'s packed codes)."""
     claims: dict[str, list[type[CompressedLinear]]] = {}
     for t in module_types():
         for name in t.stored_layers(source):
@@ -52,8 +54,8 @@ def _module_at(model: nn.Module | None, name: str) -> nn.Module | None:
 
 
 def _fitting(types: list[type[CompressedLinear]], module: nn.Module | None) -> type[CompressedLinear]:
-    fits = [t for t in types if module is not None and isinstance(module, t.replaces)]
-    return (fits or types)[0]
+    fits = [t for t in types if module is not None and isinstance(module, t.replaces)] or types
+    return next(t for t in fits if not any(o is not t and issubclass(o, t) for o in fits))
 
 
 def quantized_layer_names(source: ModelSource) -> list[str]:
