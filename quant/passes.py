@@ -312,7 +312,7 @@ class GPTQConfig(QuantConfig):
     @model_validator(mode="after")
     def _outliers_weight_only(self):
         if self.outliers and self.activations is not None:
-            raise ValueError("outliers apply to weight-only schemes; W8A8 (activations) keeps none")
+            raise ValueError("outliers apply to weight-only schemes; W8A8 (activations) keeps none: drop outliers, or drop activations (--method gptq)")
         return self
 
 
