@@ -13,10 +13,19 @@ Buffers (the state_dict is what the exporter writes):
 ``compress.json`` lists the codebook layers under ``codebook.layers`` ({name: {bits, in_features}},
 ``codebook_metadata`` writes the section) with the packing; ``stored_layers`` and
 ``from_checkpoint`` read it. No compressed-tensors or GGUF format stores codebooks: only our
-runtime (``compress.load``) reads these layers. The forward: on CUDA, the Triton lookup-dequantize
-GEMM (``compress.kernels.triton_codebook``: the codes read as exported, each table entry gathered
-in the kernel); elsewhere the torch reference, ``tables.gather(codes)`` then a matmul (the
-dequantized weight kept between forwards under ``keep_dense``).
+runtime (``compress.load``) reads these layers. The forward (``kernel`` names the backend that ran):
+
+* ``triton`` on CUDA: the Triton lookup-dequantize GEMM (``compress.kernels.triton_codebook``: the
+  codes read as exported, each table entry gathered in the kernel);
+* ``cpu`` on the CPU (2, 3 and 4-bit codes, bf16 or float32 x, where the CPU has AVX-512 BW and
+  BF16): compress's lookup kernel (``compress.kernels.codebook_cpu``), also straight from the
+  exported codes, with no dense weight; looked-up tiles and torch's GEMM for prefill;
+* ``torch`` elsewhere, under ``keep_dense`` (evaluation), for a forward that autograd
+  differentiates through x, and for ``backend='torch'``: the reference, ``tables.gather(codes)``
+  then a matmul (the dequantized weight kept between forwards under ``keep_dense``).
+
+``backend`` ('triton', 'cpu', 'torch'; None: automatic) forces one; a forced kernel that cannot
+run raises UsageError.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from torch import nn
 
 from compress.checkpoint.source import read_metadata
 from compress.errors import InputError, UsageError
-from compress.kernels import missing, record_kernel
+from compress.kernels import codebook_cpu, missing, record_kernel
 from compress.kernels.reference import cache_dense, wna16_linear
 from compress.modules import COMPRESS, CompressedLinear, register_module_type
 
@@ -96,19 +105,37 @@ class CodebookLinear(CompressedLinear):
 
             y = codebook_gemm(x.reshape(-1, self.in_features), self.weight_codes, self.weight_tables, self.bits, self.bias)
             return y.reshape(*x.shape[:-1], self.out_features)
+        if self._on_cpu_kernel(x):
+            self.kernel = record_kernel("cpu")
+            y = codebook_cpu.codebook_linear(x.reshape(-1, self.in_features), self.weight_codes, self.weight_tables, self.bits, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
         self.kernel = record_kernel("torch")
         return wna16_linear(x, self)  # the looked-up weight (kept between calls under keep_dense), then a matmul
 
     def _on_triton(self, x: torch.Tensor) -> bool:
         """The Triton lookup-dequantize GEMM on CUDA tensors (automatic) or where ``backend`` is
-        'triton' (the CPU under TRITON_INTERPRET=1: the tests); the torch reference under
-        ``keep_dense``, on the CPU by default, and for ``backend='torch'``."""
+        'triton' (the CPU under TRITON_INTERPRET=1: the tests); not under ``keep_dense``, nor
+        automatically on the CPU (``_on_cpu_kernel``)."""
         backend = getattr(self, "backend", None)
         if self.__dict__.get("_keep_dense") or backend not in (None, "triton") or (backend is None and x.device.type != "cuda"):
             return False
         why = missing("triton", x.device, op="codebook")
         if why and backend == "triton":
             raise UsageError(f"kernel backend 'triton' cannot run codebook layers here: {why}")
+        return why is None
+
+    def _on_cpu_kernel(self, x: torch.Tensor) -> bool:
+        """compress's CPU lookup kernel for CPU tensors, automatic or where ``backend`` is 'cpu'; the
+        torch reference under ``keep_dense`` and where autograd differentiates this forward (the
+        kernel records no graph)."""
+        backend = getattr(self, "backend", None)
+        if backend not in (None, "cpu") or self.__dict__.get("_keep_dense"):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return False
+        why = codebook_cpu.unsupported(self.bits, x.dtype) if x.device.type == "cpu" else f"the CPU kernel needs tensors on the CPU (they are on {x.device})"
+        if why and backend == "cpu":
+            raise UsageError(f"kernel backend 'cpu' cannot run codebook layers here: {why}")
         return why is None
 
     # the compressed-module protocol (compress.modules)

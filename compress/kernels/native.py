@@ -16,6 +16,9 @@ products, float32 sums); and W8A8's per-token activation quantizer becomes one r
 * ``silu_mul_quant`` a gated MLP's middle for W8A8: SiLU(gate) · up from the two GEMMs' outputs,
                     quantized per token for down_proj, in one pass (no bf16 intermediates).
 
+``load_library`` builds and loads another of ``csrc/``'s sources the same way (``codebook_cpu``:
+the codebook layers' lookup kernel, ``csrc/codebook_avx512.c``).
+
 Layout of the codes: ``pack`` / ``unpack`` (documented in the C source). Needs Linux on x86-64
 with AVX-512 BW and BF16 (``/proc/cpuinfo``), and a C compiler (``$CC``, ``cc`` or ``gcc``) with
 OpenMP; links the libgomp torch has loaded, so both share one thread pool. ``missing()`` says why
@@ -43,6 +46,7 @@ SOURCE = Path(__file__).with_name("csrc") / "int4_avx512.c"
 ENV = "COMPRESS_CPU_NATIVE"
 FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"]
 NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+EMULATE_FLAGS = ["-O2", "-std=gnu11", "-shared", "-fPIC", "-fopenmp", "-Wno-psabi", "-DCOMPRESS_EMULATE_AVX512"]
 
 
 def _cpu_flags() -> set[str]:
@@ -61,35 +65,53 @@ def _compiler() -> str | None:
     return None
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | str:
-    """The loaded library, or why it cannot be (built once per process)."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+def load_library(source: Path, name: str, signatures, emulate: bool = False) -> ctypes.CDLL | str:
+    """``source`` built with ``FLAGS`` at first use (``build.compile_library``: once per source and
+    compiler) and loaded, each ``(function, argtypes)`` of ``signatures`` declared with an int
+    return; or why it cannot be (not Linux on x86-64, a CPU without AVX-512 BW and BF16, no C
+    compiler, a failed build). ``emulate``: the tests' build for any CPU, the intrinsics from
+    SIMDe's portable headers (``-DCOMPRESS_EMULATE_AVX512``, Debian's libsimde-dev), where the
+    source supports it."""
+    if not emulate and (platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64")):
         return f"compress's CPU kernels are built for Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
-    lacking = [f for f in NEEDS if f not in _cpu_flags()]
+    lacking = [] if emulate else [f for f in NEEDS if f not in _cpu_flags()]
     if lacking:
-        return f"this CPU lacks {', '.join(lacking)} (compress's int4 kernel needs AVX-512 BW and BF16)"
+        return f"this CPU lacks {', '.join(lacking)} (compress's CPU kernels need AVX-512 BW and BF16)"
     cc = _compiler()
     if cc is None:
         return "no C compiler to build compress's CPU kernels (set $CC or install gcc)"
     try:
-        lib = ctypes.CDLL(str(compile_library(cc, FLAGS, SOURCE, "cpu_int4_avx512")))
+        lib = ctypes.CDLL(str(compile_library(cc, EMULATE_FLAGS if emulate else FLAGS, source, name + ("-emulated" if emulate else ""))))
     except (UsageError, OSError) as e:
         return str(e)
-    p, i = ctypes.c_void_p, ctypes.c_int
-    for name, args in (("compress_int4_linear", [p] * 7 + [i] * 7), ("compress_int4_dequant", [p] * 4 + [i] * 4),
-                       ("compress_quantize_rows_bf16", [p] * 3 + [i] * 4), ("compress_scale_rows_bf16", [p] * 3 + [i] * 4),
-                       ("compress_silu_mul_quant_bf16", [p] * 5 + [i] * 5),
-                       ("compress_rms_norm_bf16", [p] * 3 + [i] * 4 + [ctypes.c_float, i])):
-        f = getattr(lib, name)
-        f.restype, f.argtypes = i, args
+    for fname, args in signatures:
+        f = getattr(lib, fname)
+        f.restype, f.argtypes = ctypes.c_int, args
     return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The loaded library, or why it cannot be (built once per process)."""
+    p, i = ctypes.c_void_p, ctypes.c_int
+    return load_library(SOURCE, "cpu_int4_avx512", (
+        ("compress_int4_linear", [p] * 7 + [i] * 7), ("compress_int4_dequant", [p] * 4 + [i] * 4),
+        ("compress_quantize_rows_bf16", [p] * 3 + [i] * 4), ("compress_scale_rows_bf16", [p] * 3 + [i] * 4),
+        ("compress_silu_mul_quant_bf16", [p] * 5 + [i] * 5), ("compress_rms_norm_bf16", [p] * 3 + [i] * 4 + [ctypes.c_float, i])))
+
+
+def switched_off() -> str | None:
+    """Why ``$COMPRESS_CPU_NATIVE`` keeps compress's CPU kernels off; None when it does not."""
+    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return f"${ENV} turns compress's CPU kernels off"
+    return None
 
 
 def missing() -> str | None:
     """Why the native kernels cannot run here (builds them at the first call); None when they can."""
-    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
-        return f"${ENV} turns compress's CPU kernels off"
+    off = switched_off()
+    if off:
+        return off
     lib = _library()
     return lib if isinstance(lib, str) else None
 
