@@ -89,8 +89,16 @@ CONFIGS = {
     "rot-gptq-w3g64-orig": ["passes=[{rotate: {}}, {gptq: {bits: 3, group_size: 64, symmetric: true, objective: original}}]"],
     "rot-gptq-w3g64-asym-orig": ["passes=[{rotate: {}}, {gptq: {bits: 3, group_size: 64, symmetric: false, objective: original}}]"],
     "rot-gptq-w4g64-orig": ["passes=[{rotate: {}}, {gptq: {bits: 4, group_size: 64, symmetric: true, objective: original}}]"],
+    # W4A8: int8 per-token inputs to every Linear; R4 adds the online Hadamard on down_proj's input
+    "rot-gptq-w4g64-asym-orig": ["passes=[{rotate: {}}, {gptq: {bits: 4, group_size: 64, symmetric: false, objective: original}}]"],
+    "rot-gptq-w4a8g64-asym-orig": [("passes=[{rotate: {}}, {gptq: {bits: 4, group_size: 64, symmetric: false, objective: original, "
+                                    "activations: {bits: 8}}}]")],
+    "rot-r4-gptq-w4a8g64-asym-orig": [("passes=[{rotate: {r4: true}}, {gptq: {bits: 4, group_size: 64, symmetric: false, "
+                                       "objective: original, activations: {bits: 8}}}]")],
     # SpQR-style outliers: 0.5% of each Linear's weights (per column, the worst rounded) kept in bf16 beside the codes
     "gptq-w3g64-out05": ["passes=[{gptq: {bits: 3, group_size: 64, symmetric: true, outliers: 0.005}}]"],
+    # OWQ's weak columns: 1% of each Linear's input columns (6 of 576, 16 of 1536: +0.17 bits per weight) kept whole in bf16
+    "gptq-w3g64-owq": ["passes=[{gptq: {bits: 3, group_size: 64, symmetric: true, weak_columns: 0.01}}]"],
     "rot-rtn-w4g64": ["passes=[{rotate: {}}, {rtn: {bits: 4, group_size: 64}}]"],
     "gptq-mixed35-g64": ["passes.0.gptq.bits=3.5"],  # mixed precision: widths 2/3/4/8 averaging 3.5 bits
     "rot-gptq-mixed35-g64": ["passes=[{rotate: {}}, {gptq: {bits: 3.5, group_size: 64, symmetric: true}}]"],

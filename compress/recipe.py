@@ -364,8 +364,10 @@ def dump_recipe(recipe: Recipe) -> str:
 # choices; their help text is the option's help.
 
 _WEIGHTS = ("bits", "group_size", "symmetric")  # the weight format of the int quantizers
-_GPTQ_ORDER = ("act_order", "static_groups", "objective", "outliers")
-_EMB = ("embeddings",)  # the last quantizer of a method also quantizes the token embedding and lm_head (--embeddings)
+_GPTQ_ORDER = ("act_order", "static_groups", "objective", "outliers", "weak_columns")
+# the last quantizer of a method also quantizes the token embedding and lm_head (--embeddings) and
+# the Linears' inputs (--activations: W8A8, WnA8) and the KV cache where compress.load runs it (--kv-cache)
+_EMB = ("embeddings", "activations", "kv_cache")
 _PRUNE = ("sparsity", "pattern", "allocation", "owl_lambda", "owl_m")
 _LOWRANK = ("reduction", "allocation", "rank")
 # int8 weights per channel and int8 activations per token: --bits/--group-size/--asym do not apply

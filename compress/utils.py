@@ -38,11 +38,16 @@ def get_module(root: nn.Module, dotted: str) -> nn.Module:
 
 def replace_linear(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     """Set any submodule at dotted ``name`` (e.g. ``model.layers.0.mlp.up_proj``) to ``module``;
-    returns the module it replaced."""
+    returns the module it replaced. Forward pre-hooks marked ``carried`` (an online rotation of the
+    input, ``compress.quant.online``) move to the new module: they are part of what it computes."""
     parent, _, child = name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     old = getattr(owner, child)
     setattr(owner, child, module)
+    carried = [h for h in getattr(old, "_forward_pre_hooks", {}).values() if getattr(h, "carried", False)]
+    for h in carried:
+        if module is not old and h not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(h)
     for attr, value in list(vars(owner).items()):  # an alias the model's forward reads (a renamed module: gpt_neox's lm_head)
         if value is old:
             owner.__dict__[attr] = module

@@ -16,6 +16,13 @@ Two ways to round (``method``), in the engine's two apply_outside phases:
   block): a tied table that way (its lookups then carry the solver's error too, measured as
   ``rel_weight_error``); an untied head that way, its embedding by RTN before block 0 (a lookup has
   no input a second-order solver could weigh).
+
+A tensor train in place of the table (``tt_rank`` and/or ``tt_error``, instead of ``bits``;
+``compress.quant.tt``, ``compress.quant.tt_module.TTEmbedding``): TT-SVD of the table before block 0,
+the lookup built from the cores; read by our runtime only. It stands for the input lookup only: a
+tied lm_head is untied (stored apart; config.json ``tie_word_embeddings: false``) and kept dense in
+the checkpoint's dtype, or with ``head_bits`` quantized as an untied head is above (``method``,
+``group_size``); an untied head is left as it is unless ``head_bits`` is set.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from typing import Literal
 
 import torch
 from compress.quant.rtn import QuantScheme, rtn_quantize
-from pydantic import BaseModel, ConfigDict, field_validator
+from compress.quant.tt import tt_shape, tt_svd
+from compress.quant.tt_module import TTEmbedding, tt_info
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from compress.checkpoint.embedding import QuantEmbedding
@@ -47,7 +56,8 @@ class EmbeddingsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bits: Literal[4, 8] = 4  # the widths vLLM's quantized-embedding lookup serves
+    # the widths vLLM's quantized-embedding lookup serves; 4 unless the table is a tensor train
+    bits: Literal[4, 8] | None = None
     # how the head (a tied table: the table) is rounded: gptq on its calibration inputs after the
     # last block, or rtn; auto: gptq where the pass is gptq, else rtn
     method: Literal["auto", "rtn", "gptq"] = "auto"
@@ -55,10 +65,38 @@ class EmbeddingsConfig(BaseModel):
     # divides the table's width, else the largest power of two >= 16 that does, else -1); -1: per row
     group_size: int | Literal["auto"] = "auto"
 
+    # TensorGPT's tensor train in place of the table (our runtime only; exclusive with bits): the
+    # largest rank between cores, and/or the relative error ‖E − Ê‖_F / ‖E‖_F the ranks are cut to
+    tt_rank: int | None = Field(None, ge=1)
+    tt_error: float | None = Field(None, gt=0, lt=1)
+    # the cores d: vocabulary and width each in d balanced factors (49152 rows -> 36·37·37, padded; 576 -> 8·8·9)
+    tt_cores: int = Field(3, ge=2, le=6)
+    # beside a TT table, the lm_head (a tied one untied): None keeps it dense (the checkpoint's
+    # dtype), 4 or 8 quantizes it as an untied head is (method, group_size)
+    head_bits: Literal[4, 8] | None = None
+
     @field_validator("group_size", mode="before")
     @classmethod
     def _group(cls, v):
         return group_option(v)
+
+    @model_validator(mode="after")
+    def _table(self):
+        if self.tt:
+            if self.bits is not None:
+                raise ValueError("tt_rank/tt_error and bits exclude each other: bits quantizes the table, tt_rank factors "
+                                 "it as a tensor train (--embeddings-tt); head_bits quantizes the lm_head beside a TT table")
+        elif self.head_bits is not None:
+            raise ValueError("head_bits is the lm_head's width beside a tensor-train table (tt_rank); a quantized table's "
+                             "head takes bits")
+        elif self.bits is None:
+            self.bits = 4
+        return self
+
+    @property
+    def tt(self) -> bool:
+        """The table is a tensor train (``tt_rank`` or ``tt_error`` set)."""
+        return self.tt_rank is not None or self.tt_error is not None
 
 
 def embedding_group(config, width: int) -> int:
@@ -98,6 +136,8 @@ def quantize_outside(stage, config, dtype: torch.dtype, solve=None) -> dict[str,
     ``compress.engine.outside.OutsideStage``, in its phase): {name: (module, report info)}, scales
     in ``dtype`` (the checkpoint's). ``solve(W, H, scheme) -> QuantResult``: the pass's GPTQ (None:
     rtn only)."""
+    if config.embeddings.tt:
+        return tt_outside(stage, config, dtype, solve)
     gptq = solve is not None and config.embeddings.method != "rtn" and stage.head is not None
     emb, head, out = stage.embedding, stage.head, {}
     if stage.phase == "before":
@@ -118,6 +158,47 @@ def quantize_outside(stage, config, dtype: torch.dtype, solve=None) -> dict[str,
         out[emb if stage.tied else head] = (m, _info(W, m.dense_weight(), res, tied_head=stage.tied, method="gptq",
                                                      rel_output_error=err))
     return out
+
+
+def tt_outside(stage, config, dtype: torch.dtype, solve=None) -> dict[str, tuple[nn.Module, dict]]:
+    """``quantize_outside`` for a TT table: the table by TT-SVD before block 0; the head (untied)
+    dense, or at ``head_bits`` by RTN before block 0 or by ``solve`` after the last block."""
+    e = config.embeddings
+    head_cfg = None if e.head_bits is None else config.model_copy(update={"embeddings": e.model_copy(update={"bits": e.head_bits})})
+    gptq = head_cfg is not None and solve is not None and e.method != "rtn" and stage.head is not None
+    out = {}
+    if stage.phase == "before":
+        out[stage.embedding] = _tt_table(stage, e, dtype)
+        if stage.head is not None and not gptq and (stage.tied or head_cfg is not None):
+            out[stage.head] = _head_apart(stage, head_cfg, dtype)
+    elif gptq:
+        W, res, err = _solved(stage, head_cfg, dtype, solve)  # W: the table where tied
+        m = QuantLinear.from_result(res, bias=stage.bias(stage.head), bias_dtype=dtype)
+        out[stage.head] = (m, _info(W, m.dense_weight(), res, method="gptq", untied=stage.tied, rel_output_error=err))
+    return out
+
+
+def _tt_table(stage, e: EmbeddingsConfig, dtype: torch.dtype) -> tuple[nn.Module, dict]:
+    W = stage.weight(stage.embedding)  # (V, D)
+    shape = tt_shape(W.shape[0], W.shape[1], e.tt_cores)
+    m = TTEmbedding.from_cores(tt_svd(W, shape, e.tt_rank, e.tt_error), shape, stage.module(stage.embedding).padding_idx, dtype)
+    err = float((m.dense_weight().to(W.device) - W).pow(2).sum() / W.pow(2).sum().clamp_min(1e-30))
+    return m, {**tt_info(m), "rel_weight_error": err, "method": "tt-svd", "untied_head": stage.tied}
+
+
+def _head_apart(stage, head_cfg, dtype: torch.dtype) -> tuple[nn.Module, dict]:
+    """The head beside a TT table, before block 0: a dense copy of a tied table (no ``head_cfg``),
+    or rounded to nearest at ``head_cfg.embeddings.bits``."""
+    source = stage.embedding if stage.tied else stage.head
+    if head_cfg is None:
+        W = stage.weight(source)  # (V, D)
+        with torch.device("meta"):  # its weight is replaced at once: none allocated
+            head = nn.Linear(W.shape[1], W.shape[0], bias=False)
+        head.weight = nn.Parameter(W.to(dtype), requires_grad=False)
+        return head, {"kept": "dense", "untied_from": stage.embedding}
+    W, res = _rtn(stage, head_cfg, dtype, source)
+    m = QuantLinear.from_result(res, bias=stage.bias(stage.head), bias_dtype=dtype)
+    return m, _info(W, m.dequantize(), res, method="rtn", untied=stage.tied)
 
 
 def _plain_lookup(model: nn.Module, at: str) -> tuple[str, nn.Module]:
@@ -155,6 +236,9 @@ def check_embeddings(where: str, p, job) -> None:
     if p.config.embeddings.method == "gptq" and p.head_solver() is None:
         raise UsageError(f"{at}.method: gptq solves the head with the gptq pass's solver; {p.name} rounds it with rtn "
                          "(method: rtn or auto), or set `embeddings` on a gptq pass")
+    if p.config.embeddings.tt:
+        _check_tt(at, p.config, job)
+        return
     if getattr(job.export, "format", None) == "gguf":
         raise UsageError(f"{at}: a GGUF export stores token_embd and output in its type's own grids (--gguf); drop `embeddings` "
                          "(--embeddings), or export to compressed-tensors")
@@ -167,10 +251,35 @@ def check_embeddings(where: str, p, job) -> None:
     widths = {name: emb.embedding_dim}
     if head is not None and not tied:
         widths[next(n for n, m in job.model.named_modules() if m is head)] = head.in_features
+    _check_groups(at, p.config, widths)
+    _check_target(at, p.config, job, tied, emb.embedding_dim)
+
+
+def _check_groups(at: str, config, widths: dict[str, int]) -> None:
+    """The group size divides each {layer: width}."""
     for what, width in widths.items():
-        g = embedding_group(p.config, width)
+        g = embedding_group(config, width)
         if g != -1 and width % g:
             ok = [x for x in (128, 64, 32, 16) if width % x == 0][:2]
             raise UsageError(f"{at}.group_size: {g} does not divide the width {width} of {what}; use "
                              f"{' or '.join(map(str, ok)) or 'auto'}, or -1 (one scale per row)")
-    _check_target(at, p.config, job, tied, emb.embedding_dim)
+
+
+def _check_tt(at: str, config, job) -> None:
+    """A TT table: no GGUF, our runtime as the target, a plain lookup, the head's groups (``head_bits``)."""
+    e = config.embeddings
+    field = f"{at}.{'tt_rank' if e.tt_rank is not None else 'tt_error'}"
+    if getattr(job.export, "format", None) == "gguf":
+        raise UsageError(f"{field}: a GGUF export stores token_embd in llama.cpp's own types, which have no tensor train; "
+                         "drop it (--embeddings-tt), or export to compressed-tensors (drop --gguf) and load with compress.load")
+    target = getattr(job.export, "target", None)
+    why = None if target is None else TTEmbedding.refusal({}, TARGETS[target])
+    if why:
+        raise UsageError(f"{field}: export.target is {target}, and {why}; use --target compress, or a quantized table "
+                         f"(--embeddings 4|8, recipe `embeddings: {{bits: 4}}`) for {target}")
+    if job.model is None:
+        return
+    _plain_lookup(job.model, at)
+    head = job.model.get_output_embeddings()
+    if head is not None and e.head_bits is not None:
+        _check_groups(at, config, {next(n for n, m in job.model.named_modules() if m is head): head.in_features})

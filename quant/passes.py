@@ -16,11 +16,13 @@ from compress.quant import awq as awq_alg
 from compress.quant import ggml
 from compress.quant.embeddings import EmbeddingsConfig, check_embeddings, quantize_outside
 from compress.quant.gptq import gptq_quantize, gptq_quantize_grid
+from compress.quant.kv_cache import SECTION as KV_SECTION
 from compress.quant.mixed import LayerErrors, allocate_bits, average_bits, rtn_output_error
 from compress.quant.outliers_module import SECTION as OUTLIERS
 from compress.quant.outliers_module import OutlierQuantLinear, outlier_metadata
 from compress.quant.rtn import QuantScheme, rtn_quantize
 from compress.quant.smoothquant import smooth_scales
+from compress.quant.tt_module import tt_metadata
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
@@ -39,14 +41,24 @@ from compress.utils import get_module
 
 
 class ActivationConfig(BaseModel):
-    """Activation quantization (W8A8): int8, symmetric, one scale per token computed at run time.
-    Only this scheme exists: it is what the int8 kernels and vLLM's int-quantized path serve."""
+    """Activation quantization: symmetric integers, one scale per token computed at run time. 8 bits
+    is what the int8 kernels and vLLM's int-quantized path serve (W8A8); 4 bits (W4A4) only
+    compress.load computes (each input rounded, then the packed product)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    bits: Literal[8] = 8
+    bits: Literal[4, 8] = 8
     dynamic: Literal[True] = True  # per-token scales at run time (no calibrated static scale)
     symmetric: Literal[True] = True
+
+
+class KVCacheConfig(BaseModel):
+    """KV-cache quantization: every key and value vector (per token and head) to symmetric integers
+    with its own absmax scale, where compress.load runs the model (compress.quant.kv_cache)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: Literal[4, 8] = 8
 
 
 AUTO_GROUP = 128  # what group_size: auto takes where it divides a layer's in_features
@@ -80,9 +92,13 @@ class QuantConfig(BaseModel):
     targets: list[str] = Field(default_factory=lambda: ["Linear"])  # class, name suffix, or re:regex
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
 
-    # W8A8: also quantize the Linear's input per token at run time (int8 × int8 → int32 GEMM);
-    # needs bits 8, group_size -1, symmetric (the compressed-tensors int-quantized scheme)
+    # also quantize the Linear's input per token at run time: with bits 8, group_size -1 and
+    # symmetric weights W8A8 (int8 × int8 → int32 GEMM, compressed-tensors int-quantized); with
+    # other weights WnA8 (e.g. W4A8: packed weights, pack-quantized with input_activations)
     activations: ActivationConfig | None = None
+    # the KV cache rounded per token and head to this many bits where compress.load runs the model
+    # (compress.quant.kv_cache; R3 from `rotate: {r3: true}`); the weights do not change
+    kv_cache: KVCacheConfig | None = None
     # also the token embedding and lm_head (tied: the one table; untied: the head as a Linear; the
     # gptq pass solves the head on its inputs; compress.quant.embeddings); None: left as they are
     embeddings: EmbeddingsConfig | None = None
@@ -120,14 +136,15 @@ class QuantConfig(BaseModel):
                 raise ValueError(f"bits {self.budget:g}: a mixed-precision budget lies strictly between the narrowest and the widest "
                                  f"of widths {sorted(self.widths)}; use an integer for one width everywhere")
             if self.activations is not None:
-                raise ValueError("activations (W8A8) are 8-bit: a mixed-precision budget does not apply")
-        if self.activations is not None and self.group_size == "auto":
+                raise ValueError("activations (quantized inputs) take one weight width: a mixed-precision budget does not apply")
+        if self.activations is not None and self.bits == 8 and self.group_size == "auto":
             self.group_size = -1  # W8A8 is per channel
-        if self.activations is not None:
-            bad = [f"{k} is {getattr(self, k)}" for k, want in (("bits", 8), ("group_size", -1), ("symmetric", True)) if getattr(self, k) != want]
-            if bad:
-                raise ValueError(f"activations (W8A8) needs bits 8, group_size -1 and symmetric true; here {', '.join(bad)}")
         return self
+
+    @property
+    def w8a8(self) -> bool:
+        """int8 weights per channel and int8 inputs: the int-quantized scheme (``Int8Linear``)."""
+        return self.activations is not None and (self.activations.bits, self.bits, self.group_size, self.symmetric) == (8, 8, -1, True)
 
     def group_for(self, in_features: int) -> int:
         """The group size of a layer with ``in_features`` columns."""
@@ -180,7 +197,13 @@ class _QuantPass(Pass):
         return self.widths.get(full_name, self.config.bits) if self.config.budget is not None else self.config.bits
 
     def export_metadata(self, layers, export):
-        return {"mixed_precision": self.mixed} if self.config.budget is not None and getattr(self, "mixed", None) else {}
+        out = tt_metadata(layers) if self.config.embeddings is not None else {}  # a TT table: its compress.json section
+        if getattr(self.config, "kv_cache", None) is not None:
+            out[KV_SECTION] = {"bits": self.config.kv_cache.bits, "strategy": "per token and head, symmetric, absmax scale",
+                               "runtimes": "compress.load rounds the cache; other runtimes serve these weights with their own cache"}
+        if self.config.budget is not None and getattr(self, "mixed", None):
+            out["mixed_precision"] = self.mixed
+        return out
 
     # ---- the embeddings option: the token embedding and lm_head, before block 0
     def in_stage(self, stage):
@@ -217,6 +240,9 @@ class _QuantPass(Pass):
         if self.config.budget is not None:
             self._check_mixed(k, job)
         if getattr(job.export, "format", None) == "gguf":
+            if getattr(self.config, "kv_cache", None) is not None:
+                raise UsageError(f"passes.{k}.{self.name}.kv_cache: a GGUF file holds no cache setting; llama.cpp quantizes its "
+                                 "cache at run time (--cache-type-k q8_0 --cache-type-v q8_0): drop kv_cache")
             if getattr(self.config, "activations", None) is not None:
                 raise UsageError(f"passes.{k}.{self.name}: activations (W8A8) have no GGUF form (llama.cpp stores quantized "
                                  "weights only); drop `activations` (--method gptq, awq or rtn) or export to compressed-tensors (drop --gguf)")
@@ -227,11 +253,11 @@ class _QuantPass(Pass):
         if target is None:
             return
         c = self.config
-        kind = Int8Linear if getattr(c, "activations", None) is not None else QuantLinear
+        kind = Int8Linear if c.w8a8 else QuantLinear
         g_idx = getattr(c, "act_order", False) and not getattr(c, "static_groups", True)
         moe = has_experts(job.model_config)
-        why = kind.refusal({"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric, "act_order": g_idx, "moe": moe},
-                           TARGETS[target])
+        why = kind.refusal({"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric, "act_order": g_idx, "moe": moe,
+                            "activations": c.activations is not None}, TARGETS[target])
         if why:
             raise UsageError(f"passes.{k}.{self.name}: export.target is {target}, and {why}")
 
@@ -269,9 +295,12 @@ class _QuantPass(Pass):
 
     def _module(self, module: nn.Linear, result) -> nn.Module:
         bias = None if module.bias is None else module.bias.detach()
-        if getattr(self.config, "activations", None) is not None:
+        if self.config.w8a8:
             return Int8Linear.from_result(result, bias=bias, bias_dtype=self.ctx.dtype)
-        return QuantLinear.from_result(result, bias=bias, bias_dtype=self.ctx.dtype)
+        m = QuantLinear.from_result(result, bias=bias, bias_dtype=self.ctx.dtype)
+        if self.config.activations is not None:
+            m.act_bits = self.config.activations.bits  # WnA8: the input quantized per token on every forward
+        return m
 
 
 @register
@@ -308,12 +337,50 @@ class GPTQConfig(QuantConfig):
     # largest rounding error) kept unquantized in the checkpoint's dtype beside the codes; 16 + 16
     # bits each (value, row). Only compress.load reads such layers (docs/quantization.md)
     outliers: float = Field(0.0, ge=0, le=0.25)
+    # OWQ's weak columns: per Linear, this many whole input columns (an integer), or this fraction
+    # of its in_features (a float in (0, 1), rounded up), those of largest sensitivity
+    # H_jj·‖ΔW_j‖², kept in the checkpoint's dtype beside the codes; GPTQ visits them last, so they
+    # absorb every rounding error. 16 bits per weight of a kept column and 16 per index. Combines
+    # with outliers. Only compress.load reads such layers (docs/quantization.md)
+    weak_columns: int | float = 0
+
+    @field_validator("weak_columns", mode="before")
+    @classmethod
+    def _weak_columns(cls, v):
+        if isinstance(v, str):
+            v = _as_number(v.strip())
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            # ValueError, not TypeError: pydantic reports only ValueError as the field's error
+            raise ValueError(f"{v!r}: a number of columns per layer (e.g. 8) or a fraction of in_features in (0, 1)")  # noqa: TRY004
+        if isinstance(v, float) and not 0 < v < 1:
+            raise ValueError(f"{v:g}: a fraction of in_features lies in (0, 1); an integer (e.g. 8) is a number of columns per layer")
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"{v}: a number of columns is 0 (none) or more")
+        return v
 
     @model_validator(mode="after")
     def _outliers_weight_only(self):
         if self.outliers and self.activations is not None:
             raise ValueError("outliers apply to weight-only schemes; W8A8 (activations) keeps none: drop outliers, or drop activations (--method gptq)")
+        if self.weak_columns and self.activations is not None:
+            raise ValueError("weak_columns apply to weight-only schemes; quantized activations keep none: drop weak_columns, "
+                             "or drop activations (--method gptq)")
         return self
+
+    def weak_count(self, in_features: int) -> int:
+        """The weak columns of a layer with ``in_features`` columns (a fraction never takes them all)."""
+        w = self.weak_columns
+        return min(math.ceil(w * in_features), in_features - 1) if isinstance(w, float) else w
+
+
+def _as_number(text: str) -> int | float | str:
+    """A command-line value: ``8`` an int, ``0.01`` a float, anything else as it was."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text  # refused with the field's message
 
 
 @register
@@ -337,15 +404,28 @@ class GPTQPass(_QuantPass):
         return {**super().export_metadata(layers, export), **({OUTLIERS: meta} if meta else {})}
 
     def validate(self, k, job):
-        if self.config.outliers:
+        kept = " and ".join(f for f in ("outliers", "weak_columns") if getattr(self.config, f))
+        if kept:
             if getattr(job.export, "format", None) == "gguf":
-                raise UsageError(f"passes.{k}.gptq.outliers: a GGUF export stores no outliers (llama.cpp reads its own block types); "
-                                 "drop outliers or the GGUF export")
+                raise UsageError(f"passes.{k}.gptq.{kept}: a GGUF export stores no outliers or weak columns (llama.cpp reads its own "
+                                 f"block types); drop {kept} or the GGUF export")
             target = getattr(job.export, "target", None)
             why = OutlierQuantLinear.refusal({}, TARGETS[target]) if target else None
             if why:
-                raise UsageError(f"passes.{k}.gptq.outliers: export.target is {target}, and {why}")
+                raise UsageError(f"passes.{k}.gptq.{kept}: export.target is {target}, and {why}")
         super().validate(k, job)
+
+    def check(self, full_name, module):
+        n = self.config.weak_count(module.in_features)
+        if self.gguf is None and n >= module.in_features:
+            return f"weak_columns {n} must be below in_features {module.in_features}"
+        return super().check(full_name, module)
+
+    def fix(self, in_features):
+        n = self.config.weak_columns
+        if isinstance(n, int) and n >= min(in_features):
+            return f"use weak_columns below {min(in_features)} or a fraction in (0, 1), or list those layers under `ignore`"
+        return super().fix(in_features)
 
     def apply(self, full_name, module, stats):
         c = self.config
@@ -366,15 +446,22 @@ class GPTQPass(_QuantPass):
             C=stats.get("xcov", {}).get("C"),
             outliers=math.ceil(c.outliers * module.out_features) if c.outliers else 0,
             outlier_dtype=self.ctx.dtype,
+            weak_columns=c.weak_count(module.in_features),
         )
         info = {"damp": res.info["damp"], "group_size": res.scheme.group_size, "bits": res.scheme.bits}
-        if res.outliers is None:
+        if res.outliers is None and res.weak is None:
             return self._module(module, res), info
         bias = None if module.bias is None else module.bias.detach()
         s = res.scheme
-        info.update({"outliers_per_column": res.outliers[0].shape[1], "outliers_bits": s.bits, "outliers_group_size": s.group_size,
-                     "outliers_symmetric": s.symmetric, "outliers_act_order": res.act_order, "outliers_in_features": module.in_features})
-        return OutlierQuantLinear.from_outliers(res, bias, self.ctx.dtype, self.ctx.dtype), info
+        info.update({"outliers_bits": s.bits, "outliers_group_size": s.group_size, "outliers_symmetric": s.symmetric,
+                     "outliers_act_order": res.act_order, "outliers_in_features": module.in_features})
+        if res.outliers is not None:
+            info["outliers_per_column"] = res.outliers[0].shape[1]
+        if res.weak is not None:
+            info["weak_columns"] = res.weak[0].numel()
+        m = OutlierQuantLinear.from_outliers(res, bias, self.ctx.dtype, self.ctx.dtype)
+        info["bits_per_weight"] = round(m.bits_per_weight, 4)
+        return m, info
 
 
 # ---------------------------------------------------------------- scale folding

@@ -69,6 +69,9 @@ class QuantResult:
     # weights kept unquantized beside the codes (GPTQ's ``outliers``): (rows int64 (in, k), values
     # float32 (in, k)), column j's k rows and their values; None: none kept
     outliers: tuple[torch.Tensor, torch.Tensor] | None = None
+    # whole input columns kept unquantized (GPTQ's ``weak_columns``, OWQ): (columns int64 (k,),
+    # values float32 (out, k)); their codes are the zero point (0 in ``dequantize``); None: none
+    weak: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.q, self.scale, self.zero, self.g_idx)

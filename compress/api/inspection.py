@@ -97,7 +97,16 @@ def _metadata_summary(meta: dict) -> dict:
     if "sparsity" in meta:
         sp = meta["sparsity"]
         out["sparsity"] = {"structure": sp["structure"], "global_sparsity": sp["global_sparsity"], "layers": len(sp["targets"])}
+    if "tt_embedding" in meta:  # token embeddings stored as tensor trains (compress.quant.tt_module)
+        out["tt_embedding"] = {n: {k: v[k] for k in ("vocab_factors", "dim_factors", "ranks")} | {"parameters": _tt_parameters(v)}
+                               for n, v in meta["tt_embedding"]["layers"].items()}
     if "structured" in meta:
         st = meta["structured"]
         out["structured"] = {k: st[k] for k in ("shape_before", "shape_after", "params_before", "params_after")}
     return out
+
+
+def _tt_parameters(layer: dict) -> int:
+    """The cores' element count of a TT embedding (its compress.json entry): Σ r_{k-1} v_k d_k r_k."""
+    r = [1, *layer["ranks"], 1]
+    return sum(r[k] * v * q * r[k + 1] for k, (v, q) in enumerate(zip(layer["vocab_factors"], layer["dim_factors"])))

@@ -80,6 +80,7 @@ class CpuQuantLinear(_DenseWhileEvaluating, QuantLinear):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = reference.quantize_input(x, self.act_bits)  # WnA8: the per-token int8 input (a no-op for weight-only)
         kept = self._kept()
         if kept is not None:  # evaluation's dequantize-once path (the torch reference)
             self.kernel = record_kernel("torch")

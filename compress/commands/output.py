@@ -184,10 +184,13 @@ def print_checkpoint(info: dict) -> None:
     for s in info.get("schemes", []):
         kind = "symmetric" if s["symmetric"] else "asymmetric"
         g = "per channel" if s["group_size"] == -1 else f"group {s['group_size']}"
-        what = f"{info['quantized_layers'] - ('embeddings' in info)} layers"  # the embedding has its own line
+        what = f"{info['quantized_layers'] - ('embeddings' in info) - len(info.get('tt_embedding', {}))} layers"  # embeddings: own lines
         if s.get("embedding"):
             what = "token embedding" + (" (the tied lm_head reads it)" if info.get("embeddings", {}).get("tied_head") else "")
         out.print(f"  {what}: int{s['bits']} {kind}, {g}{', act-order g_idx' if s['act_order'] else ''}; runs on: {s['runtime']}")
+    for name, tt in info.get("tt_embedding", {}).items():
+        out.print(f"  {name}: tensor train {'·'.join(map(str, tt['vocab_factors']))} × {'·'.join(map(str, tt['dim_factors']))}, "
+                  f"ranks {tt['ranks']}, {tt['parameters'] / 1e6:.2f} M parameters in its cores; runs on: compress", highlight=False)
     if info.get("sparsity"):
         sp = info["sparsity"]
         out.print(f"  {sp['layers']} layers pruned: {sp['structure']}, {sp['global_sparsity']:.1%} of their weights are zero (stored dense)")

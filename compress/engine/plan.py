@@ -78,7 +78,8 @@ def plan_targets(blocks_path: str, blocks: nn.ModuleList, passes: list[Pass]) ->
             if ps:
                 plan[full] = ps
     problems.raise_any()
-    if any(p.in_stage("apply") for p in passes) and not plan:
+    # (a pass that also compresses modules outside the blocks, a token embedding, has work without them)
+    if any(p.in_stage("apply") for p in passes) and not plan and not any(p.in_stage("apply_outside") for p in passes):
         raise UsageError("no Linear layer in the decoder blocks matches the passes' `targets` (minus `ignore`)")
     return plan
 

@@ -66,6 +66,25 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, xs
 
 
+def quantize_input(x: torch.Tensor, bits: int | None) -> torch.Tensor:
+    """A WnA8 (WnA4) layer's input as its kernel reads it: each token rounded to symmetric 8-bit
+    (4-bit) integers times its own scale, absmax / (2^(bits-1) - 1) (``quantize_per_token``'s rule),
+    in x's dtype; x itself where ``bits`` is None. Under autograd the rounding passes the gradient
+    straight through."""
+    if not bits:
+        return x
+    if bits == 8:
+        xq, xs = quantize_per_token(x.detach())
+        y = (xq.float() * xs).reshape(x.shape).to(x.dtype)
+    elif bits == 4:
+        x2 = x.detach().float()
+        xs = x2.abs().amax(dim=-1, keepdim=True) / 7
+        y = (torch.round(x2 / torch.where(xs > 0, xs, torch.ones_like(xs))).clamp_(-7, 7) * xs).to(x.dtype)
+    else:
+        raise ValueError(f"activations are quantized to 8 or 4 bits, not {bits}")
+    return x + (y - x).detach() if x.requires_grad else y
+
+
 def _int_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     # torch._int_mm (int8 x int8 -> int32) on CUDA needs more than 16 rows and K, N multiples of
     # 8 (cuBLASLt's int8 GEMM). On the CPU it exists but is a naive loop (30x slower than the

@@ -227,7 +227,7 @@ def test_quantization_config_validates_with_compressed_tensors():
         assert g["format"] == "pack-quantized"
     assert read_quantization_config(cfg) == {
         f"group_{i}": {**{k: g[k] for k in ("targets", "bits", "group_size", "symmetric")}, "act_order": False, "dense": True,
-                       "format": "pack-quantized"}
+                       "format": "pack-quantized", "activations": None}
         for i, g in enumerate(GROUPS)
     }
 
@@ -301,8 +301,11 @@ def test_w8a8_config_validates_with_compressed_tensors_and_reads_back():
     mixed = quantization_config([w8a8, {**GROUPS[0], "targets": ["re:.*down_proj"]}], ignore=[])
     assert mixed["format"] == "mixed-precision"
     assert {g["format"] for g in read_quantization_config(mixed).values()} == {"int-quantized", "pack-quantized"}
-    with pytest.raises(ValueError, match="W8A8 needs 8-bit per-channel symmetric"):
-        quantization_config([{**w8a8, "group_size": 64}], ignore=[])
+    # int8 inputs with another weight scheme: packed weights with input_activations (WnA8), read back as such
+    grouped = quantization_config([{**w8a8, "group_size": 64}], ignore=[])
+    assert grouped["format"] == "pack-quantized" and grouped["config_groups"]["group_0"]["input_activations"]["num_bits"] == 8
+    QuantizationConfig.model_validate(grouped)
+    assert read_quantization_config(grouped)["group_0"]["activations"] == 8
 
 
 def test_replace_linear_sets_a_dotted_submodule():
