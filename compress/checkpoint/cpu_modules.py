@@ -239,7 +239,7 @@ def to_cpu_kernels(model: nn.Module, dtype: torch.dtype, log=print) -> dict:
                 except ValueError as e:
                     why = str(e)
         elif type(m) is Int8Linear:
-            why = why_all
+            why = why_all or cpu.int8_unsupported()
             if why is None:
                 replace_linear(model, name, CpuInt8Linear(m))
         else:

@@ -10,7 +10,8 @@ compress's own AVX-512 kernels where the CPU has AVX-512 BW and BF16 (``native``
 * **W8A16** ``torch.ops.aten._weight_int8pack_mm``: signed int8 codes (N, K) with one scale per
   row; grouped scales run one call per group (codes stored (G, N, gs)).
 * **W8A8** ``torch.ops.onednn.qlinear_pointwise``: oneDNN's int8 GEMM (VNNI / AMX) on the
-  prepacked weight; the per-token activation scales are applied after it. The activations are
+  prepacked weight; the per-token activation scales are applied after it. Exact only with VNNI:
+  ``int8_unsupported`` probes it once, and without it W8A8 keeps the torch reference. The activations are
   quantized by ``native.quantize_rows`` (one read per row) where it runs.
 
 Exactness. Symmetric codes fold straight in (zero = 0). An asymmetric group's weight is
@@ -63,6 +64,29 @@ def available() -> str | None:
         return f"this torch build ({torch.__version__}) has no oneDNN int8 linear"
     if int4_block() is None:
         return "this torch build packs int4 CPU weights in a layout compress does not know"
+    return None
+
+
+@functools.cache
+def int8_unsupported() -> str | None:
+    """Why oneDNN's int8 GEMM is not exact on this CPU (None when it is). Without VNNI (AVX2 only),
+    oneDNN multiplies u8 × s8 pairs with ``vpmaddubsw``, whose int16 pair sums saturate on
+    full-range codes: seen here on an AMD EPYC with AVX2, up to 100% off. Checked once on codes
+    where saturation shows (127 · 127 · 2 > 32767); W8A8 layers keep the reference where it fails."""
+    if available() is not None:
+        return available()
+    K, N = 64, 16
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    w[:, :2] = 127
+    xq = torch.randint(-127, 128, (4, K), generator=g, dtype=torch.int8)
+    xq[:, :2] = 127
+    want = xq.double() @ w.double().T
+    got = _qlinear(xq, build_int8(w, torch.ones(N, 1)), torch.ones(N)).double()
+    if not torch.equal(got, want):
+        err = float((got - want).abs().max() / want.abs().max())
+        return (f"oneDNN's int8 GEMM is not exact on this CPU (no VNNI: its int16 pair sums saturate; off by up to "
+                f"{err:.0%} on a probe): W8A8 runs on the torch reference here")
     return None
 
 

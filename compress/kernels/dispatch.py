@@ -110,6 +110,8 @@ def missing(backend: str, device: torch.device, *, op: str = "wna16", bits: int 
         why = cpu.available()
         if why is None and op == "wna16" and bits not in (None, 4, 8):
             why = f"the CPU kernels read 4 or 8-bit weights (this layer has {bits}-bit weights)"
+        if why is None and op == "w8a8":
+            why = cpu.int8_unsupported()
         return why
     if op == "wna16" and bits is not None and 32 % bits:
         return f"the {backend} kernels read 2, 4 or 8-bit weights only (this layer has {bits}-bit weights packed across int32 words)"

@@ -22,6 +22,8 @@ from compress.errors import UsageError
 from compress.kernels import cpu, native, reference
 
 pytestmark = pytest.mark.skipif(cpu.available() is not None, reason=f"CPU integer kernels unavailable: {cpu.available()}")
+# oneDNN's int8 GEMM, exact only with VNNI (without it: W8A8 stays on the reference, cpu.int8_unsupported)
+needs_int8 = pytest.mark.skipif(cpu.int8_unsupported() is not None, reason=f"{cpu.int8_unsupported()}")
 
 BF16_TOL = 8e-3  # one bf16 rounding of the output (2^-9 relative), summed over K
 
@@ -154,6 +156,7 @@ def _int8_linear(N, K, seed=0, bias=True):
     return m
 
 
+@needs_int8
 @pytest.mark.parametrize("N,K,tokens", [(40, 96, 1), (17, 200, 17), (64, 576, 130)])
 def test_w8a8_onednn_equals_reference(N, K, tokens):
     m = _int8_linear(N, K, seed=N)
@@ -178,6 +181,8 @@ def test_resident_bytes_counts_the_kernel_layout_once():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="this CPU has no native bf16 arithmetic: compress.load's 'auto' computes in float32 here (the reference)")
 def test_load_of_the_demo_w4_export_holds_its_packed_size(tmp_path):
     """compress.load on the CPU keeps the demo's W4 g64 export packed: at most 0.45x the bytes of
     the bf16 model, counted from the loaded modules' tensors. (RTN gives the default job's layout
@@ -229,6 +234,7 @@ def test_fast_per_token_quantizer_is_the_reference_bit_for_bit(dtype, layout):
     assert torch.equal(x, before)  # the input is not modified in place
 
 
+@needs_int8
 def test_w8a8_reuses_the_quantized_input_only_for_the_same_unmodified_tensor():
     a, b = CpuInt8Linear(_int8_linear(24, 64, seed=1)), CpuInt8Linear(_int8_linear(24, 64, seed=2))
     x = torch.randn(5, 64, dtype=torch.bfloat16)
@@ -239,6 +245,7 @@ def test_w8a8_reuses_the_quantized_input_only_for_the_same_unmodified_tensor():
     assert not torch.equal(a(x), ya)
 
 
+@needs_int8
 def test_w8a8_in_inference_mode():
     a = CpuInt8Linear(_int8_linear(24, 64, seed=1))
     with torch.inference_mode():
@@ -263,6 +270,7 @@ def _w8a8_tiny_llama(tmp_path):
     return model
 
 
+@needs_int8
 @pytest.mark.skipif(native.missing() is not None, reason=f"compress's CPU kernels unavailable: {native.missing()}")
 def test_w8a8_gated_mlps_are_fused_with_the_same_state_and_logits(tmp_path, monkeypatch):
     from compress.checkpoint.cpu_modules import CpuGatedMLP, CpuRMSNorm
@@ -311,6 +319,7 @@ def test_an_rmsnorm_with_another_formula_keeps_its_own():
     assert torch.equal(model[1](x), LlamaRMSNorm(64).to(torch.bfloat16)(x))  # float32 input: transformers' formula, exactly
 
 
+@needs_int8
 @pytest.mark.skipif(native.missing() is not None, reason=f"compress's CPU kernels unavailable: {native.missing()}")
 @pytest.mark.parametrize("T", [1, 17])
 def test_fused_gated_mlp_equals_the_reference_composition(T):
