@@ -22,24 +22,15 @@ without AVX-512: its numbers say nothing of the native kernel's speed).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from bench_cpu_kernels import (
+    median_ms,  # beside this script: the same timing (warm-up, then the median)
+)
 from compress.quant.codebook_module import CodebookLinear
 
 from compress.kernels import codebook_cpu
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def layer(K: int, N: int, bits: int) -> CodebookLinear:
