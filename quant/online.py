@@ -16,7 +16,7 @@ How a model carries it: compress.json ``rotation.r4`` = {"targets": layer-relati
 "size", "seed", "checksum"}; ``install`` registers an ``OnlineRotation`` forward pre-hook on every
 targeted Linear of a model skeleton (``ModelSource.skeleton`` calls it, so calibration, ``compress
 eval`` and ``compress.load`` all compute it); ``compress.utils.replace_linear`` carries the hook
-to the module replacing a Linear (it is marked ``carried``). The checksum (of the float64 matrix) refuses a checkpoint whose
+to the module replacing a Linear (it is marked ``carried``). The checksum (of R's float64 signs and factors) refuses a checkpoint whose
 matrix this version would build differently. Transformers and vLLM do not compute it: exports
 carrying it are refused there (see ``quant.rotate_pass``).
 """
@@ -87,7 +87,12 @@ def dense(n: int, seed: int) -> torch.Tensor:
 
 
 def checksum(n: int, seed: int) -> str:
-    return hashlib.sha256(dense(n, seed).numpy().tobytes()).hexdigest()[:16]
+    """A hash of the signs and factors that define R (not of the dense n × n matrix: 254 MB at
+    n = 5632, built at every load)."""
+    h = hashlib.sha256(signs(n, seed).numpy().tobytes())
+    for f in hadamard_factors(n, seed):
+        h.update(f.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class OnlineRotation:
