@@ -156,11 +156,12 @@ def rotate_residual(state: dict, r1: torch.Tensor) -> dict:
 
 def rotate_heads(state: dict, r2: torch.Tensor, heads: int, kv_heads: int) -> dict:
     """R2 (head_dim × head_dim) per attention head: value rows R2ᵀ·W_v[h] (and bias), o_proj
-    columns W_o[:, h]·R2."""
+    columns W_o[:, h]·R2. ``r2`` (d, d) for every layer, or (L, d, d): layer i's own (learned)."""
     out = dict(state)
-    r2 = r2.double()
-    d = r2.shape[0]
+    r2s = r2.double()
+    d = r2s.shape[-1]
     for i in _layers(state):
+        r2 = r2s[i] if r2s.dim() == 3 else r2s
         for part in ("weight", "bias"):
             k = f"model.layers.{i}.self_attn.v_proj.{part}"
             if k in out:
@@ -172,15 +173,25 @@ def rotate_heads(state: dict, r2: torch.Tensor, heads: int, kv_heads: int) -> di
     return out
 
 
-def rotate_state(state: dict, config, seed: int = 0, r1: bool = True, r2: bool = True) -> dict:
-    """Norms folded, then R1 (hidden size) and R2 (head dim) applied; float64 values (cast them
-    to the stored dtype when saving)."""
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def initial_rotations(config, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """QuaRot's R1 (hidden, hidden) and R2 (head_dim, head_dim) for ``seed``: randomized Hadamard."""
+    return random_hadamard(config.hidden_size, seed), random_hadamard(head_dim(config), seed + 1)
+
+
+def rotate_state(state: dict, config, seed: int = 0, r1: bool = True, r2: bool = True, folded: bool = False,
+                 matrices: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Norms folded (unless ``folded``), then R1 (hidden size) and R2 (head dim) applied; float64
+    values (cast them to the stored dtype when saving). ``matrices``: (R1, R2) to apply instead of
+    the seed's (SpinQuant's learned ones, R2 (L, d, d) per layer)."""
     check_family(config)
-    hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    out = fold_norms(state, config)
+    m1, m2 = matrices or initial_rotations(config, seed)
+    out = state if folded else fold_norms(state, config)
     if r1:
-        out = rotate_residual(out, random_hadamard(hidden, seed))
+        out = rotate_residual(out, m1)
     if r2:
-        out = rotate_heads(out, random_hadamard(head_dim, seed + 1), config.num_attention_heads, config.num_key_value_heads)
+        out = rotate_heads(out, m2, config.num_attention_heads, config.num_key_value_heads)
     return out

@@ -62,6 +62,11 @@ def quantize_cmd(
     r3: Annotated[bool, typer.Option("--r3", help=(
         "With --rotate and --kv-cache: also QuaRot's R3, a Hadamard on each head's queries and keys after RoPE (recipe: "
         "`rotate: {r3: true}`); changes no weight."))] = False,
+    spinquant: Annotated[int | None, typer.Option("--spinquant", help=(
+        "With --rotate: learn R1 and R2 for the quantizer instead of keeping QuaRot's random ones (SpinQuant: this many "
+        "Cayley SGD steps on the Stiefel manifold, matching the original model's next-token distribution on the "
+        "calibration windows; recipe: `rotate: {learn: {steps: 100}}`). The export is as ordinary as --rotate's."),
+        metavar="STEPS", min=1)] = None,
     kv_cache: Annotated[int | None, typer.Option("--kv-cache", help=(
         "Round every key and value vector of the KV cache to 8 or 4 bits (per token and head) where compress.load runs the "
         "model (recipe: `kv_cache: {bits: 8}` on the quantizer); other runtimes serve the same weights with their own cache."),
@@ -90,10 +95,18 @@ def quantize_cmd(
             "alpha": alpha, "embeddings": _embeddings(embeddings, embeddings_tt), "objective": objective,
             "outliers": outliers, "weak_columns": weak_columns, "activations": None if activations is None else {"bits": activations},
             "kv_cache": None if kv_cache is None else {"bits": kv_cache}}
+    passes = _rotate(rotate, r4, r3, spinquant) + method_passes("quantize", method, opts, targets.ignore)
+    run_method(model, output, passes, calibration, targets, job, tasks, gates, report)
+
+
+def _rotate(rotate: bool, r4: bool, r3: bool, spinquant: int | None) -> list[dict]:
+    """The rotate pass from --rotate, --r4, --r3 and --spinquant (each of the others needs --rotate)."""
     if (r4 or r3) and not rotate:
         raise UsageError(f"{'--r4' if r4 else '--r3'} adds an online rotation to --rotate's: give both")
-    passes = ([{"rotate": {"r4": r4, "r3": r3}}] if rotate else []) + method_passes("quantize", method, opts, targets.ignore)
-    run_method(model, output, passes, calibration, targets, job, tasks, gates, report)
+    if spinquant is not None and not rotate:
+        raise UsageError("--spinquant learns --rotate's rotations: give both")
+    learn = {} if spinquant is None else {"learn": {"steps": spinquant}}
+    return [{"rotate": {"r4": r4, "r3": r3, **learn}}] if rotate else []
 
 
 def _embeddings(bits: int | None, tt_rank: int | None) -> dict | None:
