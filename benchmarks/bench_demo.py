@@ -95,6 +95,12 @@ CONFIGS = {
                                     "activations: {bits: 8}}}]")],
     "rot-r4-gptq-w4a8g64-asym-orig": [("passes=[{rotate: {r4: true}}, {gptq: {bits: 4, group_size: 64, symmetric: false, "
                                        "objective: original, activations: {bits: 8}}}]")],
+    # SpinQuant: R1 and each layer's R2 learned for the quantizer (100 Cayley SGD steps, 2 windows × 256 tokens each)
+    "spin-rtn-w4g64": ["passes=[{rotate: {learn: {}}}, {rtn: {bits: 4, group_size: 64}}]"],
+    "spin-gptq-w4g64": ["passes=[{rotate: {learn: {}}}, {gptq: {bits: 4, group_size: 64}}]"],
+    "spin-gptq-w3g64": ["passes=[{rotate: {learn: {}}}, {gptq: {bits: 3, group_size: 64}}]"],
+    "spin-r4-gptq-w4a8g64-asym-orig": [("passes=[{rotate: {r4: true, learn: {}}}, {gptq: {bits: 4, group_size: 64, symmetric: false, "
+                                        "objective: original, activations: {bits: 8}}}]")],
     # SpQR-style outliers: 0.5% of each Linear's weights (per column, the worst rounded) kept in bf16 beside the codes
     "gptq-w3g64-out05": ["passes=[{gptq: {bits: 3, group_size: 64, symmetric: true, outliers: 0.005}}]"],
     # OWQ's weak columns: 1% of each Linear's input columns (6 of 576, 16 of 1536: +0.17 bits per weight) kept whole in bf16

@@ -9,6 +9,10 @@ spread over all columns. The rotations are fused offline, so a weight-only expor
 checkpoint transformers and vLLM load unchanged. A tied lm_head is untied (the final norm's scale
 is folded into it): the export holds the head apart from the embedding.
 
+``learn: {...}`` trains R1 and each layer's R2 for the quantizer after the pass instead of keeping
+the random ones (SpinQuant: Cayley SGD on the orthogonal group, ``compress.quant.spinquant``), on
+the calibration windows; the learned matrices are fused the same way.
+
 ``r4: true`` adds QuaRot's R4 for activation quantization (W4A8): a Hadamard R on each down_proj's
 input, W_down ← W_down·R offline and x ↦ x·R at run time (``compress.quant.online``; compress.json
 ``rotation.r4``). That product is not foldable into a weight, so such an export is no longer an
