@@ -9,6 +9,7 @@ import torch
 from compress.checkpoint.load import load
 from compress.errors import UsageError
 from compress.modules import compressed_modules
+from compress.quant.kv_cache import new_cache
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -37,8 +38,10 @@ def generate(model_ref, prompt: str, max_new_tokens: int = 32, kernel: str | Non
     ids = tok(prompt, return_tensors="pt").input_ids.to(dev)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id if tok.eos_token_id is not None else 0)
     with torch.no_grad():
+        cache = new_cache(model)  # KV8/KV4 exports: a cache of integer codes (None: transformers' own)
+        extra = {"past_key_values": cache} if cache is not None else {}
         t = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **extra)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         dt_s = time.perf_counter() - t
