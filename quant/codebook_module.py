@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.checkpoint.source import read_metadata
+from compress.checkpoint.source import section_layers
 from compress.errors import InputError, UsageError
 from compress.kernels import codebook_cpu, missing, record_kernel
 from compress.kernels.reference import cache_dense, wna16_linear
@@ -162,17 +162,17 @@ class CodebookLinear(CompressedLinear):
 
     @classmethod
     def stored_layers(cls, source) -> list[str]:
-        return sorted(read_metadata(source.path).get(SECTION, {}).get("layers", {}))
+        return sorted(section_layers(source.path, SECTION))
 
     @classmethod
     def stored_parameters(cls, source, name: str) -> int:
         """The original weight's element count: rows (the tables') × ``in_features`` (compress.json)."""
         rows = source.tensor_info([f"{name}.weight_tables"])[f"{name}.weight_tables"][0][0]
-        return rows * int(read_metadata(source.path)[SECTION]["layers"][name]["in_features"])
+        return rows * int(section_layers(source.path, SECTION)[name]["in_features"])
 
     @classmethod
     def from_checkpoint(cls, source, name, linear, groups) -> CodebookLinear:
-        info = read_metadata(source.path)[SECTION]["layers"][name]
+        info = section_layers(source.path, SECTION)[name]
         bits, in_f = int(info["bits"]), int(info["in_features"])
         tensors = source.read([f"{name}.weight_codes", f"{name}.weight_tables"] + ([f"{name}.bias"] if linear.bias is not None else []))
         m = cls(linear.in_features, linear.out_features, bits, bias=linear.bias is not None, table_dtype=tensors[f"{name}.weight_tables"].dtype)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from compress.checkpoint.formats import QuantLinear
-from compress.checkpoint.source import read_metadata
+from compress.checkpoint.source import section_layers
 from compress.errors import InputError
 from compress.kernels import record_kernel, reference
 from compress.modules import COMPRESS, register_module_type
@@ -130,17 +130,17 @@ class OutlierQuantLinear(QuantLinear):
 
     @classmethod
     def stored_layers(cls, source) -> list[str]:
-        return sorted(read_metadata(source.path).get(SECTION, {}).get("layers", {}))
+        return sorted(section_layers(source.path, SECTION))
 
     @classmethod
     def stored_parameters(cls, source, name: str) -> int:
-        info = read_metadata(source.path)[SECTION]["layers"][name]
+        info = section_layers(source.path, SECTION)[name]
         rows = source.tensor_info([f"{name}.weight_scale"])[f"{name}.weight_scale"][0][0]
         return rows * int(info["in_features"])
 
     @classmethod
     def from_checkpoint(cls, source, name, linear, groups) -> OutlierQuantLinear:
-        info = read_metadata(source.path)[SECTION]["layers"][name]
+        info = section_layers(source.path, SECTION)[name]
         keys = [k for k in source.weight_map if k.rpartition(".")[0] == name]
         # (an export where every quantized layer has outliers holds an empty `weight` there: the sentinel transformers stops on)
         tensors = {k.rpartition(".")[2]: v for k, v in source.read(keys).items() if not k.endswith(".weight")}

@@ -29,7 +29,7 @@ import torch
 from compress.quant.tt import TTShape, lookup_width, ranks, tt_full, tt_rows
 from torch import nn
 
-from compress.checkpoint.source import read_metadata
+from compress.checkpoint.source import section_layers
 from compress.errors import InputError
 from compress.modules import COMPRESS, CompressedLinear, register_module_type
 
@@ -101,17 +101,17 @@ class TTEmbedding(CompressedLinear):
 
     @classmethod
     def stored_layers(cls, source) -> list[str]:
-        return sorted(read_metadata(source.path).get(SECTION, {}).get("layers", {}))
+        return sorted(section_layers(source.path, SECTION))
 
     @classmethod
     def stored_parameters(cls, source, name: str) -> int:
         """The table's element count, num_embeddings × embedding_dim (compress.json)."""
-        info = read_metadata(source.path)[SECTION]["layers"][name]
+        info = section_layers(source.path, SECTION)[name]
         return int(info["num_embeddings"]) * int(info["embedding_dim"])
 
     @classmethod
     def from_checkpoint(cls, source, name, embedding, groups) -> TTEmbedding:
-        info = read_metadata(source.path)[SECTION]["layers"][name]
+        info = section_layers(source.path, SECTION)[name]
         shape = TTShape(int(info["num_embeddings"]), tuple(info["vocab_factors"]), tuple(info["dim_factors"]))
         keys = [f"{name}.tt_core_{k}" for k in range(len(shape.vocab))]
         tensors = source.read(keys)

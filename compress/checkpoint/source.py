@@ -479,6 +479,12 @@ METADATA = "compress.json"  # our metadata file in every export (written by comp
 METADATA_FORMAT = "compress.checkpoint/1"
 
 
+def section_layers(path, section: str) -> dict:
+    """compress.json's ``section["layers"]`` (per-layer records of a format only our runtime reads:
+    outliers, codebooks, TT embeddings); {} where absent."""
+    return read_metadata(path).get(section, {}).get("layers", {})
+
+
 def read_metadata(path) -> dict:
     """The export's ``compress.json`` (our metadata: sparsity, ...); {} for other checkpoints."""
     f = Path(path) / METADATA
