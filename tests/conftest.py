@@ -84,6 +84,22 @@ def save_tiny(path, family: str, seed: int = 0):
     return path
 
 
+def norm_scaled_model(family: str, seed: int = 0):
+    """A tiny float32 model of ``family`` with non-trivial norm scales and biases (what a rotation's
+    folding must carry)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+            elif n.endswith("bias"):
+                p.normal_()
+    return m
+
+
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch):
     """``$COMPRESS_CACHE`` in the test's own folder (generated data, statistics, answers)."""

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_config
+from conftest import norm_scaled_model, save_tiny, tiny_config
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -62,24 +62,10 @@ def test_widths_without_a_hadamard_here_fall_back_to_an_orthogonal_factor():
     assert torch.allclose(r @ r.T, torch.eye(64 * 7, dtype=r.dtype), atol=1e-12)
 
 
-def _random_model(family):
-    """A tiny model of ``family`` with non-trivial norm scales and biases (what folding must carry)."""
-    torch.manual_seed(0)
-    cfg = tiny_config(family)
-    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-            elif n.endswith("bias"):
-                p.normal_()
-    return m
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("r1, r2", [(True, True), (True, False), (False, True)])
 def test_rotations_leave_the_float_model_unchanged(family, r1, r2):
-    m = _random_model(family)
+    m = norm_scaled_model(family)
     x = torch.randint(0, m.config.vocab_size, (2, 23))
     with torch.no_grad():
         ref = m(input_ids=x).logits

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_config
+from conftest import norm_scaled_model, save_tiny
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -55,7 +55,7 @@ def test_a_small_cayley_step_descends():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(20, 6, dtype=torch.float64, generator=g), torch.randn(20, 6, dtype=torch.float64, generator=g)
     x = _orth(6, 2)
-    f = lambda x: float(((a @ x - b) ** 2).sum())  # noqa: E731
+    f = lambda x: float(((a @ x - b) ** 2).sum())
     new, _ = spinquant.cayley_step(x, 2 * a.T @ (a @ x - b), None, lr=1e-3)
     assert f(new) < f(x)
 
@@ -77,18 +77,6 @@ def test_fake_quantize_ste_is_per_group_rtn_with_an_identity_gradient(bits, grou
     assert torch.equal(w.grad, torch.ones_like(w))
 
 
-def _model(family, seed=0):
-    torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-            elif n.endswith("bias"):
-                p.normal_()
-    return m
-
-
 def _folded(m):
     state = {k: v.float() for k, v in fold_norms(m.state_dict(), m.config).items()}
     cfg = m.config.__class__.from_dict({**m.config.to_dict(), "tie_word_embeddings": False})
@@ -107,7 +95,7 @@ def test_the_training_forward_is_the_fused_exports_forward(family):
     """Unquantized, the rotated training forward (weights rotated, embedding and head by hooks)
     computes the original function and the same logits as ``rotate_state`` with those matrices
     (per-layer R2) fused into a checkpoint."""
-    m = _model(family)
+    m = norm_scaled_model(family)
     f = _folded(m)
     r1, r2 = _rotations(m.config)
     x = torch.randint(0, m.config.vocab_size, (2, 19))
@@ -129,7 +117,7 @@ def test_the_training_forward_is_the_fused_exports_forward(family):
 
 def test_quantized_logits_match_a_fused_fake_quantized_model():
     """With quantization, the student is the fused model whose Linears hold the rounded weights."""
-    m = _model("llama")
+    m = norm_scaled_model("llama")
     f = _folded(m)
     r1, r2 = _rotations(m.config)
     target = spinquant.Target(bits=3, group_size=16, symmetric=False, act_bits=8)
@@ -154,7 +142,7 @@ def test_quantized_logits_match_a_fused_fake_quantized_model():
 
 def _planted(seed=0):
     """A tiny llama whose residual stream has outlier channels (what rotations are for)."""
-    m = _model("llama", seed)
+    m = norm_scaled_model("llama", seed)
     with torch.no_grad():
         m.model.embed_tokens.weight[:, :3] *= 25
         for layer in m.model.layers:
