@@ -161,7 +161,7 @@ class RotatePass(Pass):
         lc = self.config.learn
         state = {k: v.float() for k, v in folded.items()}
         r4 = self._online(state, config)  # training sees R4 where the export will have it
-        model = _model_from(config, {k: v.float() for k, v in state.items()}, torch.float32)
+        model = _model_from(config, state, torch.float32)  # casts R4-rotated float64 weights too
         online.install(model, r4)
         windows = stage.calibration if lc.seq_len is None else stage.calibration[:, : lc.seq_len]
         train, held = split_windows(windows, lc.holdout, "rotate.learn.holdout")
